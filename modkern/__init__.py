@@ -1,0 +1,19 @@
+"""modkern: fused GPU kernels for modality-robust fine-tuning of multimodal LLMs.
+
+Public API (see each function's docstring for the math)::
+
+    from modkern import fused_js, fused_kl, masked_adv_step, init_delta, perturb, modality_mask
+"""
+
+from modkern.backend import available_backends, resolve_backend
+from modkern.ops.divergence import FusedDivergence, fused_js, fused_kl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedDivergence",
+    "available_backends",
+    "fused_js",
+    "fused_kl",
+    "resolve_backend",
+]

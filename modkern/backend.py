@@ -1,0 +1,125 @@
+"""Backend selection shared by every modkern op.
+
+Each op has up to three implementations that must agree with the reference:
+
+* ``"torch"``  - plain PyTorch (any device; the CPU default),
+* ``"triton"`` - the Triton kernels in ``modkern.kernels`` (CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1`` was set before the kernels were imported - the test mode),
+* ``"cuda"``   - the CUDA C++ extension ``modkern._C`` (CUDA tensors, when it was built).
+
+``backend="auto"`` (the default) honours the environment variable ``MODKERN_BACKEND`` when it
+names a backend, else picks ``cuda`` where it is built and preferred for the op, then ``triton``
+for CUDA tensors, and ``torch`` elsewhere. Resolution happens inside the registered custom ops,
+so it never breaks a ``torch.compile`` graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+ENV_VAR = "MODKERN_BACKEND"
+
+# Ops for which the CUDA extension was measured faster than Triton (see benchmarks/README.md).
+# Filled in by measurement on the GPU machine; until then Triton is preferred under "auto".
+CUDA_PREFERRED_OPS: frozenset[str] = frozenset()
+
+
+def check_backend(backend: str) -> str:
+    """Validate a ``backend=`` argument and return it (``None`` means ``"auto"``)."""
+    if backend is None:
+        return "auto"
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_extension():
+    """The compiled ``modkern._C`` module, or ``None`` when it was not built."""
+    try:
+        return importlib.import_module("modkern._C")
+    except ImportError:
+        return None
+
+
+def cuda_extension_available() -> bool:
+    return cuda_extension() is not None
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on ``device`` in this process."""
+    device = torch.device(device)
+    out = ["torch"]
+    if triton_available() and (device.type == "cuda" or triton_interpret()):
+        out.append("triton")
+    if device.type == "cuda" and cuda_extension_available():
+        out.append("cuda")
+    return out
+
+
+def resolve_backend(backend: str, device: torch.device, op: str = "") -> str:
+    """Turn ``"auto"`` (or an explicit name) into the backend that runs on ``device``.
+
+    Raises ``RuntimeError`` with instructions when an explicitly requested backend cannot run.
+    """
+    backend = check_backend(backend)
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip().lower()
+        if env and env != "auto":
+            backend = check_backend(env)
+        elif device.type == "cuda":
+            if cuda_extension_available() and op in CUDA_PREFERRED_OPS:
+                return "cuda"
+            return "triton" if triton_available() else "torch"
+        else:
+            return "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' requested but the 'triton' package is not installed")
+        if device.type != "cuda" and not triton_interpret():
+            raise RuntimeError(
+                f"backend='triton' needs CUDA tensors (got device {device}); on CPU set "
+                "TRITON_INTERPRET=1 before importing modkern to run the kernels in the interpreter"
+            )
+    elif backend == "cuda":
+        if cuda_extension() is None:
+            raise RuntimeError(
+                "backend='cuda' requested but the modkern._C extension was not built. Build it on a "
+                "machine with a CUDA build of torch and nvcc: "
+                "`MODKERN_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e .`"
+            )
+        if device.type != "cuda":
+            raise RuntimeError(f"backend='cuda' needs CUDA tensors, got device {device}")
+    return backend
+
+
+# Where each backend keeps its implementation of an op: ``{op}`` is the op family name
+# ("divergence", "adv_step", ...). Every backend module of one family exposes the same functions
+# with the same signatures, so the registered custom ops dispatch with one line.
+IMPL_MODULES = {
+    "torch": "modkern.torch_backend.{op}",
+    "triton": "modkern.kernels.{op}",
+    "cuda": "modkern.cuda_backend.{op}",
+}
+
+
+def load_impl(op: str, backend: str, device: torch.device):
+    """The implementation module of op family ``op`` for ``backend`` on ``device``."""
+    name = resolve_backend(backend, device, op)
+    return importlib.import_module(IMPL_MODULES[name].format(op=op))

@@ -1,0 +1,1 @@
+"""Registered custom ops, autograd Functions and the public functional API."""

@@ -1,0 +1,295 @@
+"""``fused_js`` / ``fused_kl``: divergences between softmax distributions straight from logits.
+
+Layers, bottom-up:
+
+1. backend modules (``modkern.torch_backend.divergence``, ``modkern.kernels.divergence``,
+   ``modkern.cuda_backend.divergence``) with one ``forward`` and one ``backward`` each;
+2. two registered custom ops, ``modkern::divergence_fwd`` (per-row losses, row statistics and the
+   per-row gradients) and ``modkern::divergence_bwd`` (scales the stored gradients by the incoming
+   per-row gradient; recomputes the P gradient when ``ref_index`` shares P rows), with fake
+   implementations and autograd registered on the forward op, so ``torch.compile(fullgraph=True)``
+   traces through them and ``torch.library.opcheck`` passes;
+3. ``FusedDivergence``, a ``torch.autograd.Function`` over the two ops;
+4. ``fused_js`` / ``fused_kl``: argument checks, flattening, reduction.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from modkern import _validation as V
+from modkern._reduction import reduce_rows
+from modkern.backend import check_backend, load_impl
+
+KINDS = ("js", "kl_forward", "kl_reverse", "kl_symmetric")
+DIRECTIONS = ("forward", "reverse", "symmetric")
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_ref_index_values(ref_index: Optional[Tensor], num_p_rows: int) -> None:
+    # Runs inside the op, so it is opaque to torch.compile. CPU: a real check. CUDA: an async
+    # device-side assert (no host synchronization).
+    if ref_index is None or ref_index.numel() == 0:
+        return
+    if ref_index.device.type == "cpu":
+        lo, hi = int(ref_index.min()), int(ref_index.max())
+        if lo < 0 or hi >= num_p_rows:
+            raise ValueError(f"ref_index values must lie in [0, {num_p_rows}), got range [{lo}, {hi}]")
+    else:
+        torch._assert_async(((ref_index >= 0) & (ref_index < num_p_rows)).all(), "ref_index out of range")
+
+
+@torch.library.custom_op("modkern::divergence_fwd", mutates_args=())
+def divergence_fwd(
+    p: Tensor,
+    q: Tensor,
+    ref_index: Optional[Tensor],
+    mask: Optional[Tensor],
+    kind: str,
+    beta: float,
+    inv_temperature: float,
+    need_grad_p: bool,
+    need_grad_q: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss_rows [R], stats [R, 4], grad_p [N, V] or [0], grad_q [R, V] or [0])."""
+    _check_ref_index_values(ref_index, p.shape[0])
+    impl = load_impl("divergence", backend, q.device)
+    return impl.forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q)
+
+
+@divergence_fwd.register_fake
+def _(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q, backend):
+    rows = q.shape[0]
+    acc = _acc_dtype(p)
+    store_p = need_grad_p and ref_index is None
+    return (
+        q.new_empty((rows,), dtype=acc),
+        q.new_empty((rows, 4), dtype=acc),
+        torch.empty_like(p) if store_p else p.new_empty(0),
+        torch.empty_like(q) if need_grad_q else q.new_empty(0),
+    )
+
+
+@torch.library.custom_op("modkern::divergence_bwd", mutates_args=())
+def divergence_bwd(
+    grad_rows: Tensor,
+    p: Tensor,
+    q: Tensor,
+    ref_index: Optional[Tensor],
+    mask: Optional[Tensor],
+    stats: Tensor,
+    saved_grad_p: Tensor,
+    saved_grad_q: Tensor,
+    kind: str,
+    beta: float,
+    inv_temperature: float,
+    need_grad_p: bool,
+    need_grad_q: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Returns (grad_p [N, V] or [0], grad_q [R, V] or [0]) for the per-row output gradient."""
+    impl = load_impl("divergence", backend, q.device)
+    return impl.backward(
+        grad_rows.contiguous(), p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q,
+        kind, beta, inv_temperature, need_grad_p, need_grad_q,
+    )
+
+
+@divergence_bwd.register_fake
+def _(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, kind, beta, inv_temperature,
+      need_grad_p, need_grad_q, backend):
+    return (
+        torch.empty_like(p) if need_grad_p else p.new_empty(0),
+        torch.empty_like(q) if need_grad_q else q.new_empty(0),
+    )
+
+
+def _backward(saved, meta, grad_rows):
+    """Shared by the op's registered autograd and by ``FusedDivergence.backward``."""
+    p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q = saved
+    kind, beta, inv_temperature, need_grad_p, need_grad_q, backend = meta
+    if not (need_grad_p or need_grad_q):
+        return None, None
+    grad_p, grad_q = torch.ops.modkern.divergence_bwd(
+        grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q,
+        kind, beta, inv_temperature, need_grad_p, need_grad_q, backend,
+    )
+    return (grad_p if need_grad_p else None), (grad_q if need_grad_q else None)
+
+
+def _setup_context(ctx, inputs, output):
+    p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q, backend = inputs
+    _, stats, saved_grad_p, saved_grad_q = output
+    ctx.save_for_backward(p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q)
+    ctx.meta = (kind, beta, inv_temperature, need_grad_p, need_grad_q, backend)
+
+
+def _op_backward(ctx, grad_rows, _grad_stats, _grad_gp, _grad_gq):
+    grad_p, grad_q = _backward(ctx.saved_tensors, ctx.meta, grad_rows)
+    return grad_p, grad_q, None, None, None, None, None, None, None, None
+
+
+divergence_fwd.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class FusedDivergence(torch.autograd.Function):
+    """Per-row divergence between ``softmax(p / T)[ref_index]`` and ``softmax(q / T)``.
+
+    ``FusedDivergence.apply(p, q, ref_index, mask, kind, beta, temperature, backend)`` with 2-D
+    contiguous logits ``p [N, V]``, ``q [R, V]``, optional int64 ``ref_index [R]`` and bool
+    ``mask [R]``; ``kind`` in ``("js", "kl_forward", "kl_reverse", "kl_symmetric")``. Returns the
+    per-row losses ``[R]`` (fp32, 0 on masked rows). Gradients flow to whichever logits require
+    grad; only those are computed. ``fused_js`` / ``fused_kl`` validate arguments and wrap this.
+    """
+
+    @staticmethod
+    def forward(ctx, p, q, ref_index, mask, kind, beta, temperature, backend):
+        need_grad_p, need_grad_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        inv_t = 1.0 / temperature
+        rows, stats, gp, gq = torch.ops.modkern.divergence_fwd(
+            p, q, ref_index, mask, kind, beta, inv_t, need_grad_p, need_grad_q, backend
+        )
+        ctx.save_for_backward(p, q, ref_index, mask, stats, gp, gq)
+        ctx.meta = (kind, beta, inv_t, need_grad_p, need_grad_q, backend)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        grad_p, grad_q = _backward(ctx.saved_tensors, ctx.meta, grad_rows)
+        return grad_p, grad_q, None, None, None, None, None, None
+
+
+def _prepare(p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend):
+    """Shared argument checks; returns flattened 2-D logits and per-row tensors."""
+    V.check_float_tensor("p_logits", p_logits)
+    V.check_float_tensor("q_logits", q_logits)
+    if p_logits.dim() < 1 or q_logits.dim() < 1:
+        raise ValueError("p_logits and q_logits must have a vocabulary dimension (at least 1-D)")
+    if p_logits.dtype != q_logits.dtype:
+        raise TypeError(f"p_logits ({p_logits.dtype}) and q_logits ({q_logits.dtype}) must have the same dtype")
+    device = V.check_same_device(q_logits=q_logits, p_logits=p_logits)
+    vocab = q_logits.shape[-1]
+    if p_logits.shape[-1] != vocab:
+        raise ValueError(
+            f"p_logits and q_logits must have the same vocabulary size (last dim), "
+            f"got {p_logits.shape[-1]} and {vocab}"
+        )
+    if vocab == 0:
+        raise ValueError("the vocabulary dimension of the logits must not be empty")
+    V.check_positive_number("temperature", temperature, allow_tensor=False)
+    V.check_reduction(reduction)
+    V.check_num_items(num_items)
+    backend = check_backend(backend)
+    leading = q_logits.shape[:-1]
+    q2 = q_logits.reshape(-1, vocab)
+    p2 = p_logits.reshape(-1, vocab)
+    rows = q2.shape[0]
+    if ref_index is None:
+        if p_logits.shape != q_logits.shape:
+            raise ValueError(
+                f"p_logits {tuple(p_logits.shape)} and q_logits {tuple(q_logits.shape)} must have the same "
+                "shape unless ref_index maps each q row to a p row"
+            )
+    else:
+        ref_index = V.check_row_vector("ref_index", ref_index, rows, leading, device)
+        if ref_index.dtype.is_floating_point or ref_index.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise TypeError(f"ref_index must be an integer tensor, got {ref_index.dtype}")
+        ref_index = ref_index.to(torch.int64).contiguous()
+    mask = V.check_mask("mask", mask, rows, leading, device)
+    # Kernels need a unit stride along V; a stride-0 expanded tensor is made contiguous too.
+    p2 = p2 if p2.stride(-1) == 1 and p2.stride(0) != 0 else p2.contiguous()
+    q2 = q2 if q2.stride(-1) == 1 and q2.stride(0) != 0 else q2.contiguous()
+    return p2, q2, ref_index, mask, leading, backend
+
+
+def _divergence(kind, beta, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend):
+    p2, q2, ref_index, mask, leading, backend = _prepare(
+        p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend
+    )
+    rows = FusedDivergence.apply(p2, q2, ref_index, mask, kind, beta, float(temperature), backend)
+    if reduction == "none":
+        return rows.reshape(leading)
+    return reduce_rows(rows, mask, reduction, num_items)
+
+
+def fused_js(
+    p_logits: Tensor,
+    q_logits: Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Optional[Tensor] = None,
+    ref_index: Optional[Tensor] = None,
+    reduction: str = "mean",
+    num_items=None,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Generalized Jensen-Shannon divergence between two softmax distributions, from raw logits.
+
+    .. math::
+        P = \mathrm{softmax}(p/T),\quad Q = \mathrm{softmax}(q/T),\quad M = \beta P + (1-\beta) Q,\\
+        \mathrm{JS}_\beta = \beta\,\mathrm{KL}(P\|M) + (1-\beta)\,\mathrm{KL}(Q\|M)
+
+    over the last (vocabulary) dimension; ``beta = 0.5`` is the symmetric JS bounded by ln 2.
+
+    Args:
+        p_logits: ``[..., V]`` (``[N, V]`` after flattening) - e.g. the clean branch.
+        q_logits: ``[..., V]`` (``[R, V]``) - e.g. the perturbed branch.
+        beta: mixture weight in (0, 1).
+        temperature: T > 0 applied to both logits.
+        mask: bool ``[R]`` (or q's leading shape): rows that count; others give 0 loss and 0 grad.
+        ref_index: int ``[R]``: q row r is compared with p row ``ref_index[r]`` (k perturbed copies
+            per clean row without an expanded copy). Values must lie in ``[0, N)``.
+        reduction: ``"none"`` (per-row ``[...]``), ``"sum"`` or ``"mean"`` (over counted rows, 0
+            when none counts).
+        num_items: int or 0-dim tensor; when given, ``"mean"`` divides the sum by it instead.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see ``modkern.backend``).
+
+    Gradients flow to whichever logits require grad, in their dtype; accumulation is fp32.
+
+    Example::
+
+        >>> clean = torch.randn(8, 32064); adv = torch.randn(8, 32064, requires_grad=True)
+        >>> fused_js(clean, adv, mask=labels != -100).backward()
+    """
+    beta = V.check_open_unit_interval("beta", beta)
+    return _divergence("js", beta, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend)
+
+
+def fused_kl(
+    p_logits: Tensor,
+    q_logits: Tensor,
+    *,
+    direction: str = "forward",
+    temperature: float = 1.0,
+    mask: Optional[Tensor] = None,
+    ref_index: Optional[Tensor] = None,
+    reduction: str = "mean",
+    num_items=None,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Kullback-Leibler divergence between two softmax distributions, from raw logits.
+
+    .. math::
+        \mathrm{KL}(P\|Q) = \sum_v P_v(\log P_v - \log Q_v),\quad P = \mathrm{softmax}(p/T),\;
+        Q = \mathrm{softmax}(q/T)
+
+    ``direction="forward"``: KL(P||Q) (the paper's default, with P the detached clean branch);
+    ``"reverse"``: KL(Q||P); ``"symmetric"``: KL(P||Q) + KL(Q||P) (SMART). ``0 log 0 = 0``. All
+    other arguments as in :func:`fused_js`.
+
+    Example::
+
+        >>> loss = fused_kl(clean_logits.detach(), adv_logits, mask=answer_rows, ref_index=ref)
+    """
+    V.check_choice("direction", direction, DIRECTIONS)
+    return _divergence(
+        "kl_" + direction, 0.5, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend
+    )

@@ -1,0 +1,9 @@
+"""Readable PyTorch references: the executable specification of every modkern op.
+
+They follow SPEC §1 literally, run in whatever dtype they are given (use float64 for ground
+truth) and are differentiated by ordinary autograd. Tests compare every backend with them.
+"""
+
+from modkern.reference.divergence import js_divergence, kl_divergence
+
+__all__ = ["js_divergence", "kl_divergence"]

@@ -1,0 +1,1 @@
+"""Plain-PyTorch implementations of the modkern op families (the CPU default backend)."""

@@ -1,0 +1,135 @@
+"""PyTorch backend of the divergence family (same contract as ``modkern.kernels.divergence``).
+
+Per compared row, with ``a = p_logits[ref[r]] / T`` and ``b = q_logits[r] / T``,
+``log P = log_softmax(a)``, ``log Q = log_softmax(b)``:
+
+=============  ==========================  ===================================================
+kind           loss                        d loss / d a  (times 1/T for the logits)
+=============  ==========================  ===================================================
+kl_forward     S_P = sum P (logP - logQ)   P (logP - logQ - S_P)        ; d/db = Q - P
+kl_reverse     S_Q = sum Q (logQ - logP)   P - Q                        ; d/db = Q (logQ - logP - S_Q)
+kl_symmetric   S_P + S_Q                   sum of the two rows above
+js             beta S_P + (1-beta) S_Q     beta P (logP - logM - S_P)   ; d/db = (1-beta) Q (logQ - logM - S_Q)
+=============  ==========================  ===================================================
+
+where for ``js`` ``S_P = KL(P||M)``, ``S_Q = KL(Q||M)``, ``log M = logaddexp(log beta + logP,
+log(1-beta) + logQ)``. ``stats[r] = (lse_a, lse_b, S_P, S_Q)``.
+
+The forward returns the per-row losses and the gradients of each row's loss; the backward scales
+them by the incoming per-row gradient. With ``ref_index`` the gradient for P is recomputed in the
+backward (it sums over the copies that share a reference row).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+KINDS = ("js", "kl_forward", "kl_reverse", "kl_symmetric")
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _zero_where_zero(x: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    return torch.where(prob > 0, x, torch.zeros_like(x))
+
+
+def _terms(a, b, kind: str, beta: float):
+    """Log-probabilities, probabilities, the row sums S_P/S_Q, the per-row loss, and log M."""
+    log_p = torch.log_softmax(a, dim=-1)
+    log_q = torch.log_softmax(b, dim=-1)
+    prob_p, prob_q = log_p.exp(), log_q.exp()
+    if kind == "js":
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        ref_p = ref_q = log_m
+    else:
+        log_m = None
+        ref_p, ref_q = log_q, log_p
+    s_p = _zero_where_zero(prob_p * (log_p - ref_p), prob_p).sum(-1)
+    s_q = _zero_where_zero(prob_q * (log_q - ref_q), prob_q).sum(-1)
+    loss = {
+        "js": lambda: beta * s_p + (1.0 - beta) * s_q,
+        "kl_forward": lambda: s_p,
+        "kl_reverse": lambda: s_q,
+        "kl_symmetric": lambda: s_p + s_q,
+    }[kind]()
+    return log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, loss
+
+
+def _row_grads(kind, beta, log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, want_a, want_b):
+    """Gradients of each row's loss w.r.t. the scaled logits a and b (before the 1/T factor)."""
+    ga = gb = None
+    if want_a:
+        own = _zero_where_zero(prob_p * (log_p - ref_p - s_p[:, None]), prob_p)
+        ga = {
+            "js": lambda: beta * own,
+            "kl_forward": lambda: own,
+            "kl_reverse": lambda: prob_p - prob_q,
+            "kl_symmetric": lambda: own + (prob_p - prob_q),
+        }[kind]()
+    if want_b:
+        own = _zero_where_zero(prob_q * (log_q - ref_q - s_q[:, None]), prob_q)
+        gb = {
+            "js": lambda: (1.0 - beta) * own,
+            "kl_forward": lambda: prob_q - prob_p,
+            "kl_reverse": lambda: own,
+            "kl_symmetric": lambda: own + (prob_q - prob_p),
+        }[kind]()
+    return ga, gb
+
+
+def _gather_p(p, ref_index):
+    return p if ref_index is None else p.index_select(0, ref_index)
+
+
+def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q):
+    acc = _acc_dtype(p)
+    a = _gather_p(p, ref_index).to(acc) * inv_temperature
+    b = q.to(acc) * inv_temperature
+    log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, loss = _terms(a, b, kind, beta)
+    store_p = need_grad_p and ref_index is None
+    ga, gb = _row_grads(kind, beta, log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, store_p, need_grad_q)
+    active = None if mask is None else mask[:, None]
+    if mask is not None:
+        loss = torch.where(mask, loss, torch.zeros_like(loss))
+    stats = torch.stack([torch.logsumexp(a, -1), torch.logsumexp(b, -1), s_p, s_q], dim=1)
+
+    def finish(g, dtype):
+        if g is None:
+            return q.new_empty(0)
+        g = g * inv_temperature
+        if active is not None:
+            g = torch.where(active, g, torch.zeros_like(g))
+        return g.to(dtype)
+
+    return loss, stats, finish(ga, p.dtype), finish(gb, q.dtype)
+
+
+def _scale_rows(saved: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    return (saved.to(grad_rows.dtype) * grad_rows[:, None]).to(saved.dtype)
+
+
+def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, kind, beta, inv_temperature,
+             need_grad_p, need_grad_q):
+    grad_rows = grad_rows.to(_acc_dtype(p))
+    if mask is not None:
+        grad_rows = torch.where(mask, grad_rows, torch.zeros_like(grad_rows))
+    grad_q = _scale_rows(saved_grad_q, grad_rows) if need_grad_q else q.new_empty(0)
+    if not need_grad_p:
+        return p.new_empty(0), grad_q
+    if ref_index is None:
+        return _scale_rows(saved_grad_p, grad_rows), grad_q
+    # Recompute each copy's gradient for its reference row and sum the copies (index_add_).
+    acc = _acc_dtype(p)
+    a = _gather_p(p, ref_index).to(acc) * inv_temperature
+    b = q.to(acc) * inv_temperature
+    log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, _ = _terms(a, b, kind, beta)
+    ga, _ = _row_grads(kind, beta, log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, True, False)
+    contrib = ga * (grad_rows[:, None] * inv_temperature)
+    if mask is not None:
+        contrib = torch.where(mask[:, None], contrib, torch.zeros_like(contrib))
+    grad_p = torch.zeros(p.shape, dtype=acc, device=p.device).index_add_(0, ref_index, contrib)
+    return grad_p.to(p.dtype), grad_q
