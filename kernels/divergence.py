@@ -1,0 +1,379 @@
+"""Triton kernels of the divergence family (``fused_js`` / ``fused_kl``).
+
+Same contract as ``modkern.torch_backend.divergence`` (its docstring has the table of losses and
+gradients). Per compared row r, with ``a = p[ref[r]] / T`` and ``b = q[r] / T``:
+
+    pass 1  online max / sum-exp per lane of a and b            -> lse_a, lse_b
+    pass 2  logP = a - lse_a, logQ = b - lse_b, P, Q, (log M)   -> S_P, S_Q, loss
+    pass 3  the gradient(s) of the row's loss, times 1/T        -> grad_p[r], grad_q[r]
+
+Pass 3 is folded into pass 2 when every requested gradient is free of the row sums (forward KL
+with only Q requiring grad - the paper's default with a detached clean branch - writes Q - P;
+reverse KL with only P requiring grad writes P - Q).
+
+Why store the gradients in the forward and scale them in the backward rather than recompute them
+there (bytes per element of one [R, V] operand, one gradient, bf16 = 2 bytes):
+    stored:     fwd reads a, b twice (8) + writes g (2); bwd reads g, writes g' (4)   = 14 B
+    recomputed: fwd reads a, b twice (8);        bwd reads a, b 2-3x (8-12) + writes (2) = 18-22 B
+so storing wins, and the backward is a pure streaming scale. The exception is ``ref_index`` with a
+gradient for P: several Q rows share one P row, so each P row's gradient is a sum over its copies,
+recomputed in the backward by one program per P row looping over its copies (an on-device CSR
+built with argsort / scatter_add / cumsum - no atomics, deterministic, no [R, V] temporary).
+
+No host synchronization anywhere; all offsets are int64 (R * V can exceed 2^31).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+KIND_IDS = {"js": 0, "kl_forward": 1, "kl_reverse": 2, "kl_symmetric": 3}
+
+# Widest block of the vocabulary one program handles per loop iteration. Rows wider than this
+# loop; tests lower it to exercise many iterations.
+BLOCK_V_MAX = 4096
+
+
+def _block_v(vocab: int) -> int:
+    return max(16, min(triton.next_power_of_2(vocab), BLOCK_V_MAX))
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+@triton.jit
+def _load_row(base, offs, limit, inv_t):
+    # Lanes at or past ``limit`` read -inf (probability exactly 0). ``limit`` is V for an active
+    # row and 0 for a masked-out row, which then reads nothing.
+    x = tl.load(base + offs, mask=offs < limit, other=float("-inf"))
+    return x.to(tl.float32) * inv_t
+
+
+@triton.jit
+def _online_lse_update(m, s, x):
+    # Per-lane online log-sum-exp: rescale the running sum when the running max grows.
+    # A lane that has only seen -inf keeps m = -inf, s = 0 (the shift is taken as 0 then).
+    m_new = tl.maximum(m, x)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - shift) + tl.exp(x - shift)
+    return m_new, s
+
+
+@triton.jit
+def _lse_finish(m, s):
+    mx = tl.max(m, 0)
+    shift = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx + tl.log(tl.sum(s * tl.exp(m - shift), 0))
+
+
+@triton.jit
+def _logaddexp(x, y):
+    mx = tl.maximum(x, y)
+    mn = tl.minimum(x, y)
+    return mx + tl.log(1.0 + tl.exp(mn - mx))
+
+
+@triton.jit
+def _row_terms(a, b, lse_a, lse_b, log_beta, log_1mbeta, KIND: tl.constexpr):
+    # log-probabilities, probabilities, and what each side's log is compared against:
+    # JS compares both with log M; KL(P||Q) compares log P with log Q and vice versa.
+    lp = a - lse_a
+    lq = b - lse_b
+    prob_p = tl.exp(lp)
+    prob_q = tl.exp(lq)
+    if KIND == 0:
+        lm = _logaddexp(lp + log_beta, lq + log_1mbeta)
+        xp = lm
+        xq = lm
+    else:
+        xp = lq
+        xq = lp
+    return lp, lq, prob_p, prob_q, xp, xq
+
+
+@triton.jit
+def _grad_a(lp, prob_p, prob_q, xp, s_p, beta, KIND: tl.constexpr):
+    # d loss / d a (before 1/T):  js: beta P (lp - lm - S_P);  kl_forward: P (lp - lq - S_P);
+    # kl_reverse: P - Q;  kl_symmetric: both KL rows.  0 where P == 0.
+    own = tl.where(prob_p > 0, prob_p * (lp - xp - s_p), 0.0)
+    if KIND == 0:
+        g = beta * own
+    elif KIND == 1:
+        g = own
+    elif KIND == 2:
+        g = prob_p - prob_q
+    else:
+        g = own + (prob_p - prob_q)
+    return g
+
+
+@triton.jit
+def _grad_b(lq, prob_p, prob_q, xq, s_q, beta, KIND: tl.constexpr):
+    # d loss / d b (before 1/T):  js: (1-beta) Q (lq - lm - S_Q);  kl_forward: Q - P;
+    # kl_reverse: Q (lq - lp - S_Q);  kl_symmetric: both.  0 where Q == 0.
+    own = tl.where(prob_q > 0, prob_q * (lq - xq - s_q), 0.0)
+    if KIND == 0:
+        g = (1.0 - beta) * own
+    elif KIND == 1:
+        g = prob_q - prob_p
+    elif KIND == 2:
+        g = own
+    else:
+        g = own + (prob_q - prob_p)
+    return g
+
+
+@triton.jit
+def _divergence_fwd_kernel(
+    p_ptr,
+    q_ptr,
+    ref_ptr,
+    mask_ptr,
+    loss_ptr,
+    stats_ptr,
+    gp_ptr,
+    gq_ptr,
+    V,
+    stride_p,
+    stride_q,
+    stride_gp,
+    stride_gq,
+    inv_t,
+    beta,
+    log_beta,
+    log_1mbeta,
+    KIND: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WRITE_GP: tl.constexpr,
+    WRITE_GQ: tl.constexpr,
+    FUSED_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if HAS_REF:
+        p_row = tl.load(ref_ptr + row).to(tl.int64)
+    else:
+        p_row = row
+    if HAS_MASK:
+        active = tl.load(mask_ptr + row) != 0
+    else:
+        active = row >= 0
+    limit = tl.where(active, V, 0)
+    p_base = p_ptr + p_row * stride_p
+    q_base = q_ptr + row * stride_q
+    lanes = tl.arange(0, BLOCK)
+
+    # pass 1: log-sum-exp of both rows.
+    m_a = tl.full([BLOCK], float("-inf"), tl.float32)
+    m_b = tl.full([BLOCK], float("-inf"), tl.float32)
+    s_a = tl.zeros([BLOCK], tl.float32)
+    s_b = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):
+        offs = start + lanes
+        m_a, s_a = _online_lse_update(m_a, s_a, _load_row(p_base, offs, limit, inv_t))
+        m_b, s_b = _online_lse_update(m_b, s_b, _load_row(q_base, offs, limit, inv_t))
+    lse_a = _lse_finish(m_a, s_a)
+    lse_b = _lse_finish(m_b, s_b)
+
+    # pass 2: S_P = sum P (logP - xp), S_Q = sum Q (logQ - xq); gradients free of them, if fused.
+    acc_p = tl.zeros([BLOCK], tl.float32)
+    acc_q = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):
+        offs = start + lanes
+        a = _load_row(p_base, offs, limit, inv_t)
+        b = _load_row(q_base, offs, limit, inv_t)
+        lp, lq, prob_p, prob_q, xp, xq = _row_terms(a, b, lse_a, lse_b, log_beta, log_1mbeta, KIND)
+        acc_p += tl.where(prob_p > 0, prob_p * (lp - xp), 0.0)
+        acc_q += tl.where(prob_q > 0, prob_q * (lq - xq), 0.0)
+        if FUSED_GRAD:
+            if WRITE_GP:
+                g = _grad_a(lp, prob_p, prob_q, xp, 0.0, beta, KIND)
+                g = tl.where(active, g * inv_t, 0.0)
+                tl.store(gp_ptr + row * stride_gp + offs, g.to(gp_ptr.dtype.element_ty), mask=offs < V)
+            if WRITE_GQ:
+                g = _grad_b(lq, prob_p, prob_q, xq, 0.0, beta, KIND)
+                g = tl.where(active, g * inv_t, 0.0)
+                tl.store(gq_ptr + row * stride_gq + offs, g.to(gq_ptr.dtype.element_ty), mask=offs < V)
+    s_p = tl.sum(acc_p, 0)
+    s_q = tl.sum(acc_q, 0)
+    if KIND == 0:
+        loss = beta * s_p + (1.0 - beta) * s_q
+    elif KIND == 1:
+        loss = s_p
+    elif KIND == 2:
+        loss = s_q
+    else:
+        loss = s_p + s_q
+    tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
+    tl.store(stats_ptr + row * 4 + 0, lse_a)
+    tl.store(stats_ptr + row * 4 + 1, lse_b)
+    tl.store(stats_ptr + row * 4 + 2, s_p)
+    tl.store(stats_ptr + row * 4 + 3, s_q)
+
+    # pass 3: gradients that need the row sums.
+    if not FUSED_GRAD:
+        for start in range(0, V, BLOCK):
+            offs = start + lanes
+            a = _load_row(p_base, offs, limit, inv_t)
+            b = _load_row(q_base, offs, limit, inv_t)
+            lp, lq, prob_p, prob_q, xp, xq = _row_terms(a, b, lse_a, lse_b, log_beta, log_1mbeta, KIND)
+            if WRITE_GP:
+                g = _grad_a(lp, prob_p, prob_q, xp, s_p, beta, KIND)
+                g = tl.where(active, g * inv_t, 0.0)
+                tl.store(gp_ptr + row * stride_gp + offs, g.to(gp_ptr.dtype.element_ty), mask=offs < V)
+            if WRITE_GQ:
+                g = _grad_b(lq, prob_p, prob_q, xq, s_q, beta, KIND)
+                g = tl.where(active, g * inv_t, 0.0)
+                tl.store(gq_ptr + row * stride_gq + offs, g.to(gq_ptr.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _divergence_grad_p_shared_kernel(
+    p_ptr,
+    q_ptr,
+    order_ptr,
+    start_ptr,
+    count_ptr,
+    mask_ptr,
+    grad_rows_ptr,
+    stats_ptr,
+    gp_ptr,
+    V,
+    stride_p,
+    stride_q,
+    stride_gp,
+    inv_t,
+    beta,
+    log_beta,
+    log_1mbeta,
+    KIND: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # grad_p[n] = sum over copies r with ref[r] == n of grad_rows[r] * d loss_r / d a  (times 1/T).
+    # One program per P row n; its copies are order[start[n] : start[n] + count[n]].
+    n = tl.program_id(0).to(tl.int64)
+    first = tl.load(start_ptr + n)
+    count = tl.load(count_ptr + n)
+    lanes = tl.arange(0, BLOCK)
+    p_base = p_ptr + n * stride_p
+    for v0 in range(0, V, BLOCK):
+        offs = v0 + lanes
+        acc = tl.zeros([BLOCK], tl.float32)
+        for j in range(first, first + count):
+            r = tl.load(order_ptr + j).to(tl.int64)
+            if HAS_MASK:
+                active = tl.load(mask_ptr + r) != 0
+            else:
+                active = r >= 0
+            limit = tl.where(active, V, 0)
+            a = _load_row(p_base, offs, limit, inv_t)
+            b = _load_row(q_ptr + r * stride_q, offs, limit, inv_t)
+            lse_a = tl.load(stats_ptr + r * 4 + 0)
+            lse_b = tl.load(stats_ptr + r * 4 + 1)
+            s_p = tl.load(stats_ptr + r * 4 + 2)
+            lp, lq, prob_p, prob_q, xp, xq = _row_terms(a, b, lse_a, lse_b, log_beta, log_1mbeta, KIND)
+            g = _grad_a(lp, prob_p, prob_q, xp, s_p, beta, KIND)
+            w = tl.load(grad_rows_ptr + r).to(tl.float32)
+            acc += tl.where(active, g * w, 0.0)
+        tl.store(gp_ptr + n * stride_gp + offs, (acc * inv_t).to(gp_ptr.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _scale_rows_kernel(src_ptr, scale_ptr, mask_ptr, dst_ptr, V, stride_src, stride_dst,
+                       HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    # dst[r, :] = src[r, :] * scale[r]  in fp32, stored in dst's dtype (0 on masked-out rows).
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    scale = tl.load(scale_ptr + row).to(tl.float32)
+    if HAS_MASK:
+        scale = tl.where(tl.load(mask_ptr + row) != 0, scale, 0.0)
+    x = tl.load(src_ptr + row * stride_src + offs, mask=offs < V, other=0.0).to(tl.float32)
+    tl.store(dst_ptr + row * stride_dst + offs, (x * scale).to(dst_ptr.dtype.element_ty), mask=offs < V)
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _beta_logs(beta: float):
+    return math.log(beta), math.log1p(-beta)
+
+
+def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q):
+    rows, vocab = q.shape
+    kind_id = KIND_IDS[kind]
+    acc = _acc_dtype(p)
+    loss = torch.empty(rows, dtype=acc, device=q.device)
+    stats = torch.empty(rows, 4, dtype=acc, device=q.device)
+    write_gp = need_grad_p and ref_index is None
+    grad_p = torch.empty_like(p) if write_gp else p.new_empty(0)
+    grad_q = torch.empty_like(q) if need_grad_q else q.new_empty(0)
+    # Gradients free of the row sums: kl_forward's Q - P and kl_reverse's P - Q.
+    fused = (not write_gp or kind_id == 2) and (not need_grad_q or kind_id == 1)
+    if rows == 0:
+        return loss, stats, grad_p, grad_q
+    block = _block_v(vocab)
+    log_beta, log_1mbeta = _beta_logs(beta)
+    _divergence_fwd_kernel[(rows,)](
+        p, q, ref_index if ref_index is not None else q, mask if mask is not None else q,
+        loss, stats, grad_p if write_gp else q, grad_q if need_grad_q else q,
+        vocab, p.stride(0), q.stride(0),
+        grad_p.stride(0) if write_gp else 0, grad_q.stride(0) if need_grad_q else 0,
+        float(inv_temperature), float(beta), log_beta, log_1mbeta,
+        KIND=kind_id, HAS_REF=ref_index is not None, HAS_MASK=mask is not None,
+        WRITE_GP=write_gp, WRITE_GQ=need_grad_q, FUSED_GRAD=fused,
+        BLOCK=block, num_warps=_num_warps(block),
+    )
+    return loss, stats, grad_p, grad_q
+
+
+def _scale_rows(saved, grad_rows, mask):
+    out = torch.empty_like(saved)
+    rows, vocab = saved.shape
+    if rows == 0:
+        return out
+    block = min(_block_v(vocab), 2048)
+    _scale_rows_kernel[(rows, triton.cdiv(vocab, block))](
+        saved, grad_rows, mask if mask is not None else grad_rows, out, vocab, saved.stride(0), out.stride(0),
+        HAS_MASK=mask is not None, BLOCK=block, num_warps=_num_warps(block),
+    )
+    return out
+
+
+def _copies_by_reference(ref_index, num_p_rows):
+    """On-device CSR of the copies of each P row: (order, start, count). No host sync."""
+    order = torch.argsort(ref_index, stable=True)
+    count = torch.zeros(num_p_rows, dtype=torch.int64, device=ref_index.device)
+    count.scatter_add_(0, ref_index, torch.ones_like(ref_index))
+    start = torch.cumsum(count, 0) - count
+    return order, start, count
+
+
+def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, kind, beta, inv_temperature,
+             need_grad_p, need_grad_q):
+    grad_q = _scale_rows(saved_grad_q, grad_rows, mask) if need_grad_q else q.new_empty(0)
+    if not need_grad_p:
+        return p.new_empty(0), grad_q
+    if ref_index is None:
+        return _scale_rows(saved_grad_p, grad_rows, mask), grad_q
+    num_p_rows, vocab = p.shape
+    grad_p = torch.empty_like(p)
+    if num_p_rows == 0:
+        return grad_p, grad_q
+    order, start, count = _copies_by_reference(ref_index, num_p_rows)
+    block = _block_v(vocab)
+    log_beta, log_1mbeta = _beta_logs(beta)
+    _divergence_grad_p_shared_kernel[(num_p_rows,)](
+        p, q, order, start, count, mask if mask is not None else grad_rows, grad_rows, stats, grad_p,
+        vocab, p.stride(0), q.stride(0), grad_p.stride(0),
+        float(inv_temperature), float(beta), log_beta, log_1mbeta,
+        KIND=KIND_IDS[kind], HAS_MASK=mask is not None, BLOCK=block, num_warps=_num_warps(block),
+    )
+    return grad_p, grad_q
