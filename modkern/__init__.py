@@ -6,7 +6,11 @@ Public API (see each function's docstring for the math)::
 """
 
 from modkern.backend import available_backends, resolve_backend
+from modkern.delta_init import init_delta
+from modkern.masks import modality_mask
+from modkern.ops.adv_step import masked_adv_step
 from modkern.ops.divergence import FusedDivergence, fused_js, fused_kl
+from modkern.ops.perturb import perturb
 
 __version__ = "0.1.0"
 
@@ -15,5 +19,9 @@ __all__ = [
     "available_backends",
     "fused_js",
     "fused_kl",
+    "init_delta",
+    "masked_adv_step",
+    "modality_mask",
+    "perturb",
     "resolve_backend",
 ]

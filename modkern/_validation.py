@@ -113,3 +113,31 @@ def check_num_items(num_items):
     if num_items <= 0:
         raise ValueError(f"num_items must be > 0, got {num_items}")
     return num_items
+
+
+def check_token_mask(name: str, mask, shape, device) -> torch.Tensor:
+    """A per-token mask of exactly ``shape`` on ``device`` (bool, or numbers where nonzero selects), as bool."""
+    check_tensor(name, mask)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (one entry per token), got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the embeddings are on {device}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must be bool or 0/1 numbers, got {mask.dtype}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def check_scalar_on(name: str, value, device) -> tuple[float, torch.Tensor | None]:
+    """A Python number > 0, or a 0-dim real tensor on ``device`` (its value is not read: no sync).
+
+    Returns ``(value, None)`` for a number and ``(0.0, tensor)`` for a tensor, the form the
+    registered ops take (a float argument would be specialized by ``torch.compile``, a tensor not).
+    """
+    value = check_positive_number(name, value)
+    if not isinstance(value, torch.Tensor):
+        return value, None
+    if value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be a real number or a 0-dim real tensor, got dtype {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the tensors are on {device}")
+    return 0.0, value

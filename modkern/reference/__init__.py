@@ -4,6 +4,7 @@ They follow SPEC §1 literally, run in whatever dtype they are given (use float6
 truth) and are differentiated by ordinary autograd. Tests compare every backend with them.
 """
 
+from modkern.reference.adversarial import masked_adv_step, modality_mask_rows, perturb
 from modkern.reference.divergence import js_divergence, kl_divergence
 
-__all__ = ["js_divergence", "kl_divergence"]
+__all__ = ["js_divergence", "kl_divergence", "masked_adv_step", "modality_mask_rows", "perturb"]
