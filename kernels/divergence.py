@@ -286,8 +286,9 @@ def _divergence_grad_p_shared_kernel(
 
 
 @triton.jit
-def _scale_rows_kernel(src_ptr, scale_ptr, mask_ptr, dst_ptr, V, stride_src, stride_dst,
-                       HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+def _scale_rows_kernel(
+    src_ptr, scale_ptr, mask_ptr, dst_ptr, V, stride_src, stride_dst, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr
+):
     # dst[r, :] = src[r, :] * scale[r]  in fp32, stored in dst's dtype (0 on masked-out rows).
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -322,14 +323,31 @@ def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, nee
     block = _block_v(vocab)
     log_beta, log_1mbeta = _beta_logs(beta)
     _divergence_fwd_kernel[(rows,)](
-        p, q, ref_index if ref_index is not None else q, mask if mask is not None else q,
-        loss, stats, grad_p if write_gp else q, grad_q if need_grad_q else q,
-        vocab, p.stride(0), q.stride(0),
-        grad_p.stride(0) if write_gp else 0, grad_q.stride(0) if need_grad_q else 0,
-        float(inv_temperature), float(beta), log_beta, log_1mbeta,
-        KIND=kind_id, HAS_REF=ref_index is not None, HAS_MASK=mask is not None,
-        WRITE_GP=write_gp, WRITE_GQ=need_grad_q, FUSED_GRAD=fused,
-        BLOCK=block, num_warps=_num_warps(block),
+        p,
+        q,
+        ref_index if ref_index is not None else q,
+        mask if mask is not None else q,
+        loss,
+        stats,
+        grad_p if write_gp else q,
+        grad_q if need_grad_q else q,
+        vocab,
+        p.stride(0),
+        q.stride(0),
+        grad_p.stride(0) if write_gp else 0,
+        grad_q.stride(0) if need_grad_q else 0,
+        float(inv_temperature),
+        float(beta),
+        log_beta,
+        log_1mbeta,
+        KIND=kind_id,
+        HAS_REF=ref_index is not None,
+        HAS_MASK=mask is not None,
+        WRITE_GP=write_gp,
+        WRITE_GQ=need_grad_q,
+        FUSED_GRAD=fused,
+        BLOCK=block,
+        num_warps=_num_warps(block),
     )
     return loss, stats, grad_p, grad_q
 
@@ -341,8 +359,16 @@ def _scale_rows(saved, grad_rows, mask):
         return out
     block = min(_block_v(vocab), 2048)
     _scale_rows_kernel[(rows, triton.cdiv(vocab, block))](
-        saved, grad_rows, mask if mask is not None else grad_rows, out, vocab, saved.stride(0), out.stride(0),
-        HAS_MASK=mask is not None, BLOCK=block, num_warps=_num_warps(block),
+        saved,
+        grad_rows,
+        mask if mask is not None else grad_rows,
+        out,
+        vocab,
+        saved.stride(0),
+        out.stride(0),
+        HAS_MASK=mask is not None,
+        BLOCK=block,
+        num_warps=_num_warps(block),
     )
     return out
 
@@ -356,8 +382,21 @@ def _copies_by_reference(ref_index, num_p_rows):
     return order, start, count
 
 
-def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, kind, beta, inv_temperature,
-             need_grad_p, need_grad_q):
+def backward(
+    grad_rows,
+    p,
+    q,
+    ref_index,
+    mask,
+    stats,
+    saved_grad_p,
+    saved_grad_q,
+    kind,
+    beta,
+    inv_temperature,
+    need_grad_p,
+    need_grad_q,
+):
     grad_q = _scale_rows(saved_grad_q, grad_rows, mask) if need_grad_q else q.new_empty(0)
     if not need_grad_p:
         return p.new_empty(0), grad_q
@@ -371,9 +410,26 @@ def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q
     block = _block_v(vocab)
     log_beta, log_1mbeta = _beta_logs(beta)
     _divergence_grad_p_shared_kernel[(num_p_rows,)](
-        p, q, order, start, count, mask if mask is not None else grad_rows, grad_rows, stats, grad_p,
-        vocab, p.stride(0), q.stride(0), grad_p.stride(0),
-        float(inv_temperature), float(beta), log_beta, log_1mbeta,
-        KIND=KIND_IDS[kind], HAS_MASK=mask is not None, BLOCK=block, num_warps=_num_warps(block),
+        p,
+        q,
+        order,
+        start,
+        count,
+        mask if mask is not None else grad_rows,
+        grad_rows,
+        stats,
+        grad_p,
+        vocab,
+        p.stride(0),
+        q.stride(0),
+        grad_p.stride(0),
+        float(inv_temperature),
+        float(beta),
+        log_beta,
+        log_1mbeta,
+        KIND=KIND_IDS[kind],
+        HAS_MASK=mask is not None,
+        BLOCK=block,
+        num_warps=_num_warps(block),
     )
     return grad_p, grad_q

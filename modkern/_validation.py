@@ -24,9 +24,7 @@ def check_tensor(name: str, t) -> torch.Tensor:
 def check_float_tensor(name: str, t) -> torch.Tensor:
     check_tensor(name, t)
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {t.dtype}"
-        )
+        raise TypeError(f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {t.dtype}")
     return t
 
 
@@ -82,8 +80,7 @@ def check_row_vector(name: str, t, rows: int, leading_shape, device) -> torch.Te
     check_tensor(name, t)
     if tuple(t.shape) != tuple(leading_shape) and tuple(t.shape) != (rows,):
         raise ValueError(
-            f"{name} must have shape {tuple(leading_shape)} or ({rows},) (one entry per row), "
-            f"got {tuple(t.shape)}"
+            f"{name} must have shape {tuple(leading_shape)} or ({rows},) (one entry per row), got {tuple(t.shape)}"
         )
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the logits are on {device}")

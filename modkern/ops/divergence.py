@@ -97,14 +97,39 @@ def divergence_bwd(
     """Returns (grad_p [N, V] or [0], grad_q [R, V] or [0]) for the per-row output gradient."""
     impl = load_impl("divergence", backend, q.device)
     return impl.backward(
-        grad_rows.contiguous(), p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q,
-        kind, beta, inv_temperature, need_grad_p, need_grad_q,
+        grad_rows.contiguous(),
+        p,
+        q,
+        ref_index,
+        mask,
+        stats,
+        saved_grad_p,
+        saved_grad_q,
+        kind,
+        beta,
+        inv_temperature,
+        need_grad_p,
+        need_grad_q,
     )
 
 
 @divergence_bwd.register_fake
-def _(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, kind, beta, inv_temperature,
-      need_grad_p, need_grad_q, backend):
+def _(
+    grad_rows,
+    p,
+    q,
+    ref_index,
+    mask,
+    stats,
+    saved_grad_p,
+    saved_grad_q,
+    kind,
+    beta,
+    inv_temperature,
+    need_grad_p,
+    need_grad_q,
+    backend,
+):
     return (
         torch.empty_like(p) if need_grad_p else p.new_empty(0),
         torch.empty_like(q) if need_grad_q else q.new_empty(0),
@@ -118,8 +143,20 @@ def _backward(saved, meta, grad_rows):
     if not (need_grad_p or need_grad_q):
         return None, None
     grad_p, grad_q = torch.ops.modkern.divergence_bwd(
-        grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q,
-        kind, beta, inv_temperature, need_grad_p, need_grad_q, backend,
+        grad_rows,
+        p,
+        q,
+        ref_index,
+        mask,
+        stats,
+        saved_grad_p,
+        saved_grad_q,
+        kind,
+        beta,
+        inv_temperature,
+        need_grad_p,
+        need_grad_q,
+        backend,
     )
     return (grad_p if need_grad_p else None), (grad_q if need_grad_q else None)
 
@@ -178,8 +215,7 @@ def _prepare(p_logits, q_logits, temperature, mask, ref_index, reduction, num_it
     vocab = q_logits.shape[-1]
     if p_logits.shape[-1] != vocab:
         raise ValueError(
-            f"p_logits and q_logits must have the same vocabulary size (last dim), "
-            f"got {p_logits.shape[-1]} and {vocab}"
+            f"p_logits and q_logits must have the same vocabulary size (last dim), got {p_logits.shape[-1]} and {vocab}"
         )
     if vocab == 0:
         raise ValueError("the vocabulary dimension of the logits must not be empty")

@@ -89,6 +89,12 @@ def js_divergence(
     """Generalized Jensen-Shannon divergence ``beta KL(P||M) + (1-beta) KL(Q||M)``."""
     log_p, log_q, m = _rows(p_logits, q_logits, temperature, mask, ref_index)
     # log M = logsumexp(log beta + log P, log(1-beta) + log Q): exact where a probability underflows.
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    # Where both probabilities are exactly 0, log M = -inf is never used (0 log 0 = 0), but
+    # logaddexp(-inf, -inf) has a NaN gradient: feed it zeros there instead.
+    unused = torch.isneginf(log_p) & torch.isneginf(log_q)
+    zero = torch.zeros_like(log_p)
+    log_m = torch.logaddexp(
+        torch.where(unused, zero, log_p + math.log(beta)), torch.where(unused, zero, log_q + math.log1p(-beta))
+    )
     rows = beta * kl_rows(log_p, log_m) + (1.0 - beta) * kl_rows(log_q, log_m)
     return _finish(rows, m, reduction, num_items, q_logits.shape[:-1])

@@ -112,8 +112,21 @@ def _scale_rows(saved: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
     return (saved.to(grad_rows.dtype) * grad_rows[:, None]).to(saved.dtype)
 
 
-def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, kind, beta, inv_temperature,
-             need_grad_p, need_grad_q):
+def backward(
+    grad_rows,
+    p,
+    q,
+    ref_index,
+    mask,
+    stats,
+    saved_grad_p,
+    saved_grad_q,
+    kind,
+    beta,
+    inv_temperature,
+    need_grad_p,
+    need_grad_q,
+):
     grad_rows = grad_rows.to(_acc_dtype(p))
     if mask is not None:
         grad_rows = torch.where(mask, grad_rows, torch.zeros_like(grad_rows))

@@ -1,0 +1,341 @@
+"""fused_js / fused_kl against the float64 reference, for every backend that runs here.
+
+Tolerances (per dtype of the logits). The reference runs in float64 on the *same* (already
+rounded) inputs, so the only errors are fp32 accumulation in the kernels and the rounding of the
+returned gradients to the input dtype:
+
+* losses are accumulated and returned in fp32 whatever the input dtype: rtol 2e-5 covers fp32
+  summation over V <= 1e4 terms; atol 2e-6 covers rows whose divergence is ~0.
+* gradients are rounded to the input dtype: fp32 rtol 1e-4; fp16 (10-bit mantissa, ulp 2^-11
+  relative) rtol 2e-3; bf16 (7-bit mantissa) rtol 1.6e-2 = 2 ulp, since the Triton interpreter
+  truncates fp32 -> bf16 instead of rounding (SPEC §5). Elements near 0 (e.g. P - Q with P ~ Q)
+  get an absolute allowance of that same relative size times the largest gradient of the case,
+  plus fp16's subnormal spacing (6e-8), plus a floor of 1e-10: terms like P (log P - log Q - S)
+  subtract fp32 quantities as large as the logits (1e4 in the huge-logit test), so elements whose
+  true value is below ~1e-7 * |logit| * P are numerical noise in any fp32 implementation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, backend_params
+
+import modkern
+import modkern.reference as ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+LOSS_RTOL, LOSS_ATOL = 2e-5, 2e-6
+
+# (public function, reference, keyword arguments)
+CASES = {
+    "js_0.1": (modkern.fused_js, ref.js_divergence, {"beta": 0.1}),
+    "js_0.5": (modkern.fused_js, ref.js_divergence, {"beta": 0.5}),
+    "js_0.9": (modkern.fused_js, ref.js_divergence, {"beta": 0.9}),
+    "kl_forward": (modkern.fused_kl, ref.kl_divergence, {"direction": "forward"}),
+    "kl_reverse": (modkern.fused_kl, ref.kl_divergence, {"direction": "reverse"}),
+    "kl_symmetric": (modkern.fused_kl, ref.kl_divergence, {"direction": "symmetric"}),
+}
+
+
+@pytest.fixture(autouse=True)
+def poison_allocations(monkeypatch):
+    """Every tensor the ops allocate with torch.empty / empty_like starts as NaN (floats) or -1,
+    so an element a kernel forgets to write fails the comparison."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-1)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    yield
+
+
+def _logits(shape, dtype, scale=3.0, requires_grad=True):
+    x = (torch.randn(shape, device=DEVICE, dtype=torch.float64) * scale).to(dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def _check_grad(actual, expected, dtype):
+    assert actual is not None and actual.dtype == dtype
+    assert torch.isfinite(actual).all()
+    rtol = GRAD_RTOL[dtype]
+    atol = rtol * expected.abs().max().item() + (6e-8 if dtype == torch.float16 else 0.0) + 1e-10
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol)
+
+
+def _compare(case, p, q, backend, weights=None, **kw):
+    """Run op and reference with reduction='none'; compare per-row values and the gradients of
+    sum(weights * rows) for every input that requires grad."""
+    fn, ref_fn, ckw = CASES[case]
+    kw = {**ckw, **kw}
+    out = fn(p, q, reduction="none", backend=backend, **kw)
+    p64 = p.detach().double().requires_grad_(p.requires_grad)
+    q64 = q.detach().double().requires_grad_(q.requires_grad)
+    expected = ref_fn(p64, q64, reduction="none", **kw)
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    torch.testing.assert_close(out.double(), expected, rtol=LOSS_RTOL, atol=LOSS_ATOL)
+    inputs = [t for t in (p, q) if t.requires_grad]
+    if not inputs:
+        assert not out.requires_grad
+        return out
+    if weights is None:
+        weights = torch.rand(out.shape, device=DEVICE, dtype=torch.float64) + 0.5
+    grads = torch.autograd.grad((out.double() * weights).sum(), inputs)
+    grads64 = torch.autograd.grad((expected * weights).sum(), [t for t in (p64, q64) if t.requires_grad])
+    for g, g64 in zip(grads, grads64):
+        _check_grad(g, g64, p.dtype)
+    return out
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 4099])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, vocab, dtype, backend):
+    p = _logits((5, vocab), dtype)
+    q = _logits((5, vocab), dtype)
+    mask = torch.tensor([True, False, True, True, True], device=DEVICE)
+    out = _compare(case, p, q, backend, mask=mask)
+    assert out[1].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", ["js_0.5", "kl_forward", "kl_symmetric"])
+def test_many_blocks(case, backend, monkeypatch):
+    # Rows much wider than one block: force a small block so the loops run many iterations.
+    if backend == "triton":
+        import modkern.kernels.divergence as kd
+
+        monkeypatch.setattr(kd, "BLOCK_V_MAX", 64)
+    _compare(case, _logits((3, 1000), torch.float32), _logits((3, 1000), torch.float32), backend)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("case", ["js_0.5", "kl_forward", "kl_reverse"])
+def test_temperature(case, temperature, backend):
+    _compare(case, _logits((4, 300), torch.float32), _logits((4, 300), torch.float32), backend, temperature=temperature)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("which", ["p", "q", "none"])
+def test_gradient_to_one_input(case, which, backend):
+    p = _logits((4, 257), torch.bfloat16, requires_grad=which == "p")
+    q = _logits((4, 257), torch.bfloat16, requires_grad=which == "q")
+    _compare(case, p, q, backend)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", range(1, 8))
+@pytest.mark.parametrize("case", ["js_0.5", "kl_forward", "kl_symmetric"])
+def test_ref_index(case, k, dtype, backend):
+    # k perturbed copies per clean row, interleaved and shuffled, plus one P row nobody uses.
+    n_clean = 3
+    ref_index = torch.arange(n_clean, device=DEVICE).repeat(k)
+    ref_index = ref_index[torch.randperm(ref_index.numel(), device=DEVICE)]
+    p = _logits((n_clean + 1, 333), dtype)
+    q = _logits((ref_index.numel(), 333), dtype)
+    mask = torch.rand(ref_index.numel(), device=DEVICE) > 0.25
+    _compare(case, p, q, backend, ref_index=ref_index, mask=mask)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_ref_index_grad_p_only_shared_rows_zero_for_unused(backend):
+    p = _logits((4, 50), torch.float32)
+    q = _logits((3, 50), torch.float32)
+    ref_index = torch.tensor([2, 0, 2], device=DEVICE)
+    loss = modkern.fused_js(p, q, ref_index=ref_index, backend=backend)
+    (gp,) = torch.autograd.grad(loss, [p])
+    assert torch.equal(gp[1], torch.zeros_like(gp[1])) and torch.equal(gp[3], torch.zeros_like(gp[3]))
+    assert gp[0].abs().sum() > 0 and gp[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", list(CASES))
+def test_single_row(case, backend):
+    _compare(case, _logits((1, 4099), torch.float32), _logits((1, 4099), torch.float32), backend)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", list(CASES))
+def test_all_masked_mean_is_zero(case, backend):
+    fn, _, kw = CASES[case]
+    p, q = _logits((3, 100), torch.float32), _logits((3, 100), torch.float32)
+    mask = torch.zeros(3, dtype=torch.bool, device=DEVICE)
+    loss = fn(p, q, mask=mask, backend=backend, **kw)
+    assert loss.item() == 0.0
+    gp, gq = torch.autograd.grad(loss, [p, q])
+    assert torch.equal(gp, torch.zeros_like(gp)) and torch.equal(gq, torch.zeros_like(gq))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", list(CASES))
+def test_huge_logits(case, backend):
+    # Magnitude 1e4: nearly one-hot distributions; max-subtraction keeps everything finite.
+    p = _logits((3, 500), torch.float32, scale=1e4)
+    q = _logits((3, 500), torch.float32, scale=1e4)
+    out = _compare(case, p, q, backend)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_minus_inf_entries(case, dtype, backend):
+    # Entries at -inf have probability exactly 0 (0 log 0 = 0, zero gradient there). KL needs
+    # them in both rows at once (else it is +inf); JS takes them anywhere.
+    p = _logits((4, 129), dtype, requires_grad=False)
+    q = _logits((4, 129), dtype, requires_grad=False)
+    hole = torch.rand(4, 129, device=DEVICE) < 0.3
+    p[hole] = float("-inf")
+    q[hole if case.startswith("kl") else torch.rand(4, 129, device=DEVICE) < 0.3] = float("-inf")
+    p.requires_grad_()
+    q.requires_grad_()
+    out = _compare(case, p, q, backend)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_reductions_and_num_items(backend):
+    p, q = _logits((2, 3, 64), torch.float32), _logits((2, 3, 64), torch.float32)
+    mask = torch.tensor([[True, False, True], [True, True, False]], device=DEVICE)
+    rows = modkern.fused_kl(p, q, mask=mask, reduction="none", backend=backend)
+    assert rows.shape == (2, 3) and rows[0, 1] == 0 and rows[1, 2] == 0
+    expected = ref.kl_divergence(p.double(), q.double(), mask=mask, reduction="none")
+    torch.testing.assert_close(rows.double(), expected, rtol=LOSS_RTOL, atol=LOSS_ATOL)
+    total = expected.sum()
+    for kwargs, want in [
+        ({"reduction": "sum"}, total),
+        ({"reduction": "mean"}, total / 4),
+        ({"reduction": "mean", "num_items": 10}, total / 10),
+        ({"reduction": "mean", "num_items": torch.tensor(8, device=DEVICE)}, total / 8),
+    ]:
+        got = modkern.fused_kl(p, q, mask=mask, backend=backend, **kwargs)
+        torch.testing.assert_close(got.double(), want, rtol=LOSS_RTOL, atol=LOSS_ATOL)
+    # Gradient of the num_items mean is the gradient of the sum divided by num_items.
+    (g_sum,) = torch.autograd.grad(modkern.fused_kl(p, q, mask=mask, reduction="sum", backend=backend), [q])
+    (g_mean,) = torch.autograd.grad(modkern.fused_kl(p, q, mask=mask, num_items=10, backend=backend), [q])
+    torch.testing.assert_close(g_mean, g_sum / 10)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_non_contiguous_and_expanded_inputs(backend):
+    base = _logits((2, 5, 80), torch.float32, requires_grad=False)
+    p = base[:, :-1]  # non-contiguous rows (a shifted view, as in next-token losses)
+    q = _logits((1, 4, 80), torch.float32, requires_grad=False).expand(2, 4, 80)  # stride-0 rows
+    got = modkern.fused_js(p, q, reduction="none", backend=backend)
+    want = ref.js_divergence(p.double(), q.double(), reduction="none")
+    torch.testing.assert_close(got.double(), want, rtol=LOSS_RTOL, atol=LOSS_ATOL)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_backward_twice_with_retain_graph(backend):
+    # Stored gradients must not be scaled in place: a second backward gives the same result.
+    p, q = _logits((3, 40), torch.float32), _logits((3, 40), torch.float32)
+    loss = modkern.fused_js(p, q, backend=backend) * 3.0
+    g1 = torch.autograd.grad(loss, [p, q], retain_graph=True)
+    g2 = torch.autograd.grad(loss, [p, q])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_autograd_function_apply(backend):
+    p, q = _logits((3, 70), torch.float32), _logits((3, 70), torch.float32)
+    rows = modkern.FusedDivergence.apply(p, q, None, None, "kl_forward", 0.5, 1.0, backend)
+    expected = ref.kl_divergence(p.double(), q.double(), reduction="none")
+    torch.testing.assert_close(rows.double(), expected, rtol=LOSS_RTOL, atol=LOSS_ATOL)
+    rows.sum().backward()
+    p64, q64 = p.detach().double().requires_grad_(), q.detach().double().requires_grad_()
+    ref.kl_divergence(p64, q64, reduction="sum").backward()
+    _check_grad(p.grad, p64.grad, torch.float32)
+    _check_grad(q.grad, q64.grad, torch.float32)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_torch_compile_fullgraph(backend):
+    p = _logits((4, 96), torch.float32)
+    q = _logits((4, 96), torch.float32)
+    mask = torch.tensor([True, True, False, True], device=DEVICE)
+
+    def objective(p, q):
+        return modkern.fused_js(p, q, mask=mask, backend=backend) + 0.5 * modkern.fused_kl(
+            p.detach(), q, mask=mask, backend=backend
+        )
+
+    compiled = torch.compile(objective, fullgraph=True, backend="aot_eager" if DEVICE.type == "cpu" else "inductor")
+    loss = compiled(p, q)
+    g = torch.autograd.grad(loss, [p, q])
+    loss_eager = objective(p, q)
+    g_eager = torch.autograd.grad(loss_eager, [p, q])
+    torch.testing.assert_close(loss, loss_eager)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_inductor_cpu():
+    # The default (inductor) compiler on CPU, torch backend: traces through the custom ops.
+    p = _logits((3, 50), torch.float32)
+    q = _logits((3, 50), torch.float32)
+    compiled = torch.compile(lambda p, q: modkern.fused_kl(p, q) + modkern.fused_js(p, q), fullgraph=True)
+    loss = compiled(p, q)
+    loss.backward()
+    want = ref.kl_divergence(p.double(), q.double()) + ref.js_divergence(p.double(), q.double())
+    torch.testing.assert_close(loss.double(), want, rtol=LOSS_RTOL, atol=LOSS_ATOL)
+    assert torch.isfinite(p.grad).all() and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_opcheck(backend):
+    p = _logits((3, 33), torch.float32)
+    q = _logits((5, 33), torch.float32)
+    ref_index = torch.tensor([0, 2, 1, 2, 0], device=DEVICE)
+    mask = torch.tensor([True, False, True, True, True], device=DEVICE)
+    fwd_args = (p, q, ref_index, mask, "js", 0.3, 0.5, True, True, backend)
+    torch.library.opcheck(torch.ops.modkern.divergence_fwd, fwd_args)
+    torch.library.opcheck(
+        torch.ops.modkern.divergence_fwd, (p, q[:3], None, None, "kl_forward", 0.5, 1.0, False, True, backend)
+    )
+    with torch.no_grad():
+        _, stats, gp, gq = torch.ops.modkern.divergence_fwd(*fwd_args)
+    grad_rows = torch.rand(5, device=DEVICE)
+    bwd_args = (grad_rows, p.detach(), q.detach(), ref_index, mask, stats, gp, gq, "js", 0.3, 0.5, True, True, backend)
+    torch.library.opcheck(torch.ops.modkern.divergence_bwd, bwd_args)
+
+
+def test_backends_agree_on_realistic_row():
+    # One vocabulary-sized row (V = 32064) through every backend that runs here.
+    p, q = _logits((2, 32064), torch.bfloat16), _logits((2, 32064), torch.bfloat16)
+    results = [modkern.fused_js(p, q, reduction="none", backend=b) for b in modkern.available_backends(DEVICE)]
+    for r in results[1:]:
+        torch.testing.assert_close(r, results[0], rtol=LOSS_RTOL, atol=LOSS_ATOL)
+
+
+def test_js_bounded_by_ln2():
+    p = _logits((6, 200), torch.float32, scale=50.0, requires_grad=False)
+    q = _logits((6, 200), torch.float32, scale=50.0, requires_grad=False)
+    rows = modkern.fused_js(p, q, reduction="none")
+    assert (rows >= 0).all() and (rows <= math.log(2) + 1e-6).all()
+
+
+def test_liger_jsd_cross_check():
+    liger_jsd = pytest.importorskip("liger_kernel.transformers.functional").liger_jsd
+    if DEVICE.type != "cuda":
+        pytest.skip("Liger's JSD is a Triton kernel that needs CUDA tensors")
+    p, q = _logits((8, 4099), torch.float32), _logits((8, 4099), torch.float32)
+    # Liger: jsd(student_log_probs, teacher_log_probs, beta) = beta KL(P_t||M) + (1-beta) KL(P_s||M)
+    # with M = beta P_t + (1-beta) P_s; log_softmax is idempotent, so it sees the same distributions.
+    want = liger_jsd(torch.log_softmax(q, -1), torch.log_softmax(p, -1), beta=0.3)
+    got = modkern.fused_js(p, q, beta=0.3, reduction="mean")
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-6)
