@@ -76,7 +76,14 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "transformers>=5,<6", "accelerate", "matplotlib"],
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "transformers>=5,<6",
+            "accelerate",
+            "matplotlib",
+            "liger-kernel",
+        ],
         "hf": ["transformers>=5,<6", "accelerate"],
         "demo": ["transformers>=5,<6", "matplotlib"],
         "liger": ["liger-kernel"],

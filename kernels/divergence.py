@@ -265,6 +265,7 @@ def _divergence_grad_p_shared_kernel(
     p_base = p_ptr + n * stride_p
     for v0 in range(0, V, BLOCK):
         offs = v0 + lanes
+        a = _load_row(p_base, offs, V, inv_t)  # once per chunk, shared by all copies
         acc = tl.zeros([BLOCK], tl.float32)
         for j in range(first, first + count):
             r = tl.load(order_ptr + j).to(tl.int64)
@@ -272,9 +273,7 @@ def _divergence_grad_p_shared_kernel(
                 active = tl.load(mask_ptr + r) != 0
             else:
                 active = r >= 0
-            limit = tl.where(active, V, 0)
-            a = _load_row(p_base, offs, limit, inv_t)
-            b = _load_row(q_ptr + r * stride_q, offs, limit, inv_t)
+            b = _load_row(q_ptr + r * stride_q, offs, tl.where(active, V, 0), inv_t)
             lse_a = tl.load(stats_ptr + r * 4 + 0)
             lse_b = tl.load(stats_ptr + r * 4 + 1)
             s_p = tl.load(stats_ptr + r * 4 + 2)

@@ -329,13 +329,18 @@ def test_js_bounded_by_ln2():
     assert (rows >= 0).all() and (rows <= math.log(2) + 1e-6).all()
 
 
-def test_liger_jsd_cross_check():
+@pytest.mark.parametrize("backend", backend_params())
+def test_liger_jsd_cross_check(backend):
+    # Liger's JSD (a Triton kernel; on CPU it runs in the interpreter like ours) takes log-probs:
+    # liger_jsd(student_logp, teacher_logp, beta) = beta KL(P_t||M) + (1-beta) KL(P_s||M) with
+    # M = beta P_t + (1-beta) P_s. log_softmax is idempotent, so it sees our P (teacher) and Q.
     liger_jsd = pytest.importorskip("liger_kernel.transformers.functional").liger_jsd
-    if DEVICE.type != "cuda":
-        pytest.skip("Liger's JSD is a Triton kernel that needs CUDA tensors")
-    p, q = _logits((8, 4099), torch.float32), _logits((8, 4099), torch.float32)
-    # Liger: jsd(student_log_probs, teacher_log_probs, beta) = beta KL(P_t||M) + (1-beta) KL(P_s||M)
-    # with M = beta P_t + (1-beta) P_s; log_softmax is idempotent, so it sees the same distributions.
-    want = liger_jsd(torch.log_softmax(q, -1), torch.log_softmax(p, -1), beta=0.3)
-    got = modkern.fused_js(p, q, beta=0.3, reduction="mean")
+    p = _logits((8, 4099), torch.float32, scale=4.0, requires_grad=False)
+    q = _logits((8, 4099), torch.float32, scale=0.5)
+    q_liger = q.detach().clone().requires_grad_()
+    want = liger_jsd(torch.log_softmax(q_liger, -1), torch.log_softmax(p, -1), beta=0.2)
+    got = modkern.fused_js(p, q, beta=0.2, backend=backend)
     torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-6)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(q.grad, q_liger.grad, rtol=1e-3, atol=1e-9)
