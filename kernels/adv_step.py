@@ -74,8 +74,20 @@ def _scalar(ptr, value, IS_PTR: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(delta_ptr, grad_ptr, d_rows, g_rows, sdh, sgh, cols, hmask, sel,
-               LOAD_DELTA: tl.constexpr, STEP: tl.constexpr, ACC: tl.constexpr):
+def _load_tile(
+    delta_ptr,
+    grad_ptr,
+    d_rows,
+    g_rows,
+    sdh,
+    sgh,
+    cols,
+    hmask,
+    sel,
+    LOAD_DELTA: tl.constexpr,
+    STEP: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """delta (0 off the mask) and d0 = g or sign(g) (0 off the mask) for one [ROWS, BLOCK_H] tile."""
     ld = sel[:, None] & hmask[None, :]
     g = tl.load(grad_ptr + g_rows[:, None] + cols[None, :] * sgh, mask=ld, other=0.0).to(ACC)
@@ -89,9 +101,22 @@ def _load_tile(delta_ptr, grad_ptr, d_rows, g_rows, sdh, sgh, cols, hmask, sel,
 
 
 @triton.jit
-def _token_stats(delta_ptr, grad_ptr, d_rows, g_rows, sdh, sgh, sel, H,
-                 LOAD_DELTA: tl.constexpr, STEP: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_H: tl.constexpr, NUM_H_CHUNKS: tl.constexpr):
+def _token_stats(
+    delta_ptr,
+    grad_ptr,
+    d_rows,
+    g_rows,
+    sdh,
+    sgh,
+    sel,
+    H,
+    LOAD_DELTA: tl.constexpr,
+    STEP: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    NUM_H_CHUNKS: tl.constexpr,
+):
     """Per token: A = sum d0^2, Bv = sum delta*d0, C = sum delta^2, M = max |d0| over H."""
     A = tl.zeros([ROWS], ACC)
     Bv = tl.zeros([ROWS], ACC)
@@ -129,17 +154,34 @@ def _rows_of_program(mask_ptr, smb, sml, L, ROWS: tl.constexpr):
 
 @triton.jit
 def _adv_stats_kernel(
-    delta_ptr, grad_ptr, mask_ptr, part_ptr,
-    L, H, sdb, sdl, sdh, sgb, sgl, sgh, smb, sml,
-    LOAD_DELTA: tl.constexpr, STEP: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_H: tl.constexpr, NUM_H_CHUNKS: tl.constexpr,
+    delta_ptr,
+    grad_ptr,
+    mask_ptr,
+    part_ptr,
+    L,
+    H,
+    sdb,
+    sdl,
+    sdh,
+    sgb,
+    sgl,
+    sgh,
+    smb,
+    sml,
+    LOAD_DELTA: tl.constexpr,
+    STEP: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    NUM_H_CHUNKS: tl.constexpr,
 ):
     # Program (chunk c, sample b) -> part[b, c, :] = (P0, P1, P2, P3) over its ROWS tokens.
     pid_c, b, rows, row_ok, sel = _rows_of_program(mask_ptr, smb, sml, L, ROWS)
     d_rows = b * sdb + rows * sdl
     g_rows = b * sgb + rows * sgl
-    A, Bv, C, M = _token_stats(delta_ptr, grad_ptr, d_rows, g_rows, sdh, sgh, sel, H,
-                               LOAD_DELTA, STEP, ACC, ROWS, BLOCK_H, NUM_H_CHUNKS)
+    A, Bv, C, M = _token_stats(
+        delta_ptr, grad_ptr, d_rows, g_rows, sdh, sgh, sel, H, LOAD_DELTA, STEP, ACC, ROWS, BLOCK_H, NUM_H_CHUNKS
+    )
     t = _token_scale(A, STEP)
     out = part_ptr + (b * tl.num_programs(0) + pid_c) * 4
     tl.store(out + 0, tl.sum(A * t * t, 0))
@@ -150,12 +192,40 @@ def _adv_stats_kernel(
 
 @triton.jit
 def _adv_update_kernel(
-    delta_ptr, grad_ptr, mask_ptr, out_ptr, part_ptr,
-    alpha_ptr, alpha, eps_ptr, eps,
-    L, H, NC, sdb, sdl, sdh, sgb, sgl, sgh, smb, sml, sob, sol, soh,
-    STEP: tl.constexpr, NORM: tl.constexpr, ALPHA_IS_PTR: tl.constexpr, EPS_IS_PTR: tl.constexpr,
-    NEED_SAMPLE: tl.constexpr, NEED_TOKEN: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_H: tl.constexpr, NUM_H_CHUNKS: tl.constexpr, PART_BLOCK: tl.constexpr,
+    delta_ptr,
+    grad_ptr,
+    mask_ptr,
+    out_ptr,
+    part_ptr,
+    alpha_ptr,
+    alpha,
+    eps_ptr,
+    eps,
+    L,
+    H,
+    NC,
+    sdb,
+    sdl,
+    sdh,
+    sgb,
+    sgl,
+    sgh,
+    smb,
+    sml,
+    sob,
+    sol,
+    soh,
+    STEP: tl.constexpr,
+    NORM: tl.constexpr,
+    ALPHA_IS_PTR: tl.constexpr,
+    EPS_IS_PTR: tl.constexpr,
+    NEED_SAMPLE: tl.constexpr,
+    NEED_TOKEN: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    NUM_H_CHUNKS: tl.constexpr,
+    PART_BLOCK: tl.constexpr,
 ):
     pid_c, b, rows, row_ok, sel = _rows_of_program(mask_ptr, smb, sml, L, ROWS)
     d_rows = b * sdb + rows * sdl
@@ -207,14 +277,18 @@ def _adv_update_kernel(
         if NORM == 3:
             new = new * (e / tl.maximum(tl.sqrt(tl.sum(new * new, 1)), e))[:, None]
         new = tl.where(sel[:, None], new, 0.0)
-        tl.store(out_ptr + o_rows[:, None] + cols[None, :] * soh, new.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & hmask[None, :])
+        tl.store(
+            out_ptr + o_rows[:, None] + cols[None, :] * soh,
+            new.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & hmask[None, :],
+        )
     else:
         coef = tl.full([ROWS], 1.0, ACC) * c
         proj_t = tl.full([ROWS], 1.0, ACC)
         if NEED_TOKEN:
-            A, Bv, C, M = _token_stats(delta_ptr, grad_ptr, d_rows, g_rows, sdh, sgh, sel, H,
-                                       NORM == 3, STEP, ACC, ROWS, BLOCK_H, NUM_H_CHUNKS)
+            A, Bv, C, M = _token_stats(
+                delta_ptr, grad_ptr, d_rows, g_rows, sdh, sgh, sel, H, NORM == 3, STEP, ACC, ROWS, BLOCK_H, NUM_H_CHUNKS
+            )
             coef = c * _token_scale(A, STEP)
             if NORM == 3:
                 n2 = tl.maximum(C + 2.0 * coef * Bv + coef * coef * A, 0.0)
@@ -231,8 +305,11 @@ def _adv_update_kernel(
             if NORM == 3:
                 new = new * proj_t[:, None]
             new = tl.where(sel[:, None], new, 0.0)
-            tl.store(out_ptr + o_rows[:, None] + cols[None, :] * soh, new.to(out_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & hmask[None, :])
+            tl.store(
+                out_ptr + o_rows[:, None] + cols[None, :] * soh,
+                new.to(out_ptr.dtype.element_ty),
+                mask=row_ok[:, None] & hmask[None, :],
+            )
 
 
 def _tiling(L: int, H: int):
@@ -264,20 +341,49 @@ def step(delta, grad, mask, out, alpha, alpha_t, epsilon, epsilon_t, step, norm)
     if need_sample:
         part = torch.empty((B, nc, 4), dtype=acc_torch, device=delta.device)
         _adv_stats_kernel[grid](
-            delta, grad, mask, part, L, H, *strides,
-            LOAD_DELTA=norm_code == 2, STEP=step_code, ACC=acc, ROWS=rows, BLOCK_H=block_h,
-            NUM_H_CHUNKS=chunks_h, num_warps=num_warps,
+            delta,
+            grad,
+            mask,
+            part,
+            L,
+            H,
+            *strides,
+            LOAD_DELTA=norm_code == 2,
+            STEP=step_code,
+            ACC=acc,
+            ROWS=rows,
+            BLOCK_H=block_h,
+            NUM_H_CHUNKS=chunks_h,
+            num_warps=num_warps,
         )
     else:
         part = delta  # never read
     _adv_update_kernel[grid](
-        delta, grad, mask, out, part,
-        delta if alpha_t is None else alpha_t, 0.0 if alpha_t is not None else float(alpha),
-        delta if epsilon_t is None else epsilon_t, 0.0 if epsilon_t is not None else float(epsilon),
-        L, H, nc, *strides, *out.stride(),
-        STEP=step_code, NORM=norm_code, ALPHA_IS_PTR=alpha_t is not None, EPS_IS_PTR=epsilon_t is not None,
-        NEED_SAMPLE=need_sample, NEED_TOKEN=need_token, ACC=acc, ROWS=rows, BLOCK_H=block_h,
-        NUM_H_CHUNKS=chunks_h, PART_BLOCK=min(triton.next_power_of_2(nc), MAX_PARTIAL_BLOCK),
+        delta,
+        grad,
+        mask,
+        out,
+        part,
+        delta if alpha_t is None else alpha_t,
+        0.0 if alpha_t is not None else float(alpha),
+        delta if epsilon_t is None else epsilon_t,
+        0.0 if epsilon_t is not None else float(epsilon),
+        L,
+        H,
+        nc,
+        *strides,
+        *out.stride(),
+        STEP=step_code,
+        NORM=norm_code,
+        ALPHA_IS_PTR=alpha_t is not None,
+        EPS_IS_PTR=epsilon_t is not None,
+        NEED_SAMPLE=need_sample,
+        NEED_TOKEN=need_token,
+        ACC=acc,
+        ROWS=rows,
+        BLOCK_H=block_h,
+        NUM_H_CHUNKS=chunks_h,
+        PART_BLOCK=min(triton.next_power_of_2(nc), MAX_PARTIAL_BLOCK),
         num_warps=num_warps,
     )
     return out

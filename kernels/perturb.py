@@ -35,8 +35,9 @@ def _tile(mask_ptr, N, H, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def _perturb_fwd_kernel(embeds_ptr, delta_ptr, mask_ptr, out_ptr, N, H,
-                        ROWS: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr):
+def _perturb_fwd_kernel(
+    embeds_ptr, delta_ptr, mask_ptr, out_ptr, N, H, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr
+):
     offs, inside, use = _tile(mask_ptr, N, H, ROWS, BLOCK_H)
     e = tl.load(embeds_ptr + offs, mask=inside, other=0.0).to(ACC)
     d = tl.load(delta_ptr + offs, mask=use, other=0.0).to(ACC)
@@ -44,8 +45,7 @@ def _perturb_fwd_kernel(embeds_ptr, delta_ptr, mask_ptr, out_ptr, N, H,
 
 
 @triton.jit
-def _perturb_bwd_kernel(grad_out_ptr, mask_ptr, grad_delta_ptr, N, H,
-                        ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+def _perturb_bwd_kernel(grad_out_ptr, mask_ptr, grad_delta_ptr, N, H, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
     offs, inside, use = _tile(mask_ptr, N, H, ROWS, BLOCK_H)
     g = tl.load(grad_out_ptr + offs, mask=use, other=0.0)
     tl.store(grad_delta_ptr + offs, g.to(grad_delta_ptr.dtype.element_ty), mask=inside)
@@ -76,8 +76,9 @@ def forward(embeds, delta, mask):
         return out
     acc = tl.float64 if torch.float64 in (embeds.dtype, delta.dtype) else tl.float32
     rows, block_h, grid, warps = _launch_shape(N, H)
-    _perturb_fwd_kernel[grid](embeds, delta, _flat_mask(mask), out, N, H,
-                              ROWS=rows, BLOCK_H=block_h, ACC=acc, num_warps=warps)
+    _perturb_fwd_kernel[grid](
+        embeds, delta, _flat_mask(mask), out, N, H, ROWS=rows, BLOCK_H=block_h, ACC=acc, num_warps=warps
+    )
     return out
 
 
@@ -89,6 +90,5 @@ def backward(grad_out, mask, delta_dtype):
     if grad_delta.numel() == 0:
         return grad_delta
     rows, block_h, grid, warps = _launch_shape(N, H)
-    _perturb_bwd_kernel[grid](grad_out, _flat_mask(mask), grad_delta, N, H,
-                              ROWS=rows, BLOCK_H=block_h, num_warps=warps)
+    _perturb_bwd_kernel[grid](grad_out, _flat_mask(mask), grad_delta, N, H, ROWS=rows, BLOCK_H=block_h, num_warps=warps)
     return grad_delta

@@ -81,8 +81,11 @@ def _selection(perturb, categories, batch: int, device) -> frozenset[str] | Tens
             )
         if perturb.device != device:
             raise ValueError(f"perturb is on {perturb.device} but input_ids is on {device}")
-        if perturb.device.type == "cpu" and perturb.numel() and not (0 <= int(perturb.min()) and
-                                                                     int(perturb.max()) <= len(categories)):
+        if (
+            perturb.device.type == "cpu"
+            and perturb.numel()
+            and not (0 <= int(perturb.min()) and int(perturb.max()) <= len(categories))
+        ):
             raise ValueError(f"perturb codes must lie in [0, {len(categories)}] (indices into {('none', *categories)})")
         codes = torch.arange(1, len(categories) + 1, device=device)
         return perturb[:, None].to(torch.int64) == codes[None, :]
@@ -147,7 +150,9 @@ def modality_mask(
         if t is not None:
             V.check_tensor(name, t)
             if t.shape != input_ids.shape:
-                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+                raise ValueError(
+                    f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}"
+                )
             if t.device != device:
                 raise ValueError(f"{name} is on {t.device} but input_ids is on {device}")
     ids, excluded = _check_token_ids(token_ids, exclude_ids)
