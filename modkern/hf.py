@@ -1,0 +1,160 @@
+"""Hugging Face ``Trainer`` drop-in for the robust objective (:mod:`modkern.robust`).
+
+Three ways in, all equivalent::
+
+    from modkern.hf import RobustTrainerMixin, make_robust_trainer, patch_trainer
+    from modkern.robust import RobustConfig
+
+    class MyTrainer(RobustTrainerMixin, Trainer): ...           # 1. mixin (first in the bases)
+    trainer = MyTrainer(model=model, args=args, ..., robust_config=RobustConfig(lam=0.01))
+
+    RobustSFT = make_robust_trainer(trl.SFTTrainer)             # 2. composes with TRL-style subclasses
+    trainer = RobustSFT(model=model, args=args, ..., robust_config=cfg)
+
+    trainer = patch_trainer(Trainer(model=model, args=args, ...), cfg)   # 3. an existing instance
+
+What changes: ``compute_loss`` runs :func:`modkern.robust.robust_loss` on each training micro-batch
+(clean CE + adversarial CE + lam * divergence) and returns the total; the Trainer's own
+``training_step`` does the one backward per micro-batch (so DeepSpeed, FSDP, DDP and gradient
+accumulation see a normal step). Every term is normalized by the Trainer's ``num_items_in_batch``
+(answer tokens of the whole accumulated batch, summed over processes when
+``average_tokens_across_devices``), so gradient accumulation is exact. Evaluation (no grad / eval
+mode) computes the plain CE. ``ce_clean``, ``ce_adv`` and ``consistency`` are logged next to
+``loss`` (averaged over the optimizer steps since the last log, and over processes). The batch may
+carry ``sample_kind`` and ``ref_index`` (see :mod:`modkern.augment`'s collator); they are kept
+when the Trainer removes unused dataset columns and never reach the model.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from modkern.robust import CONSUMED_KEYS, RobustConfig, clean_loss, robust_loss
+
+PART_NAMES = ("ce_clean", "ce_adv", "consistency")
+_CLASS_CACHE: dict = {}
+
+
+class RobustTrainerMixin:
+    """Put before a ``transformers.Trainer`` (sub)class in the bases; adds ``robust_config=`` to
+    ``__init__`` (default :class:`RobustConfig()`)."""
+
+    robust_config: Optional[RobustConfig] = None
+
+    def __init__(self, *args, robust_config: Optional[RobustConfig] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._robust_setup(robust_config if robust_config is not None else type(self).robust_config)
+
+    # setup ----------------------------------------------------------------------------------
+    def _robust_setup(self, config: Optional[RobustConfig]):
+        config = RobustConfig() if config is None else config
+        if not isinstance(config, RobustConfig):
+            raise TypeError(f"robust_config must be a modkern.robust.RobustConfig, got {type(config).__name__}")
+        self.robust_config = config
+        # The robust loss is a token sum over num_items_in_batch: make the Trainer count the items
+        # (for every model, whatever its forward signature) on the shifted labels, and treat the
+        # loss as already scaled for gradient accumulation whenever it gets the count.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+        self._robust_parts = None
+        self._robust_last_step = getattr(getattr(self, "state", None), "global_step", 0)
+        if getattr(self, "_signature_columns", None) is not None:
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CONSUMED_KEYS]))
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None:
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CONSUMED_KEYS]))
+
+    # loss -----------------------------------------------------------------------------------
+    def _robust_loss_scale(self, num_items_in_batch) -> float:
+        """The Trainer's factor for a loss normalized by a count summed over processes."""
+        if num_items_in_batch is None or not getattr(self.args, "average_tokens_across_devices", False):
+            return 1.0
+        if self.args.n_gpu > 1:
+            return float(self.args.n_gpu)
+        tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+        return float(self.accelerator.num_processes // tp)
+
+    def _robust_scaled_for_ga(self, num_items_in_batch) -> bool:
+        # Mirrors Trainer.training_step: when False it divides the returned loss by the GA steps.
+        flag = getattr(self, "loss_is_scaled_for_ga", None)
+        if flag is not None:
+            return bool(flag)
+        return num_items_in_batch is not None or getattr(self, "compute_loss_func", None) is not None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not (model.training and torch.is_grad_enabled()):
+            loss, outputs = clean_loss(model, inputs, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
+        out = robust_loss(model, inputs, self.robust_config, num_items_in_batch=num_items_in_batch)
+        scale = self._robust_loss_scale(num_items_in_batch)
+        loss = out.loss * scale if scale != 1.0 else out.loss
+        report = scale
+        if not self._robust_scaled_for_ga(num_items_in_batch):
+            report /= getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        self._robust_accumulate(out.parts(), report)
+        if return_outputs:
+            return loss, {"loss": loss, "logits": out.logits}
+        return loss
+
+    # logging --------------------------------------------------------------------------------
+    def _robust_accumulate(self, parts: dict, factor: float):
+        if self._robust_parts is None:
+            self._robust_parts = {k: torch.zeros((), dtype=torch.float32, device=v.device) for k, v in parts.items()}
+        for k, v in parts.items():
+            self._robust_parts[k] += v.detach().float() * factor
+
+    def log(self, logs: dict, *args, **kwargs):
+        if "loss" in logs and self._robust_parts is not None:
+            steps = self.state.global_step - self._robust_last_step
+            if steps > 0:
+                for k, v in self._robust_parts.items():
+                    if self.args.world_size > 1:
+                        v = self._nested_gather(v).mean()
+                    logs[k] = v.item() / steps
+                self._robust_parts = None
+                self._robust_last_step = self.state.global_step
+        return super().log(logs, *args, **kwargs)
+
+
+def make_robust_trainer(trainer_class: type, config: Optional[RobustConfig] = None) -> type:
+    """A subclass ``(RobustTrainerMixin, trainer_class)``, e.g. of ``Trainer`` or ``trl.SFTTrainer``.
+
+    ``config`` becomes the class default of ``robust_config`` (an instance's ``robust_config=``
+    argument overrides it). Without ``config`` the class is cached per ``trainer_class``.
+    """
+    if not isinstance(trainer_class, type) or not hasattr(trainer_class, "compute_loss"):
+        raise TypeError(f"trainer_class must be a transformers.Trainer subclass, got {trainer_class!r}")
+    if issubclass(trainer_class, RobustTrainerMixin):
+        if config is None:
+            return trainer_class
+        return type(trainer_class.__name__, (trainer_class,), {"robust_config": config})
+    if config is None and trainer_class in _CLASS_CACHE:
+        return _CLASS_CACHE[trainer_class]
+    cls = type(
+        f"Robust{trainer_class.__name__}",
+        (RobustTrainerMixin, trainer_class),
+        {"robust_config": config, "__module__": __name__, "__doc__": trainer_class.__doc__},
+    )
+    if config is None:
+        _CLASS_CACHE[trainer_class] = cls
+    return cls
+
+
+def patch_trainer(trainer, config: Optional[RobustConfig] = None):
+    """Turn an existing ``transformers.Trainer`` instance into the robust one (in place; returned).
+
+    Swaps the instance's class for ``make_robust_trainer(type(trainer))``; ``config`` defaults to
+    :class:`RobustConfig()`. Patching an already robust trainer only replaces its config.
+    """
+    from transformers import Trainer
+
+    if not isinstance(trainer, Trainer):
+        raise TypeError(f"patch_trainer needs a transformers.Trainer instance, got {type(trainer).__name__}")
+    if not isinstance(trainer, RobustTrainerMixin):
+        trainer.__class__ = make_robust_trainer(type(trainer))
+    trainer._robust_setup(config)
+    return trainer

@@ -1,0 +1,341 @@
+"""modkern.robust: the SPEC §2 objective on tiny LLaVA / Qwen2-VL / Llama models (CPU, fp32)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import KINDS, make_batch
+
+import modkern
+from modkern.robust import (
+    EmbeddingInjector,
+    RobustConfig,
+    find_language_model,
+    robust_loss,
+    row_ref_index,
+    shift_labels,
+)
+from modkern.tiny import tiny_llama, tiny_llava, tiny_qwen2_vl
+
+BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "llama": tiny_llama}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: build(seed=0) for name, build in BUILDERS.items()}
+
+
+def lm_of(model):
+    return find_language_model(model)
+
+
+def no_hooks(model):
+    return len(lm_of(model)._forward_pre_hooks) == 0
+
+
+def record_lm_inputs(model):
+    """Record the hidden states the first decoder layer receives (= what the LM embeds to)."""
+    seen = []
+    layer = lm_of(model).layers[0]
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen.append(x.detach().clone())
+
+    return seen, layer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def manual_ce_sum(logits, labels):
+    shifted = shift_labels(labels)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), reduction="sum")
+
+
+# ------------------------------------------------------------------------------------------------
+# config
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(epsilon=0), ValueError, "epsilon"),
+        (dict(epsilon=-1e-3), ValueError, "epsilon"),
+        (dict(epsilon="big"), TypeError, "epsilon"),
+        (dict(alpha=0.0), ValueError, "alpha"),
+        (dict(steps=-1), ValueError, "steps"),
+        (dict(steps=1.5), TypeError, "steps"),
+        (dict(steps=True), TypeError, "steps"),
+        (dict(lam=-0.1), ValueError, "lam"),
+        (dict(divergence="mse"), ValueError, "divergence"),
+        (dict(kl_direction="sideways"), ValueError, "kl_direction"),
+        (dict(beta=1.0), ValueError, "beta"),
+        (dict(temperature=0), ValueError, "temperature"),
+        (dict(step="adam"), ValueError, "step"),
+        (dict(norm="l3"), ValueError, "norm"),
+        (dict(init="gauss"), ValueError, "init"),
+        (dict(policy=["text"]), TypeError, "policy"),
+        (dict(policy={"vqa": 3}), TypeError, "policy"),
+        (dict(default_perturb=[]), TypeError, "default_perturb"),
+        (dict(token_ids=[1, 2]), TypeError, "token_ids"),
+        (dict(backend="opencl"), ValueError, "backend"),
+        (dict(reuse_encoder_outputs="yes"), TypeError, "reuse_encoder_outputs"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        RobustConfig(**kwargs)
+
+
+def test_config_defaults_are_the_papers():
+    c = RobustConfig()
+    assert (c.epsilon, c.alpha, c.steps, c.divergence, c.step, c.norm) == (1e-3, 0.1, 2, "kl", "raw", "linf")
+    assert c.policy == {"image_heavy": "text", "text_heavy": "image", "vqa": "none"}
+    assert c.replace(lam=0.5).lam == 0.5
+    with pytest.raises(ValueError, match="epsilon"):
+        c.replace(epsilon=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# the objective
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "llama"])
+def test_parts_sum_and_no_parameter_grad_before_backward(models, name):
+    model, info = models[name]
+    model.zero_grad(set_to_none=True)
+    kinds = None if name == "llama" else [KINDS[i % 3] for i in range(4)]
+    batch = make_batch(info, 4, seed=1, kinds=kinds)
+    out = robust_loss(model, batch, RobustConfig(lam=0.5))
+    # the attack used autograd.grad w.r.t. delta only: nothing accumulated, requires_grad restored
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert no_hooks(model)
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss.detach(), out.ce_clean + out.ce_adv + out.consistency)
+    # the clean CE is the token sum over the answer tokens divided by their count
+    n = (shift_labels(batch["labels"]) != -100).sum()
+    torch.testing.assert_close(out.ce_clean, manual_ce_sum(out.logits.detach(), batch["labels"]) / n)
+    assert out.ce_adv > 0 and out.consistency >= 0
+    out.loss.backward()
+    assert sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None) > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_frozen_parameters_stay_frozen(models):
+    model, info = models["llava"]
+    frozen = list(model.model.vision_tower.parameters())
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        out = robust_loss(model, make_batch(info, 2, kinds=["image_heavy", "text_heavy"]), RobustConfig())
+        out.loss.backward()
+        assert all(not p.requires_grad and p.grad is None for p in frozen)
+        assert model.lm_head.weight.requires_grad and model.lm_head.weight.grad is not None
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "llama"])
+@pytest.mark.parametrize("reuse", [True, False])
+def test_zero_perturbation_replays_the_clean_forward(models, name, reuse):
+    # delta = 0: the adversarial branch must see exactly the clean call (positions, masks, M-RoPE)
+    model, info = models[name]
+    model.eval()  # no dropout anyway; eval makes the point explicit
+    try:
+        cfg = RobustConfig(init="zero", steps=0, lam=1.0, reuse_encoder_outputs=reuse)
+        batch = make_batch(info, 3, seed=2, kinds=None if name == "llama" else ["text_heavy"] * 3)
+        with torch.enable_grad():
+            out = robust_loss(model, batch, cfg)
+        torch.testing.assert_close(out.ce_adv, out.ce_clean, rtol=1e-6, atol=1e-6)
+        assert abs(float(out.consistency)) < 1e-6
+    finally:
+        model.train()
+
+
+def test_qwen2_vl_builds_mm_token_type_ids_when_missing(models):
+    model, info = models["qwen2_vl"]
+    batch = make_batch(info, 2, seed=3, kinds=["text_heavy", "image_heavy"])
+    ref = robust_loss(model, batch, RobustConfig(init="zero", steps=0))
+    del batch["mm_token_type_ids"]
+    out = robust_loss(model, batch, RobustConfig(init="zero", steps=0))
+    torch.testing.assert_close(out.ce_clean, ref.ce_clean)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "llama"])
+def test_perturbation_reaches_exactly_the_masked_positions(models, name, monkeypatch):
+    model, info = models[name]
+    kinds = ["image_heavy", "text_heavy", "vqa", "image_heavy"]
+    if name == "llama":
+        kinds = ["image_heavy", "vqa", "image_heavy", "vqa"]  # text-only: perturb the prompt or nothing
+    batch = make_batch(info, 4, seed=4, kinds=kinds)
+    grads = []
+    real_step = modkern.masked_adv_step
+
+    def spy(delta, grad, mask, **kw):
+        grads.append(grad.detach().clone())
+        return real_step(delta, grad, mask, **kw)
+
+    monkeypatch.setattr(modkern, "masked_adv_step", spy)
+    seen, handle = record_lm_inputs(model)
+    try:
+        cfg = RobustConfig(steps=2, epsilon=0.05, alpha=10.0)
+        out = robust_loss(model, batch, cfg)
+    finally:
+        handle.remove()
+    mask = out.mask
+    # the expected modality mask, built by hand
+    ids, labels, attn = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()
+    placeholders = torch.zeros_like(ids, dtype=torch.bool)
+    for tid in info["token_ids"].values():
+        placeholders |= ids == tid
+    markers = torch.zeros_like(placeholders)
+    for key in ("vision_start_token_id", "vision_end_token_id"):
+        if key in info:
+            markers |= ids == info[key]
+    text = attn & (labels == -100) & ~placeholders & ~markers
+    expected = torch.zeros_like(placeholders)
+    for b, kind in enumerate(kinds):
+        expected[b] = {"image_heavy": text[b], "text_heavy": placeholders[b], "vqa": torch.zeros_like(text[b])}[kind]
+    assert torch.equal(mask.cpu(), expected)
+    assert expected.any()
+    # calls: clean, 2 attack forwards, adversarial forward
+    assert len(seen) == 4 and len(grads) == 2
+    for g in grads:  # the attack gradient w.r.t. delta vanishes off the mask
+        assert torch.all(g[~mask] == 0)
+        assert torch.all(g[mask].abs().sum(-1) > 0)
+    for x in seen[1:]:  # embeddings differ from the clean ones exactly on the mask, within epsilon
+        diff = (x - seen[0]).abs()
+        assert torch.equal(diff.amax(-1) > 0, mask)
+        assert float(diff.max()) <= cfg.epsilon * (1 + 1e-5)
+    assert no_hooks(model)
+
+
+def test_attack_increases_the_loss(models):
+    model, info = models["llama"]
+    batch = make_batch(info, 4, seed=5)
+    base = robust_loss(model, batch, RobustConfig(init="zero", steps=0))
+    attacked = robust_loss(model, batch, RobustConfig(init="zero", steps=3, epsilon=0.5, alpha=50.0, step="sign"))
+    assert attacked.ce_adv > base.ce_adv + 1e-4
+    torch.testing.assert_close(attacked.ce_clean, base.ce_clean)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "js"])
+def test_consistency_with_heuristic_copies_uses_aligned_answer_rows(models, divergence):
+    model, info = models["llava"]
+    # two copies whose prompts have other lengths than their clean samples
+    batch = make_batch(info, 3, seed=6, kinds=["image_heavy"] * 3, answer_lens=[2, 3, 1], copies=((0, 7), (1, 1)))
+    lam = 0.7
+    cfg = RobustConfig(init="zero", steps=0, lam=lam, divergence=divergence)
+    out = robust_loss(model, batch, cfg, num_items_in_batch=11)
+    # delta = 0: adversarial logits == clean logits; a clean sample compares with itself (0) and a copy
+    # with its clean sample's answer rows
+    logits = out.logits.detach().double()
+    shifted = shift_labels(batch["labels"])
+    total = 0.0
+    for b, r in enumerate(batch["ref_index"].tolist()):
+        qb = logits[b][shifted[b] != -100]
+        pr = logits[r][shifted[r] != -100]
+        lp, lq = pr.log_softmax(-1), qb.log_softmax(-1)
+        if divergence == "kl":
+            total += (lp.exp() * (lp - lq)).sum()
+        else:
+            lm = torch.logaddexp(lp, lq) - torch.log(torch.tensor(2.0, dtype=torch.float64))
+            total += 0.5 * (lp.exp() * (lp - lm)).sum() + 0.5 * (lq.exp() * (lq - lm)).sum()
+    assert total > 0
+    torch.testing.assert_close(out.consistency.double(), lam * total / 11, rtol=1e-4, atol=1e-7)
+    # num_items_in_batch is the divisor of every term
+    torch.testing.assert_close(out.ce_clean * 11, manual_ce_sum(out.logits.detach(), batch["labels"]))
+
+
+def test_row_ref_index():
+    rows = torch.tensor(
+        [
+            [0, 0, 1, 1, 0, 0],  # sample 0: answer rows 2, 3
+            [0, 1, 0, 0, 0, 0],  # sample 1: answer row 1
+            [0, 0, 0, 0, 1, 1],  # copy of 0: rows 4, 5 -> rows 2, 3 of sample 0
+            [1, 0, 0, 0, 0, 0],  # copy of 1: row 0 -> row 1 of sample 1
+        ],
+        dtype=torch.bool,
+    )
+    ref = row_ref_index(rows, torch.tensor([0, 1, 0, 1])).reshape(4, 6)
+    assert ref[2, 4] == 0 * 6 + 2 and ref[2, 5] == 3
+    assert ref[3, 0] == 1 * 6 + 1
+    assert ref[0, 2] == 2 and ref[0, 3] == 3 and ref[1, 1] == 7
+    assert int(ref.min()) >= 0 and int(ref.max()) < 24
+    with pytest.raises(ValueError, match="answer tokens"):
+        row_ref_index(rows, torch.tensor([0, 0, 0, 1]))
+
+
+# ------------------------------------------------------------------------------------------------
+# hook hygiene and errors
+
+
+def test_hook_removed_after_an_exception(models, monkeypatch):
+    model, info = models["llava"]
+    batch = make_batch(info, 2, kinds=["image_heavy", "text_heavy"])
+
+    def boom(*a, **k):
+        raise RuntimeError("attack failed")
+
+    monkeypatch.setattr(modkern, "masked_adv_step", boom)
+    with pytest.raises(RuntimeError, match="attack failed"):
+        robust_loss(model, batch, RobustConfig())
+    assert no_hooks(model)
+    assert all(p.requires_grad for p in model.parameters())
+    # an exception in the clean forward (wrong number of image features)
+    bad = dict(batch, pixel_values=batch["pixel_values"][:1])
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        robust_loss(model, bad, RobustConfig())
+    assert no_hooks(model)
+
+
+def test_injector_context_manager_removes_hook(models):
+    model, _ = models["llama"]
+    lm = lm_of(model)
+    with pytest.raises(KeyError):
+        with EmbeddingInjector(lm) as inj:
+            assert inj.handle is not None and len(lm._forward_pre_hooks) == 1
+            raise KeyError("x")
+    assert len(lm._forward_pre_hooks) == 0
+
+
+class _NoLogits(torch.nn.Module):
+    """Stands in for a forward patched with a fused linear cross entropy (no logits returned)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def get_decoder(self):
+        return self.inner.get_decoder()
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        return {"loss": out.logits.sum() * 0}
+
+
+def test_bad_inputs_give_clear_errors(models):
+    model, info = models["llava"]
+    batch = make_batch(info, 2, kinds=["image_heavy", "text_heavy"])
+    with pytest.raises(RuntimeError, match="no logits.*Liger"):
+        robust_loss(_NoLogits(model), batch, RobustConfig())
+    assert no_hooks(model)
+    with pytest.raises(ValueError, match="labels"):
+        robust_loss(model, {k: v for k, v in batch.items() if k != "labels"}, RobustConfig())
+    with pytest.raises(ValueError, match="input_ids"):
+        robust_loss(model, {k: v for k, v in batch.items() if k != "input_ids"}, RobustConfig())
+    with pytest.raises(ValueError, match="unknown sample_kind"):
+        robust_loss(model, dict(batch, sample_kind=["image_heavy", "audio_heavy"]), RobustConfig())
+    with pytest.raises(ValueError, match="sample_kind has 1"):
+        robust_loss(model, dict(batch, sample_kind=["vqa"]), RobustConfig())
+    with pytest.raises(ValueError, match="'audio' is not a modality"):
+        robust_loss(model, batch, RobustConfig(policy={"image_heavy": "audio", "text_heavy": "image"}))
+    with pytest.raises(ValueError, match="ref_index must have shape"):
+        robust_loss(model, dict(batch, ref_index=torch.tensor([0, 0, 1])), RobustConfig())
+    with pytest.raises(TypeError, match="config must be a RobustConfig"):
+        robust_loss(model, batch, {"epsilon": 1e-3})
+    with pytest.raises(NotImplementedError, match="DataParallel"):
+        robust_loss(torch.nn.DataParallel(model), batch, RobustConfig())
+    assert no_hooks(model)

@@ -1,0 +1,108 @@
+"""Batches for the tiny models of :mod:`modkern.tiny` (tests only).
+
+``make_batch(info, ...)`` builds a right-padded batch for the model ``info`` describes:
+``[BOS, 2 prompt tokens, (image block), prompt tokens, answer tokens, padding]`` with labels only
+on the answer tokens, random ids and images from a seeded generator. The image block is LLaVA's
+placeholders, or Qwen2-VL's ``<vision_start> placeholders <vision_end>`` (with ``pixel_values``,
+``image_grid_thw`` and ``mm_token_type_ids``); the text-only model has none.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from modkern.tiny import qwen2_vl_pixel_values
+
+KINDS = ("image_heavy", "text_heavy", "vqa")
+
+
+def make_sample_ids(info, prompt_len, answer, gen):
+    lo, hi = info["text_token_range"]
+    rand = lambda n: torch.randint(lo, hi, (n,), generator=gen)
+    parts = [torch.tensor([info["bos_token_id"]]), rand(2)]
+    if info["kind"] == "llava":
+        parts.append(torch.full((info["num_image_tokens"],), info["image_token_id"]))
+    elif info["kind"] == "qwen2_vl":
+        parts += [
+            torch.tensor([info["vision_start_token_id"]]),
+            torch.full((info["num_image_tokens"],), info["image_token_id"]),
+            torch.tensor([info["vision_end_token_id"]]),
+        ]
+    parts.append(rand(prompt_len))
+    prompt = torch.cat(parts)
+    answer = torch.as_tensor(answer, dtype=torch.long)
+    return prompt, answer
+
+
+def collate(prompts, answers, info, images=None, kinds=None, ref_index=None):
+    """Right-pad (prompt + answer) sequences into a batch with labels on the answers."""
+    lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
+    length = max(lengths)
+    n = len(prompts)
+    input_ids = torch.full((n, length), info["pad_token_id"], dtype=torch.long)
+    labels = torch.full((n, length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        seq = torch.cat([p, a])
+        input_ids[i, : len(seq)] = seq
+        labels[i, len(p) : len(seq)] = a
+        attention_mask[i, : len(seq)] = 1
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    if info["kind"] == "llava":
+        batch["pixel_values"] = images
+    elif info["kind"] == "qwen2_vl":
+        batch["pixel_values"], batch["image_grid_thw"] = qwen2_vl_pixel_values(images, info)
+        batch["mm_token_type_ids"] = (input_ids == info["image_token_id"]).to(torch.int32)
+    if kinds is not None:
+        batch["sample_kind"] = list(kinds)
+    if ref_index is not None:
+        batch["ref_index"] = torch.as_tensor(ref_index, dtype=torch.long)
+    return batch
+
+
+def make_batch(info, batch_size=4, *, seed=0, kinds=None, prompt_lens=None, answer_lens=None, copies=()):
+    """A random batch; ``copies`` = ((source, new_prompt_len), ...) appends heuristic-style copies.
+
+    A copy keeps its source's answer and image but gets a new random prompt of another length;
+    ``ref_index`` is returned when there are copies.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    prompt_lens = prompt_lens or [3 + (i % 3) for i in range(batch_size)]
+    answer_lens = answer_lens or [1 + (i % 3) for i in range(batch_size)]
+    lo, hi = info["text_token_range"]
+    prompts, answers = [], []
+    for i in range(batch_size):
+        ans = torch.randint(lo, hi, (answer_lens[i],), generator=gen)
+        p, a = make_sample_ids(info, prompt_lens[i], ans, gen)
+        prompts.append(p)
+        answers.append(a)
+    images = None
+    if info["kind"] != "llama":
+        s = info["image_size"]
+        images = torch.randn(batch_size, 3, s, s, generator=gen)
+    ref_index = None
+    if copies:
+        ref_index = list(range(batch_size))
+        extra = []
+        for src, plen in copies:
+            p, a = make_sample_ids(info, plen, answers[src], gen)
+            prompts.append(p)
+            answers.append(a)
+            ref_index.append(src)
+            extra.append(src)
+        if images is not None:
+            images = torch.cat([images, images[extra]])
+        if kinds is not None:
+            kinds = list(kinds) + [kinds[src] for src in extra]
+    return collate(prompts, answers, info, images=images, kinds=kinds, ref_index=ref_index)
+
+
+def split_batch(batch, index):
+    """Rows ``index`` of a batch made by :func:`make_batch` (LLaVA / text-only models)."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v[index]
+        elif isinstance(v, list):
+            out[k] = [v[i] for i in index]
+    return out
