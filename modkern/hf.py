@@ -111,10 +111,12 @@ class RobustTrainerMixin:
         if "loss" in logs and self._robust_parts is not None:
             steps = self.state.global_step - self._robust_last_step
             if steps > 0:
-                for k, v in self._robust_parts.items():
-                    if self.args.world_size > 1:
-                        v = self._nested_gather(v).mean()
-                    logs[k] = v.item() / steps
+                names = list(self._robust_parts)
+                values = torch.stack([self._robust_parts[k] for k in names])
+                if self.args.world_size > 1:  # every rank logs here (like the Trainer's loss gather)
+                    values = self.accelerator.gather(values.unsqueeze(0)).mean(0)
+                for k, v in zip(names, values.tolist()):
+                    logs[k] = v / steps
                 self._robust_parts = None
                 self._robust_last_step = self.state.global_step
         return super().log(logs, *args, **kwargs)

@@ -106,3 +106,46 @@ def split_batch(batch, index):
         elif isinstance(v, list):
             out[k] = [v[i] for i in index]
     return out
+
+
+def rows_dataset(batch):
+    """A map-style dataset (list of per-sample dicts) from a batch made by :func:`make_batch`.
+
+    Qwen2-VL's ``pixel_values`` (rows of patches) are split per image by ``image_grid_thw``.
+    """
+    n = batch["input_ids"].shape[0]
+    per_image = None
+    if "image_grid_thw" in batch:
+        per_image = batch["image_grid_thw"].prod(-1).tolist()
+        patches = torch.split(batch["pixel_values"], per_image)
+    items = []
+    for i in range(n):
+        item = {}
+        for k, v in batch.items():
+            if k == "pixel_values" and per_image is not None:
+                item[k] = patches[i]
+            elif isinstance(v, (torch.Tensor, list)):
+                item[k] = v[i]
+        items.append(item)
+    return items
+
+
+CAT_KEYS = ("image_grid_thw",)
+
+
+def collate_rows(items):
+    """Inverse of :func:`rows_dataset` (a Trainer ``data_collator``); ``ref_index`` is dropped
+    (its values index the full batch)."""
+    out = {}
+    qwen = "image_grid_thw" in items[0]
+    for k in items[0]:
+        vals = [it[k] for it in items]
+        if k == "ref_index":
+            continue
+        if isinstance(vals[0], str):
+            out[k] = vals
+        elif (k == "pixel_values" and qwen) or k in CAT_KEYS:
+            out[k] = torch.cat([v.reshape(-1, v.shape[-1]) if k in CAT_KEYS else v for v in vals])
+        else:
+            out[k] = torch.stack(vals)
+    return out
