@@ -87,6 +87,7 @@ setup(
         "hf": ["transformers>=5,<6", "accelerate"],
         "demo": ["transformers>=5,<6", "matplotlib"],
         "liger": ["liger-kernel"],
+        "bench": ["pytest>=8", "pytest-benchmark>=4", "transformers>=5,<6", "matplotlib", "liger-kernel"],
         "dev": ["ruff"],
     },
     entry_points={"console_scripts": ["modkern=modkern.cli:main"]},
