@@ -74,12 +74,18 @@ Providers:
   official code writes it (Python-loop modality mask, parameters frozen by a loop, `backward()` for
   the attack gradient, concatenated clean + adversarial forward, shifted `.contiguous()` logit copies,
   per-sample `masked_select` copies of the answer rows, full-vocabulary fp32 `log_softmax`).
+  Model: a Llama text model with random weights in LLaVA's language-model role - on GPU the
+  TinyLlama-1.1B shape (hidden 2048, 22 layers, 32 / 4 attention / KV heads, MLP 5632), bf16,
+  batch 8 x 1024 tokens with 64 answer tokens per sample, V = 32064 and 152064; on CPU a tiny one.
+  Every sample perturbs its prompt; alpha 0.1, epsilon 1e-3, K = 2, lambda 0.01, KL consistency.
+  Both sides compute the same loss (the `loss` column; they differ only by the random start).
 
 How:
 
 - Time: on CUDA the median of `triton.testing.do_bench` (CUDA events, L2 flushed before every call,
   several input sets rotated when one set would fit in 4 x L2); the end-to-end step with CUDA
-  events (median of 5 steps after 2 warm-ups). On CPU the median of host-clock rounds.
+  events (median of 5 steps after 2 warm-ups). On CPU the median of host-clock rounds, with one
+  torch thread (`MODKERN_BENCH_CPU_THREADS`).
 - Bytes: the fewest bytes the op must move (SPEC §4): divergence forward 2·R·V·e, one gradient
   3·R·V·e, two gradients 4·R·V·e; PGD step N·(2·e_delta + e_grad) + B·L (bool mask); perturb
   forward N·(2·e_embeds + e_delta) + B·L, with the backward to delta N·(3·e_embeds + 2·e_delta) +
