@@ -188,16 +188,25 @@ def _cpu_rounds(fn) -> tuple[int, float]:
 
 
 def measure(benchmark, fn, *, bytes_moved: int | None, info: dict):
-    """Time ``fn`` (zero-argument; rotates its own inputs) and fill ``benchmark.extra_info``."""
-    set_group(benchmark, info)
-    fn()  # warm-up: compilation, autotuning, allocator
-    fn()
-    _sync()
-    peak = peak_memory_mb(fn)
-    if ON_CUDA:
-        import triton.testing
+    """Time ``fn`` (zero-argument; rotates its own inputs) and fill ``benchmark.extra_info``.
 
-        median_ms = float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    The first call's outputs must be finite. A CUDA out-of-memory error is recorded in the
+    results JSON (``modkern.failures``) and the case is skipped, so one provider that does not fit
+    does not end the run.
+    """
+    set_group(benchmark, info)
+    try:
+        check_finite(fn(), info.get("provider"))  # warm-up: compilation, autotuning, allocator
+        fn()
+        _sync()
+        peak = peak_memory_mb(fn)
+        if ON_CUDA:
+            import triton.testing
+
+            median_ms = float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    except torch.OutOfMemoryError as exc:
+        skip_out_of_memory(info, exc)
+    if ON_CUDA:
         benchmark.pedantic(_synced(fn), rounds=5, iterations=1, warmup_rounds=1)
         timer = "triton.testing.do_bench median (CUDA events, L2 flushed)"
     else:
@@ -208,6 +217,21 @@ def measure(benchmark, fn, *, bytes_moved: int | None, info: dict):
         timer = "host perf_counter median (CPU)"
     record(benchmark, median_ms=median_ms, bytes_moved=bytes_moved, peak_mem_mb=peak, timer=timer, info=info)
     return median_ms
+
+
+def check_finite(out, provider):
+    values = out if isinstance(out, (tuple, list)) else (out,)
+    for v in values:
+        assert bool(torch.isfinite(v).all()), f"{provider} produced non-finite values"
+
+
+def skip_out_of_memory(info, exc):
+    """Record an out-of-memory case in the results JSON and skip it."""
+    message = str(exc).splitlines()[0] if str(exc) else "out of memory"
+    SESSION["failures"].append({**info, "error": f"OutOfMemoryError: {message}"})
+    if ON_CUDA:
+        torch.cuda.empty_cache()
+    pytest.skip(f"{info.get('provider')} ran out of memory at {info.get('shape')} {info.get('dtype')}")
 
 
 def record(benchmark, *, median_ms, bytes_moved, peak_mem_mb, timer, info):

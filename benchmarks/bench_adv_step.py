@@ -82,8 +82,6 @@ def test_masked_adv_step(benchmark, provider, config, delta_dtype):
         bytes_moved = 2 * nbytes(delta) + nbytes(grad) + nbytes(mask)
         calls.append(lambda d=delta, g=grad, m=mask: op(d, g, m))
     fn = cycling(calls)
-    out = fn()
-    assert bool(torch.isfinite(out).all())
     measure(
         benchmark,
         fn,
@@ -126,8 +124,6 @@ def test_perturb(benchmark, provider, mode, delta_dtype):
         else:
             calls.append(lambda x=embeds, d=delta, m=mask: op(x, d, m))
     fn = cycling(calls)
-    out = fn()
-    assert bool(torch.isfinite(out).all())
     measure(
         benchmark,
         fn,

@@ -87,9 +87,6 @@ def test_divergence(benchmark, provider, op, mode, shape, dtype):
         calls.append(_call(loss_fn, p, q, n_grads))
     fn = cycling(calls)
 
-    out = fn()
-    values = out if isinstance(out, tuple) else (out,)
-    assert all(bool(torch.isfinite(v).all()) for v in values), f"{provider} produced non-finite values"
     measure(
         benchmark,
         fn,
