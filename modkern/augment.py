@@ -1,0 +1,291 @@
+"""Heuristic augmentation for modality-robust fine-tuning (the paper's data side).
+
+Every sample has a *kind* that says which modality carries the answer:
+
+* ``"image_heavy"`` - the answer is in the image; the text may mislead. Copies get a misleading
+  description ("The image shows a dog." for a cat) or an unrelated fact in front of the question,
+  in the sample's ``context`` slot (replacing a caption that was there, if any).
+* ``"text_heavy"`` - the answer is in the text; the image is irrelevant. Copies get another
+  sample's image (swapped), a black, a white or a noise image.
+* ``"vqa"`` - both matter; no copies.
+
+A copy keeps the answer of its clean sample, so its answer tokens (and the rows the consistency
+loss compares) pair up one-to-one with the clean sample's. :class:`RobustCollator` puts the clean
+samples first and the copies after them, and returns ``ref_index`` (each row's clean sample,
+itself for clean samples) and ``sample_kind`` (copies keep their source's kind) next to the usual
+``input_ids`` / ``attention_mask`` / ``labels`` / ``pixel_values``: the batch format of
+:func:`modkern.robust.robust_loss`.
+
+Example::
+
+    aug = HeuristicAugmenter(AugmentConfig(classes=("cat", "dog")), seed=0)
+    collate = RobustCollator(encode, augmenter=aug, pad_token_id=0)
+    batch = collate([Sample("What animal is this?", "cat", image, "image_heavy")])
+    # batch["ref_index"] == tensor([0, 0]); batch["sample_kind"] == ["image_heavy", "image_heavy"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+SAMPLE_KINDS = ("image_heavy", "text_heavy", "vqa")
+TEXT_TRANSFORMS = ("misleading_text", "unrelated_text")
+IMAGE_TRANSFORMS = ("swap_image", "black_image", "white_image", "noise_image")
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training or evaluation item.
+
+    ``text`` is the question (the prompt after the image placeholder and the context),
+    ``answer`` the target text, ``image`` a ``[C, H, W]`` float tensor with values in [0, 1] (or
+    ``None``), ``kind`` one of :data:`SAMPLE_KINDS`, ``label`` the answer's class name (used to pick
+    a *wrong* class for misleading text; defaults to ``answer``), ``context`` optional text in
+    front of the question (a caption, a fact; text augmentations write here) and ``tag`` a
+    free-form name of how the sample was made ("clean", "misleading_text", ...). The prompt is
+    ``context + " " + text``.
+    """
+
+    text: str
+    answer: str
+    image: Optional[Tensor] = None
+    kind: str = "vqa"
+    label: Optional[str] = None
+    context: str = ""
+    tag: str = "clean"
+
+    def __post_init__(self):
+        if self.kind not in SAMPLE_KINDS:
+            raise ValueError(f"kind must be one of {SAMPLE_KINDS}, got {self.kind!r}")
+
+    @property
+    def target_class(self) -> str:
+        return self.answer if self.label is None else self.label
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.context} {self.text}" if self.context else self.text
+
+
+DEFAULT_MISLEADING = ("The image shows {label}.", "This is a picture of {label}.")
+DEFAULT_FACTS = (
+    "The Eiffel Tower is in Paris.",
+    "Water boils at one hundred degrees.",
+    "A week has seven days.",
+    "Bees make honey.",
+)
+
+
+@dataclass
+class AugmentConfig:
+    """Which heuristic copies to make.
+
+    ``copies_per_sample`` distinct transforms are drawn (without replacement) per sample from
+    ``text_transforms`` (image-heavy samples) or ``image_transforms`` (text-heavy samples); each
+    sample gets copies with probability ``prob``. ``classes`` are the candidate labels for
+    misleading text (a sample's own class is excluded); ``misleading_templates`` and
+    ``unrelated_facts`` are the texts put in the context slot, in front of the question
+    (``{label}`` is filled with the wrong class).
+    ``noise_std`` is the std of the Gaussian noise image around 0.5 (values clamped to [0, 1]).
+    """
+
+    text_transforms: tuple[str, ...] = TEXT_TRANSFORMS
+    image_transforms: tuple[str, ...] = IMAGE_TRANSFORMS
+    copies_per_sample: int = 1
+    prob: float = 1.0
+    classes: tuple[str, ...] = ()
+    misleading_templates: tuple[str, ...] = DEFAULT_MISLEADING
+    unrelated_facts: tuple[str, ...] = DEFAULT_FACTS
+    noise_std: float = 0.3
+
+    def __post_init__(self):
+        for name in self.text_transforms:
+            if name not in TEXT_TRANSFORMS:
+                raise ValueError(f"text_transforms: unknown transform {name!r}; choose from {TEXT_TRANSFORMS}")
+        for name in self.image_transforms:
+            if name not in IMAGE_TRANSFORMS:
+                raise ValueError(f"image_transforms: unknown transform {name!r}; choose from {IMAGE_TRANSFORMS}")
+        if self.copies_per_sample < 0:
+            raise ValueError(f"copies_per_sample must be >= 0, got {self.copies_per_sample}")
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"prob must lie in [0, 1], got {self.prob}")
+        if "misleading_text" in self.text_transforms and len(self.classes) < 2:
+            raise ValueError("classes: misleading_text needs at least two candidate classes")
+        if "misleading_text" in self.text_transforms and not self.misleading_templates:
+            raise ValueError("misleading_templates must not be empty when misleading_text is enabled")
+        if "unrelated_text" in self.text_transforms and not self.unrelated_facts:
+            raise ValueError("unrelated_facts must not be empty when unrelated_text is enabled")
+        self.classes = tuple(self.classes)
+
+
+# --- single transforms: each returns a new Sample with the same answer -------------------------
+
+
+def with_context(sample: Sample, context: str, tag: str) -> Sample:
+    """``sample`` with ``context`` in front of its question (replacing the old context, if any)."""
+    return dataclasses.replace(sample, context=context, tag=tag)
+
+
+def misleading_text(sample: Sample, classes: Sequence[str], rng: random.Random, templates=DEFAULT_MISLEADING):
+    """Put a description naming a class other than the sample's own in front of the question."""
+    wrong = [c for c in classes if c != sample.target_class]
+    if not wrong:
+        raise ValueError(f"classes: no class other than {sample.target_class!r} to mislead with")
+    return with_context(sample, rng.choice(templates).format(label=rng.choice(wrong)), "misleading_text")
+
+
+def unrelated_text(sample: Sample, facts: Sequence[str], rng: random.Random) -> Sample:
+    """Put a fact that has nothing to do with the question in front of it."""
+    return with_context(sample, rng.choice(facts), "unrelated_text")
+
+
+def _require_image(sample: Sample, what: str) -> Tensor:
+    if sample.image is None:
+        raise ValueError(f"{what} needs a sample with an image")
+    return sample.image
+
+
+def constant_image(sample: Sample, value: float, tag: str) -> Sample:
+    """The sample with its image replaced by a constant (0 = black, 1 = white)."""
+    image = _require_image(sample, tag)
+    return dataclasses.replace(sample, image=torch.full_like(image, value), tag=tag)
+
+
+def noise_image(sample: Sample, generator: torch.Generator, std: float = 0.3) -> Sample:
+    """The sample with its image replaced by Gaussian noise around 0.5, clamped to [0, 1]."""
+    image = _require_image(sample, "noise_image")
+    noise = torch.randn(image.shape, generator=generator, dtype=torch.float32)
+    noise = (0.5 + std * noise).clamp_(0.0, 1.0).to(dtype=image.dtype, device=image.device)
+    return dataclasses.replace(sample, image=noise, tag="noise_image")
+
+
+def swap_image(sample: Sample, other: Sample) -> Sample:
+    """The sample with the image of ``other``."""
+    _require_image(sample, "swap_image")
+    return dataclasses.replace(sample, image=_require_image(other, "swap_image"), tag="swap_image")
+
+
+class HeuristicAugmenter:
+    """Makes the heuristic copies of a list of samples (deterministic for a given ``seed``)."""
+
+    def __init__(self, config: AugmentConfig, seed: int = 0):
+        self.config = config
+        self.rng = random.Random(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def transforms_for(self, kind: str) -> tuple[str, ...]:
+        if kind == "image_heavy":
+            return self.config.text_transforms
+        if kind == "text_heavy":
+            return self.config.image_transforms
+        return ()
+
+    def apply(self, name: str, samples: Sequence[Sample], i: int) -> Sample:
+        """Transform ``name`` applied to ``samples[i]`` (the list supplies images to swap in)."""
+        cfg, s = self.config, samples[i]
+        if name == "misleading_text":
+            return misleading_text(s, cfg.classes, self.rng, cfg.misleading_templates)
+        if name == "unrelated_text":
+            return unrelated_text(s, cfg.unrelated_facts, self.rng)
+        if name == "black_image":
+            return constant_image(s, 0.0, name)
+        if name == "white_image":
+            return constant_image(s, 1.0, name)
+        if name == "noise_image":
+            return noise_image(s, self.generator, cfg.noise_std)
+        if name == "swap_image":
+            others = [j for j, o in enumerate(samples) if j != i and o.image is not None]
+            if not others:  # nothing to swap with in a batch of one: noise is the closest stand-in
+                return noise_image(s, self.generator, cfg.noise_std)
+            # Prefer an image of another class, so the swap really changes the content.
+            different = [j for j in others if samples[j].target_class != s.target_class]
+            return swap_image(s, samples[self.rng.choice(different or others)])
+        raise ValueError(f"unknown transform {name!r}")
+
+    def __call__(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[int]]:
+        """Returns ``(copies, sources)``: the copies and the index of each one's clean sample."""
+        copies, sources = [], []
+        for i, s in enumerate(samples):
+            names = self.transforms_for(s.kind)
+            if not names or self.config.copies_per_sample == 0 or self.rng.random() >= self.config.prob:
+                continue
+            k = min(self.config.copies_per_sample, len(names))
+            for name in self.rng.sample(list(names), k):
+                copies.append(self.apply(name, samples, i))
+                sources.append(i)
+        return copies, sources
+
+
+# --- collation -----------------------------------------------------------------------------------
+
+Encode = Callable[[Sample], tuple[list[int], list[int]]]
+
+
+@dataclass
+class RobustCollator:
+    """Turns a list of samples (plus their heuristic copies) into one padded batch.
+
+    ``encode(sample) -> (input_ids, labels)`` tokenizes one sample, image placeholders included,
+    with ``labels`` equal to ``-100`` outside the answer. ``image_transform`` maps a ``[C, H, W]``
+    image in [0, 1] to the model's ``pixel_values`` (e.g. normalization). Rows are right-padded
+    with ``pad_token_id``. The batch holds ``input_ids``, ``attention_mask``, ``labels``,
+    ``pixel_values`` (when samples have images; one row per image, in sample order),
+    ``sample_kind`` (list of kinds), ``ref_index`` (int64: the clean sample of each row) and
+    ``tags`` (how each row was made, for logging; not a model input).
+    """
+
+    encode: Encode
+    augmenter: Optional[HeuristicAugmenter] = None
+    pad_token_id: int = 0
+    image_transform: Optional[Callable[[Tensor], Tensor]] = None
+    return_tags: bool = field(default=False)
+
+    def __call__(self, samples: Sequence[Sample]) -> dict:
+        samples = list(samples)
+        if not samples:
+            raise ValueError("samples must not be empty")
+        ref_index = list(range(len(samples)))
+        if self.augmenter is not None:
+            copies, sources = self.augmenter(samples)
+            samples += copies
+            ref_index += sources
+        batch = collate_samples(samples, self.encode, self.pad_token_id, self.image_transform)
+        batch["ref_index"] = torch.tensor(ref_index, dtype=torch.long)
+        if self.return_tags:
+            batch["tags"] = [s.tag for s in samples]
+        return batch
+
+
+def collate_samples(samples, encode: Encode, pad_token_id: int = 0, image_transform=None) -> dict:
+    """Encode and right-pad ``samples`` (no copies); see :class:`RobustCollator` for the keys."""
+    encoded = [encode(s) for s in samples]
+    for k, (ids, labels) in enumerate(encoded):
+        if len(ids) != len(labels):
+            raise ValueError(f"encode returned {len(ids)} input ids but {len(labels)} labels for sample {k}")
+    length = max(len(ids) for ids, _ in encoded)
+    n = len(samples)
+    input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    for k, (ids, lab) in enumerate(encoded):
+        input_ids[k, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[k, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+        attention_mask[k, : len(ids)] = 1
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "sample_kind": [s.kind for s in samples],
+    }
+    images = [s.image for s in samples if s.image is not None]
+    if images:
+        pixel_values = torch.stack(images).float()
+        batch["pixel_values"] = image_transform(pixel_values) if image_transform is not None else pixel_values
+    return batch
