@@ -31,8 +31,8 @@ namespace modkern {
 namespace div {
 
 constexpr int kMaxThreads = 512;
-// Packs of each row loaded per thread before any is used. 2 keeps the forward at <= 112 registers
-// with no spill (4 reached the 128-register cap of 512-thread blocks and spilled, see README).
+// Packs of each row loaded per thread before any is used (memory-level parallelism). 2 keeps
+// fwd_kernel within 128 registers without spills; 4 (or 4 in pass 1 only) spilled (csrc/README.md).
 constexpr int kUnroll = 2;
 constexpr int kBwdThreads = 256;
 constexpr int kBwdUnroll = 2;
@@ -157,7 +157,7 @@ __device__ __forceinline__ void sweep(const T* a, const T* b, int n, F&& f) {
 // ---------------------------------------------------------------------------------------------
 
 template <typename T, int KIND, int VEC, bool CACHED>
-__global__ void __launch_bounds__(kMaxThreads) fwd_kernel(const FwdParams prm) {
+__global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams prm) {
   extern __shared__ __align__(16) unsigned char dyn_smem[];
   __shared__ float warp_buf4[32][4];
   __shared__ float warp_buf2[32][2];
@@ -447,11 +447,6 @@ cudaError_t launch(K kernel, int grid, int threads, size_t smem, int cluster, cu
   return cudaLaunchKernelEx(&cfg, kernel, prm);
 }
 
-template <typename T, int KIND, int VEC, bool CACHED>
-const void* fwd_kernel_ptr() {
-  return reinterpret_cast<const void*>(&fwd_kernel<T, KIND, VEC, CACHED>);
-}
-
 // Shared-memory budget per block for the row slices when there is a choice: small enough for
 // three blocks per SM on H100 (227 KiB), so that one block's loads overlap another's math.
 constexpr size_t kTargetSliceSmem = 72 * 1024;
@@ -474,7 +469,7 @@ cudaError_t run_forward(const FwdParams& prm, int cluster, int threads, int devi
   int resident = 0;  // clusters (of `cluster` blocks) that fit on the device at once
   err = max_active_clusters(fptr, threads, smem, cluster, device, &resident);
   if (err != cudaSuccess) return err;
-  if (resident <= 0) return cudaErrorInvalidConfiguration;
+  if (resident <= 0) return cudaErrorInvalidConfiguration;  // nothing launched: caller tries another shape
   int64_t in_flight = resident;
   if (!CACHED) {
     // Passes 2-3 re-read the row: keep the rows in flight within ~60% of L2 so that those reads
@@ -497,6 +492,12 @@ cudaError_t run_forward(const FwdParams& prm, int cluster, int threads, int devi
   return launch(kernel, grid, threads, smem, cluster, stream, prm);
 }
 
+// One launch configuration to try: (cluster size, cached rows).
+struct FwdOption {
+  int cluster;
+  bool cached;
+};
+
 template <typename T, int KIND>
 cudaError_t forward_kind(const FwdParams& base, const DivTuning& tuning, const DeviceInfo& dev, int device, bool vec_ok,
                          cudaStream_t stream, DivLaunchInfo* info) {
@@ -510,40 +511,54 @@ cudaError_t forward_kind(const FwdParams& base, const DivTuning& tuning, const D
   auto slice_for = [&](int c) { return round_up(ceil_div(V, c), vec); };
   auto smem_for = [&](int c) { return static_cast<size_t>(2 * slice_for(c) * elem); };
 
-  int clusters[4] = {1, 2, 4, 8};
-  int n_opts = dev.cluster_launch ? 4 : 1;
+  int sizes[4] = {1, 2, 4, 8};
+  int n_sizes = dev.cluster_launch ? 4 : 1;
   if (tuning.cluster > 0) {
     if (tuning.cluster != 1 && tuning.cluster != 2 && tuning.cluster != 4 && tuning.cluster != 8)
       return cudaErrorInvalidValue;
     if (tuning.cluster > 1 && !dev.cluster_launch) return cudaErrorNotSupported;
-    clusters[0] = tuning.cluster;
-    n_opts = 1;
+    sizes[0] = tuning.cluster;
+    n_sizes = 1;
   }
-  // Cached: the smallest cluster whose slices fit the target, else the smallest that fits at all.
-  int cluster = 0;
-  bool cached = false;
+  if (tuning.threads < 0 || tuning.threads % 32 != 0 || tuning.threads > kMaxThreads) return cudaErrorInvalidValue;
+
+  // Candidates in order of preference. Cached rows: the smallest cluster whose slices fit the
+  // three-blocks-per-SM target, then the others that fit at all. Streamed rows: the widest
+  // cluster (a wide row over the most SMs), then one block per row. The first configuration the
+  // occupancy calculator accepts (some cluster shapes cannot be co-scheduled) is launched.
+  FwdOption opts[12];
+  int n_opts = 0;
   if (tuning.cache != 0) {
-    for (int k = 0; k < n_opts && cluster == 0; ++k)
-      if (smem_for(clusters[k]) <= kTargetSliceSmem) cluster = clusters[k];
-    for (int k = 0; k < n_opts && cluster == 0; ++k)
-      if (smem_for(clusters[k]) <= smem_cap) cluster = clusters[k];
-    cached = cluster != 0;
-    if (!cached && tuning.cache == 1) return cudaErrorInvalidConfiguration;
+    for (int k = 0; k < n_sizes; ++k)
+      if (smem_for(sizes[k]) <= kTargetSliceSmem) opts[n_opts++] = {sizes[k], true};
+    for (int k = 0; k < n_sizes; ++k)
+      if (smem_for(sizes[k]) > kTargetSliceSmem && smem_for(sizes[k]) <= smem_cap) opts[n_opts++] = {sizes[k], true};
   }
-  if (!cached) cluster = clusters[n_opts - 1];  // streaming: spread a wide row over the most blocks
-
-  FwdParams prm = base;
-  prm.slice = slice_for(cluster);
-  int threads = tuning.threads > 0 ? tuning.threads : auto_threads(prm.slice / vec);
-  if (!cached && tuning.threads <= 0) threads = 512;
-  if (threads % 32 != 0 || threads < 32 || threads > kMaxThreads) return cudaErrorInvalidValue;
-
-  if (vec_ok) {
-    return cached ? run_forward<T, KIND, VW, true>(prm, cluster, threads, device, dev, stream, info)
-                  : run_forward<T, KIND, VW, false>(prm, cluster, threads, device, dev, stream, info);
+  if (tuning.cache != 1) {
+    opts[n_opts++] = {sizes[n_sizes - 1], false};
+    if (sizes[n_sizes - 1] != 1 && tuning.cluster <= 0) opts[n_opts++] = {1, false};
   }
-  return cached ? run_forward<T, KIND, 1, true>(prm, cluster, threads, device, dev, stream, info)
-                : run_forward<T, KIND, 1, false>(prm, cluster, threads, device, dev, stream, info);
+  if (n_opts == 0) return cudaErrorInvalidConfiguration;
+
+  cudaError_t err = cudaErrorInvalidConfiguration;
+  for (int k = 0; k < n_opts; ++k) {
+    const FwdOption o = opts[k];
+    FwdParams prm = base;
+    prm.slice = slice_for(o.cluster);
+    int threads = tuning.threads > 0 ? tuning.threads : (o.cached ? auto_threads(prm.slice / vec) : 512);
+    if (vec_ok) {
+      err = o.cached ? run_forward<T, KIND, VW, true>(prm, o.cluster, threads, device, dev, stream, info)
+                     : run_forward<T, KIND, VW, false>(prm, o.cluster, threads, device, dev, stream, info);
+    } else {
+      err = o.cached ? run_forward<T, KIND, 1, true>(prm, o.cluster, threads, device, dev, stream, info)
+                     : run_forward<T, KIND, 1, false>(prm, o.cluster, threads, device, dev, stream, info);
+    }
+    // cudaErrorInvalidConfiguration: not co-schedulable, nothing launched - clear it and try the
+    // next option.
+    if (err != cudaErrorInvalidConfiguration) return err;
+    (void)cudaGetLastError();
+  }
+  return err;
 }
 
 }  // namespace div

@@ -1,0 +1,26 @@
+"""CUDA backend of the masked PGD step (same contract as ``modkern.torch_backend.adv_step``).
+
+Thin wrapper over ``modkern._C.adv_step`` (``csrc/adv_step*``): one pass for the paper's raw / sign
+step with an Linf or no projection; a split per-sample reduction first for the l2 / linf steps and
+the l2 projection. float64 ``delta`` or ``grad`` runs the PyTorch backend.
+"""
+
+from __future__ import annotations
+
+from modkern.cuda_backend._ext import ext, kernel_dtypes
+from modkern.torch_backend import adv_step as _torch_impl
+
+STEP_CODES = {"raw": 0, "sign": 1, "l2": 2, "l2_token": 3, "linf": 4}
+NORM_CODES = {"none": 0, "linf": 1, "l2": 2, "l2_token": 3}
+
+
+def step(delta, grad, mask, out, alpha, alpha_t, epsilon, epsilon_t, step, norm):
+    """Write one masked PGD step of ``delta [B, L, H]`` into ``out`` (which may be ``delta``)."""
+    if not kernel_dtypes(delta, grad):
+        return _torch_impl.step(delta, grad, mask, out, alpha, alpha_t, epsilon, epsilon_t, step, norm)
+    if delta.numel() == 0:
+        return out
+    ext().adv_step(
+        delta, grad, mask, out, float(alpha), alpha_t, float(epsilon), epsilon_t, STEP_CODES[step], NORM_CODES[norm]
+    )
+    return out

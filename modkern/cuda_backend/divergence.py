@@ -1,0 +1,48 @@
+"""CUDA backend of the divergence family (same contract as ``modkern.torch_backend.divergence``).
+
+Thin wrapper over ``modkern._C.divergence_forward`` / ``divergence_backward`` (``csrc/divergence*``):
+the forward computes per-row losses, row statistics and the per-row gradients in one kernel (row
+slices kept in shared memory, split over a thread-block cluster on Hopper); the backward scales
+the stored gradients, or with ``ref_index`` recomputes P's gradient per P row over its copies.
+float64 inputs run the PyTorch backend.
+"""
+
+from __future__ import annotations
+
+from modkern.cuda_backend._ext import ext, kernel_dtypes
+from modkern.torch_backend import divergence as _torch_impl
+
+KIND_IDS = {kind: i for i, kind in enumerate(_torch_impl.KINDS)}  # js 0, kl_forward 1, kl_reverse 2, kl_symmetric 3
+
+
+def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q):
+    if not kernel_dtypes(p, q):
+        return _torch_impl.forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q)
+    loss, stats, grad_p, grad_q = ext().divergence_forward(
+        p, q, ref_index, mask, KIND_IDS[kind], float(beta), float(inv_temperature), bool(need_grad_p), bool(need_grad_q)
+    )
+    return loss, stats, grad_p, grad_q
+
+
+def backward(
+    grad_rows,
+    p,
+    q,
+    ref_index,
+    mask,
+    stats,
+    saved_grad_p,
+    saved_grad_q,
+    kind,
+    beta,
+    inv_temperature,
+    need_grad_p,
+    need_grad_q,
+):
+    tensors = (grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q)
+    if not kernel_dtypes(p, q):
+        return _torch_impl.backward(*tensors, kind, beta, inv_temperature, need_grad_p, need_grad_q)
+    grad_p, grad_q = ext().divergence_backward(
+        *tensors, KIND_IDS[kind], float(beta), float(inv_temperature), bool(need_grad_p), bool(need_grad_q)
+    )
+    return grad_p, grad_q
