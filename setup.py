@@ -33,7 +33,15 @@ def _want_cuda_extension():
 def _extensions():
     if not _want_cuda_extension():
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+
+    if torch.version.cuda is None or CUDA_HOME is None:
+        raise RuntimeError(
+            f"MODKERN_BUILD_CUDA asks for the CUDA extension, but torch {torch.__version__} is "
+            + ("a CPU-only build" if torch.version.cuda is None else "a CUDA build with no CUDA toolkit found")
+            + ": install a CUDA build of torch and nvcc (or set CUDA_HOME), or unset MODKERN_BUILD_CUDA"
+        )
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
     if not sources:

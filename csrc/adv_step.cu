@@ -23,7 +23,7 @@ cudaError_t by_grad(const AdvStepArgs& args, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t adv_step(const AdvStepArgs& args, cudaStream_t stream) {
+cudaError_t launch_adv_step(const AdvStepArgs& args, cudaStream_t stream) {
   if (args.step < kStepRaw || args.step > kStepLinf || args.norm < kNormNone || args.norm > kNormL2Token)
     return cudaErrorInvalidValue;
   switch (args.delta_dtype) {

@@ -49,7 +49,7 @@ inline bool adv_step_needs_partials(int step, int norm) {
   return step == kStepL2 || step == kStepLinf || norm == kNormL2;
 }
 
-cudaError_t adv_step(const AdvStepArgs& args, cudaStream_t stream);
+cudaError_t launch_adv_step(const AdvStepArgs& args, cudaStream_t stream);
 
 template <typename TD, typename TG>
 cudaError_t adv_step_typed(const AdvStepArgs& args, cudaStream_t stream);

@@ -19,11 +19,17 @@ void check_3d(const char* name, const at::Tensor& t, const at::Tensor& like) {
               t.sizes());
 }
 
-// A 0-dim device scalar as fp32 (an asynchronous cast when needed, kept alive by the caller).
-std::optional<at::Tensor> scalar_f32(const std::optional<at::Tensor>& t, const at::Tensor& like) {
+// alpha / epsilon given as a 0-dim tensor: on delta's device it is passed by pointer as fp32 (an
+// asynchronous cast when needed, kept alive by the caller; never read on the host); a CPU 0-dim
+// tensor is read on the host (no device synchronization) and passed by value.
+std::optional<at::Tensor> device_scalar(const std::optional<at::Tensor>& t, const at::Tensor& like, double* value) {
   if (!t.has_value()) return std::nullopt;
-  TORCH_CHECK(t->dim() == 0 && t->device() == like.device(),
-              "modkern._C adv_step: alpha / epsilon tensors must be 0-dim and on the device of delta");
+  TORCH_CHECK(t->dim() == 0, "modkern._C adv_step: alpha / epsilon tensors must be 0-dim");
+  if (t->device().is_cpu()) {
+    *value = t->item<double>();
+    return std::nullopt;
+  }
+  TORCH_CHECK(t->device() == like.device(), "modkern._C adv_step: alpha / epsilon tensors must be on delta's device");
   return t->scalar_type() == at::kFloat ? *t : t->to(at::kFloat);
 }
 
@@ -45,8 +51,8 @@ at::Tensor adv_step(const at::Tensor& delta, const at::Tensor& grad, const at::T
 
   const c10::cuda::CUDAGuard guard(delta.device());
   const int64_t B = delta.size(0), L = delta.size(1), H = delta.size(2);
-  const std::optional<at::Tensor> a32 = scalar_f32(alpha_t, delta);
-  const std::optional<at::Tensor> e32 = scalar_f32(epsilon_t, delta);
+  const std::optional<at::Tensor> a32 = device_scalar(alpha_t, delta, &alpha);
+  const std::optional<at::Tensor> e32 = device_scalar(epsilon_t, delta, &epsilon);
   at::Tensor partials;
   if (adv_step_needs_partials(static_cast<int>(step), static_cast<int>(norm)) && B * L * H > 0) {
     partials = at::empty({B, adv_step_num_chunks(L), 4}, delta.options().dtype(at::kFloat));
@@ -80,7 +86,7 @@ at::Tensor adv_step(const at::Tensor& delta, const at::Tensor& grad, const at::T
   a.soh = out.stride(2);
   a.step = static_cast<int>(step);
   a.norm = static_cast<int>(norm);
-  check_cuda(modkern::adv_step(a, c10::cuda::getCurrentCUDAStream()), "adv_step");
+  check_cuda(launch_adv_step(a, c10::cuda::getCurrentCUDAStream()), "adv_step");
   return out;
 }
 

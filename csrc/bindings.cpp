@@ -25,7 +25,8 @@ pybind11::dict device_info(int64_t device) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "modkern CUDA C++ kernels (csrc/); see modkern/cuda_backend/ for the Python interface";
-  m.def("divergence_forward", &modkern::divergence_forward, "fused_js / fused_kl forward: (loss, stats, grad_p, grad_q)",
+  m.def("divergence_forward", &modkern::divergence_forward,
+        "fused_js / fused_kl forward: (loss, stats, grad_p, grad_q)",
         py::arg("p"), py::arg("q"), py::arg("ref_index"), py::arg("mask"), py::arg("kind"), py::arg("beta"),
         py::arg("inv_temperature"), py::arg("need_grad_p"), py::arg("need_grad_q"));
   m.def("divergence_backward", &modkern::divergence_backward, "fused_js / fused_kl backward: (grad_p, grad_q)",

@@ -6,7 +6,7 @@
 
 namespace modkern {
 
-cudaError_t divergence_forward(const DivForwardArgs& args, const DivTuning& tuning, cudaStream_t stream,
+cudaError_t launch_divergence_forward(const DivForwardArgs& args, const DivTuning& tuning, cudaStream_t stream,
                                DivLaunchInfo* info) {
   switch (args.dtype) {
     case DType::kFloat32:
@@ -19,7 +19,7 @@ cudaError_t divergence_forward(const DivForwardArgs& args, const DivTuning& tuni
   return cudaErrorInvalidValue;
 }
 
-cudaError_t divergence_scale_rows(const ScaleRowsArgs& args, cudaStream_t stream) {
+cudaError_t launch_divergence_scale_rows(const ScaleRowsArgs& args, cudaStream_t stream) {
   switch (args.dtype) {
     case DType::kFloat32:
       return divergence_scale_rows_typed<float>(args, stream);
@@ -31,7 +31,7 @@ cudaError_t divergence_scale_rows(const ScaleRowsArgs& args, cudaStream_t stream
   return cudaErrorInvalidValue;
 }
 
-cudaError_t divergence_grad_p_shared(const GradPSharedArgs& args, cudaStream_t stream) {
+cudaError_t launch_divergence_grad_p_shared(const GradPSharedArgs& args, cudaStream_t stream) {
   switch (args.dtype) {
     case DType::kFloat32:
       return divergence_grad_p_shared_typed<float>(args, stream);

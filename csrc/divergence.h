@@ -82,10 +82,10 @@ struct DivLaunchInfo {
   size_t smem = 0;
 };
 
-cudaError_t divergence_forward(const DivForwardArgs& args, const DivTuning& tuning, cudaStream_t stream,
+cudaError_t launch_divergence_forward(const DivForwardArgs& args, const DivTuning& tuning, cudaStream_t stream,
                                DivLaunchInfo* info = nullptr);
-cudaError_t divergence_scale_rows(const ScaleRowsArgs& args, cudaStream_t stream);
-cudaError_t divergence_grad_p_shared(const GradPSharedArgs& args, cudaStream_t stream);
+cudaError_t launch_divergence_scale_rows(const ScaleRowsArgs& args, cudaStream_t stream);
+cudaError_t launch_divergence_grad_p_shared(const GradPSharedArgs& args, cudaStream_t stream);
 
 // Typed entry points (one translation unit per element type, compiled in parallel).
 template <typename T>

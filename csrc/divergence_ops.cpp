@@ -55,7 +55,7 @@ at::Tensor scale_rows(const at::Tensor& src, const at::Tensor& grad_rows, const 
   a.vocab = src.size(1);
   a.stride_src = row_stride(src);
   a.stride_dst = row_stride(dst);
-  check_cuda(divergence_scale_rows(a, stream), "divergence scale_rows");
+  check_cuda(launch_divergence_scale_rows(a, stream), "divergence scale_rows");
   return dst;
 }
 
@@ -113,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward(
     tuning = g_tuning;
   }
   DivLaunchInfo info;
-  check_cuda(divergence_forward(a, tuning, c10::cuda::getCurrentCUDAStream(), &info), "divergence_forward");
+  check_cuda(launch_divergence_forward(a, tuning, c10::cuda::getCurrentCUDAStream(), &info), "divergence_forward");
   if (rows > 0) {
     std::lock_guard<std::mutex> lock(g_tuning_mutex);
     g_last_launch = info;
@@ -122,7 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward(
 }
 
 std::tuple<at::Tensor, at::Tensor> divergence_backward(
-    const at::Tensor& grad_rows_in, const at::Tensor& p, const at::Tensor& q, const std::optional<at::Tensor>& ref_index,
+    const at::Tensor& grad_rows_in, const at::Tensor& p, const at::Tensor& q,
+    const std::optional<at::Tensor>& ref_index,
     const std::optional<at::Tensor>& mask, const at::Tensor& stats, const at::Tensor& saved_grad_p,
     const at::Tensor& saved_grad_q, int64_t kind, double beta, double inv_temperature, bool need_grad_p,
     bool need_grad_q) {
@@ -172,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor> divergence_backward(
   a.kind = static_cast<int>(kind);
   a.beta = static_cast<float>(beta);
   a.inv_t = static_cast<float>(inv_temperature);
-  check_cuda(divergence_grad_p_shared(a, stream), "divergence grad_p_shared");
+  check_cuda(launch_divergence_grad_p_shared(a, stream), "divergence grad_p_shared");
   return {grad_p, grad_q};
 }
 

@@ -17,12 +17,14 @@ template <typename TA, bool BACKWARD>
 cudaError_t by_b(const PerturbArgs& args, cudaStream_t stream) {
   switch (args.b_dtype) {
     case DType::kFloat32:
-      return BACKWARD ? perturb_backward_typed<TA, float>(args, stream) : perturb_forward_typed<TA, float>(args, stream);
+      return BACKWARD ? perturb_backward_typed<TA, float>(args, stream)
+                      : perturb_forward_typed<TA, float>(args, stream);
     case DType::kBFloat16:
       return BACKWARD ? perturb_backward_typed<TA, __nv_bfloat16>(args, stream)
                       : perturb_forward_typed<TA, __nv_bfloat16>(args, stream);
     case DType::kFloat16:
-      return BACKWARD ? perturb_backward_typed<TA, __half>(args, stream) : perturb_forward_typed<TA, __half>(args, stream);
+      return BACKWARD ? perturb_backward_typed<TA, __half>(args, stream)
+                      : perturb_forward_typed<TA, __half>(args, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -42,8 +44,8 @@ cudaError_t by_a(const PerturbArgs& args, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t perturb_forward(const PerturbArgs& args, cudaStream_t stream) { return by_a<false>(args, stream); }
+cudaError_t launch_perturb_forward(const PerturbArgs& args, cudaStream_t stream) { return by_a<false>(args, stream); }
 
-cudaError_t perturb_backward(const PerturbArgs& args, cudaStream_t stream) { return by_a<true>(args, stream); }
+cudaError_t launch_perturb_backward(const PerturbArgs& args, cudaStream_t stream) { return by_a<true>(args, stream); }
 
 }  // namespace modkern

@@ -23,8 +23,8 @@ struct PerturbArgs {
   int64_t N = 0, H = 0;
 };
 
-cudaError_t perturb_forward(const PerturbArgs& args, cudaStream_t stream);
-cudaError_t perturb_backward(const PerturbArgs& args, cudaStream_t stream);
+cudaError_t launch_perturb_forward(const PerturbArgs& args, cudaStream_t stream);
+cudaError_t launch_perturb_backward(const PerturbArgs& args, cudaStream_t stream);
 
 template <typename TA, typename TB>
 cudaError_t perturb_forward_typed(const PerturbArgs& args, cudaStream_t stream);

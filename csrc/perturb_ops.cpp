@@ -42,14 +42,15 @@ PerturbArgs rows_args(const at::Tensor& a, const at::Tensor& b_or_a, const at::T
 }  // namespace
 
 at::Tensor perturb_forward(const at::Tensor& embeds, const at::Tensor& delta, const at::Tensor& mask, at::Tensor out) {
-  TORCH_CHECK(embeds.is_cuda() && embeds.is_contiguous(), "modkern._C perturb: embeds must be a contiguous CUDA tensor");
+  TORCH_CHECK(embeds.is_cuda() && embeds.is_contiguous(),
+              "modkern._C perturb: embeds must be a contiguous CUDA tensor");
   check_rows_of("delta", delta, embeds);
   check_rows_of("out", out, embeds);
   TORCH_CHECK(out.scalar_type() == embeds.scalar_type(), "modkern._C perturb: out must have embeds' dtype");
   check_mask(mask, embeds);
   const c10::cuda::CUDAGuard guard(embeds.device());
-  check_cuda(perturb_forward(rows_args(embeds, delta, mask, out, true), c10::cuda::getCurrentCUDAStream()),
-             "perturb_forward");
+  const PerturbArgs args = rows_args(embeds, delta, mask, out, true);
+  check_cuda(launch_perturb_forward(args, c10::cuda::getCurrentCUDAStream()), "perturb_forward");
   return out;
 }
 
@@ -59,8 +60,8 @@ at::Tensor perturb_backward(const at::Tensor& grad_out, const at::Tensor& mask, 
   check_rows_of("grad_delta", grad_delta, grad_out);
   check_mask(mask, grad_out);
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  check_cuda(perturb_backward(rows_args(grad_out, grad_out, mask, grad_delta, false), c10::cuda::getCurrentCUDAStream()),
-             "perturb_backward");
+  const PerturbArgs args = rows_args(grad_out, grad_out, mask, grad_delta, false);
+  check_cuda(launch_perturb_backward(args, c10::cuda::getCurrentCUDAStream()), "perturb_backward");
   return grad_delta;
 }
 

@@ -223,10 +223,10 @@ static void check_divergence(std::mt19937& rng, int64_t N, int64_t R, int64_t V,
   a.beta = static_cast<float>(beta);
   a.inv_t = static_cast<float>(inv_t);
   DivLaunchInfo info;
-  const cudaError_t err = divergence_forward(a, tuning, 0, &info);
+  const cudaError_t err = launch_divergence_forward(a, tuning, 0, &info);
   char name[256];
-  std::snprintf(name, sizeof(name), "divergence fwd %s kind=%d N=%lld R=%lld V=%lld ref=%d mask=%d tune(c%d,m%d)", tname,
-                kind, (long long)N, (long long)R, (long long)V, use_ref, use_mask, tuning.cluster, tuning.cache);
+  std::snprintf(name, sizeof(name), "divergence fwd %s kind=%d N=%lld R=%lld V=%lld ref=%d mask=%d tune(c%d,m%d)",
+                tname, kind, (long long)N, (long long)R, (long long)V, use_ref, use_mask, tuning.cluster, tuning.cache);
   if (err == cudaErrorNotSupported || err == cudaErrorInvalidConfiguration) {
     std::printf("skip %-90s (%s)\n", name, cudaGetErrorString(err));
     return;
@@ -283,7 +283,7 @@ static void check_divergence(std::mt19937& rng, int64_t N, int64_t R, int64_t V,
   s.rows = R;
   s.vocab = V;
   s.stride_src = s.stride_dst = V;
-  CHECK_CUDA(divergence_scale_rows(s, 0));
+  CHECK_CUDA(launch_divergence_scale_rows(s, 0));
   std::vector<int64_t> order(R), start(N), count(N, 0);
   if (use_ref) {
     for (int64_t r = 0; r < R; ++r) ++count[ref[r]];
@@ -315,11 +315,11 @@ static void check_divergence(std::mt19937& rng, int64_t N, int64_t R, int64_t V,
     g.kind = kind;
     g.beta = static_cast<float>(beta);
     g.inv_t = static_cast<float>(inv_t);
-    CHECK_CUDA(divergence_grad_p_shared(g, 0));
+    CHECK_CUDA(launch_divergence_grad_p_shared(g, 0));
   } else {
     s.src = gp.ptr;
     s.dst = out_p.ptr;
-    CHECK_CUDA(divergence_scale_rows(s, 0));
+    CHECK_CUDA(launch_divergence_scale_rows(s, 0));
   }
   CHECK_CUDA(cudaDeviceSynchronize());
   const auto hq2 = out_q.download(), hp2 = out_p.download();
@@ -438,7 +438,7 @@ static void check_adv_step(std::mt19937& rng, int64_t B, int64_t L, int64_t H, i
   a.sml = 1;
   a.step = step;
   a.norm = norm;
-  CHECK_CUDA(adv_step(a, 0));
+  CHECK_CUDA(launch_adv_step(a, 0));
   CHECK_CUDA(cudaDeviceSynchronize());
   const auto got = inplace ? d.download() : o.download();
   std::vector<double> want;
@@ -482,7 +482,7 @@ static void check_perturb(std::mt19937& rng, int64_t N, int64_t H) {
   a.out = out.ptr;
   a.N = N;
   a.H = H;
-  CHECK_CUDA(perturb_forward(a, 0));
+  CHECK_CUDA(launch_perturb_forward(a, 0));
   PerturbArgs bw;  // grad_out = embeds (bf16) -> grad_delta (f32)
   bw.a_dtype = DType::kBFloat16;
   bw.b_dtype = DType::kFloat32;
@@ -491,7 +491,7 @@ static void check_perturb(std::mt19937& rng, int64_t N, int64_t H) {
   bw.out = gd.ptr;
   bw.N = N;
   bw.H = H;
-  CHECK_CUDA(perturb_backward(bw, 0));
+  CHECK_CUDA(launch_perturb_backward(bw, 0));
   CHECK_CUDA(cudaDeviceSynchronize());
   const auto ho = out.download();
   const auto hgd = gd.download();
@@ -516,7 +516,8 @@ int main() {
               info.cc_minor, info.sm_count, info.l2_bytes / 1024, info.smem_optin / 1024, info.cluster_launch);
   std::mt19937 rng(1234);
 
-  const DivTuning tunings[] = {{0, -1, 0}, {1, 0, 0}, {1, 1, 0}, {2, 1, 0}, {4, 1, 0}, {8, 1, 0}, {4, 0, 0}, {1, 1, 128}};
+  const DivTuning tunings[] = {{0, -1, 0}, {1, 0, 0}, {1, 1, 0}, {2, 1, 0},
+                               {4, 1, 0}, {8, 1, 0}, {4, 0, 0}, {1, 1, 128}};
   for (int kind = 0; kind < 4; ++kind) {
     for (const DivTuning& t : tunings) {
       check_divergence<float>(rng, 6, 6, 4096, kind, false, true, t, "f32");
