@@ -134,7 +134,7 @@ def build_model(cfg: DemoConfig, task: InterferenceTask) -> ModelBundle:
     config = model.config
     if not hasattr(config, "vision_config") or getattr(config, "image_token_id", None) is None:
         raise ValueError(
-            f"--model {cfg.model}: the demo  needs a LLaVA-style checkpoint (vision_config, image_token_id)"
+            f"--model {cfg.model}: the demo needs a LLaVA-style checkpoint (vision_config, image_token_id)"
         )
     word_vocab = os.path.join(cfg.model, TOKENIZER_FILE)
     if os.path.exists(word_vocab):
