@@ -447,10 +447,8 @@ cudaError_t launch(K kernel, int grid, int threads, size_t smem, int cluster, cu
   return cudaLaunchKernelEx(&cfg, kernel, prm);
 }
 
-// Shared-memory budget per block for the row slices when there is a choice: small enough for
-// three blocks per SM on H100 (227 KiB), so that one block's loads overlap another's math.
-constexpr size_t kTargetSliceSmem = 72 * 1024;
-constexpr size_t kStaticSmemReserve = 2 * 1024;  // static shared memory of fwd_kernel + slack
+// Static shared memory of fwd_kernel (< 1 KiB) plus the 1 KiB per block the SM reserves.
+constexpr size_t kStaticSmemReserve = 2 * 1024;
 
 inline int auto_threads(int64_t packs_per_block) {
   if (packs_per_block >= 4096) return 512;
@@ -510,6 +508,11 @@ cudaError_t forward_kind(const FwdParams& base, const DivTuning& tuning, const D
                               : 0;
   auto slice_for = [&](int c) { return round_up(ceil_div(V, c), vec); };
   auto smem_for = [&](int c) { return static_cast<size_t>(2 * slice_for(c) * elem); };
+  // Preferred budget for the row slices of one block: at least two blocks per SM (114 - 2 KiB on
+  // H100), so that one block's loads overlap another's math and reductions.
+  const size_t target = dev.smem_per_sm / 2 > static_cast<int>(kStaticSmemReserve)
+                            ? static_cast<size_t>(dev.smem_per_sm / 2) - kStaticSmemReserve
+                            : 0;
 
   int sizes[4] = {1, 2, 4, 8};
   int n_sizes = dev.cluster_launch ? 4 : 1;
@@ -523,16 +526,16 @@ cudaError_t forward_kind(const FwdParams& base, const DivTuning& tuning, const D
   if (tuning.threads < 0 || tuning.threads % 32 != 0 || tuning.threads > kMaxThreads) return cudaErrorInvalidValue;
 
   // Candidates in order of preference. Cached rows: the smallest cluster whose slices fit the
-  // three-blocks-per-SM target, then the others that fit at all. Streamed rows: the widest
+  // two-blocks-per-SM target, then the others that fit at all. Streamed rows: the widest
   // cluster (a wide row over the most SMs), then one block per row. The first configuration the
   // occupancy calculator accepts (some cluster shapes cannot be co-scheduled) is launched.
   FwdOption opts[12];
   int n_opts = 0;
   if (tuning.cache != 0) {
     for (int k = 0; k < n_sizes; ++k)
-      if (smem_for(sizes[k]) <= kTargetSliceSmem) opts[n_opts++] = {sizes[k], true};
+      if (smem_for(sizes[k]) <= target) opts[n_opts++] = {sizes[k], true};
     for (int k = 0; k < n_sizes; ++k)
-      if (smem_for(sizes[k]) > kTargetSliceSmem && smem_for(sizes[k]) <= smem_cap) opts[n_opts++] = {sizes[k], true};
+      if (smem_for(sizes[k]) > target && smem_for(sizes[k]) <= smem_cap) opts[n_opts++] = {sizes[k], true};
   }
   if (tuning.cache != 1) {
     opts[n_opts++] = {sizes[n_sizes - 1], false};
