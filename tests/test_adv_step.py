@@ -208,7 +208,7 @@ def test_opcheck(backend, inplace):
     for step, norm in [("raw", "linf"), ("l2", "l2")]:
         torch.library.opcheck(op, (delta.clone(), grad, mask, None, ALPHA, None, EPS, step, norm, backend))
         torch.library.opcheck(
-            op, (delta.clone(), grad, mask, torch.tensor(ALPHA), 0.0, torch.tensor(EPS), 0.0, step, norm, backend)
+            op, (delta.clone(), grad, mask, torch.tensor(ALPHA, device=DEVICE), 0.0, torch.tensor(EPS, device=DEVICE), 0.0, step, norm, backend)
         )
 
 
@@ -229,7 +229,7 @@ def test_compile_fullgraph_no_recompile_per_value(inplace):
     for alpha, eps in [(0.03, 0.05), (0.1, 0.02), (0.01, 0.5)]:
         delta, grad, mask = make_inputs(poison=False)
         expected = reference(delta, grad, mask, "l2", "l2", alpha=alpha, eps=eps)
-        out = compiled(delta, grad, mask, torch.tensor(alpha), torch.tensor(eps))
+        out = compiled(delta, grad, mask, torch.tensor(alpha, device=DEVICE), torch.tensor(eps, device=DEVICE))
         assert_close_to_ref(out, expected, torch.float32)
         if inplace:
             assert_close_to_ref(delta, expected, torch.float32)

@@ -107,7 +107,7 @@ def test_opcheck(backend):
     torch.library.opcheck(
         torch.ops.modkern.perturb_fwd, (embeds.detach(), delta.detach().requires_grad_(), mask, backend)
     )
-    grad_out = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    grad_out = torch.randn(2, 3, 8, dtype=torch.bfloat16, device=DEVICE)
     torch.library.opcheck(torch.ops.modkern.perturb_bwd, (grad_out, mask, torch.float32, backend))
 
 
@@ -121,7 +121,7 @@ def test_compile_fullgraph_forward_backward():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     embeds, delta, mask = make_inputs(embeds_dtype=torch.bfloat16)
     delta = torch.nan_to_num(delta)
-    w = torch.randn(embeds.shape)
+    w = torch.randn(embeds.shape, device=embeds.device)
     grads = []
     for fn in (step, compiled):
         d = delta.clone().requires_grad_()
