@@ -16,7 +16,7 @@ import time
 def _add_train(sub):
     p = sub.add_parser("train", help="run the demo (the default command)")
     p.add_argument("--model", default=None, help="local Hugging Face LLaVA checkpoint (default: a tiny random LLaVA)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 150)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -285,11 +285,3 @@ class InterferenceTask:
 
     def tokenizer(self) -> WordTokenizer:
         return WordTokenizer(self.words())
-
-
-def accuracy_by_tag(correct: Sequence[bool], tags: Sequence[str]) -> dict[str, float]:
-    """Mean of ``correct`` per tag."""
-    out: dict[str, list[bool]] = {}
-    for ok, tag in zip(correct, tags):
-        out.setdefault(tag, []).append(bool(ok))
-    return {t: sum(v) / len(v) for t, v in out.items()}

@@ -19,6 +19,7 @@ baseline - on the same batches (heuristic copies included, when the collator mak
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from modkern.robust import IGNORE_INDEX, RobustConfig, _prepare_inputs, clean_loss, robust_loss, shift_labels
 
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 TRAIN_STATE = "modkern_train.json"
 STATE_DICT = "model.pt"
@@ -43,7 +45,8 @@ STATE_DICT = "model.pt"
 class TrainConfig:
     """Hyper-parameters of :func:`train`.
 
-    ``steps`` optimizer steps of ``grad_accum`` micro-batches each; ``warmup_steps`` of linear
+    ``steps`` optimizer steps of ``grad_accum`` micro-batches each; ``optimizer`` ``"adamw"`` (or
+    ``"sgd"``, plain gradient descent - handy to check gradients); ``warmup_steps`` of linear
     warm-up, then ``schedule`` decay to ``min_lr_ratio * lr``; ``mixed_precision`` ``"auto"`` uses
     bf16 autocast on CUDA and fp32 elsewhere; ``eval_every`` / ``save_every`` in optimizer steps
     (0: only at the end, when an evaluation function / ``save_dir`` is given); ``device`` ``"auto"``
@@ -52,6 +55,7 @@ class TrainConfig:
 
     steps: int = 200
     lr: float = 1e-3
+    optimizer: str = "adamw"
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
     warmup_steps: int = 10
@@ -77,6 +81,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.mixed_precision not in PRECISIONS:
@@ -182,7 +188,10 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     result = TrainResult()
     batches = _cycle(data)
@@ -263,6 +272,20 @@ def _jsonable(obj):
     return repr(obj)
 
 
+@contextlib.contextmanager
+def _no_hf_progress_bars():
+    """No "Writing model shards" / "Loading weights" bars from transformers in the middle of a run."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_checkpoint(model: nn.Module, path, *, step=None, train_config=None, robust=None, extra=None) -> str:
     """Write the weights and the configs to directory ``path``; returns it.
 
@@ -273,15 +296,8 @@ def save_checkpoint(model: nn.Module, path, *, step=None, train_config=None, rob
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     if hasattr(model, "save_pretrained"):
-        from transformers.utils import logging as hf_logging
-
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the middle of a run
-        try:
+        with _no_hf_progress_bars():
             model.save_pretrained(path)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
     else:
         torch.save(model.state_dict(), os.path.join(path, STATE_DICT))
     state = {
@@ -312,7 +328,8 @@ def load_checkpoint(path, model: Optional[nn.Module] = None, map_location="cpu")
     import transformers
 
     if model is not None:
-        loaded = type(model).from_pretrained(path)
+        with _no_hf_progress_bars():
+            loaded = type(model).from_pretrained(path)
         model.load_state_dict(loaded.state_dict())
         return model
     config = transformers.AutoConfig.from_pretrained(path)
@@ -320,7 +337,8 @@ def load_checkpoint(path, model: Optional[nn.Module] = None, map_location="cpu")
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         raise ValueError(f"{path}: config.json names no known transformers architecture ({archs})")
-    return cls.from_pretrained(path)
+    with _no_hf_progress_bars():
+        return cls.from_pretrained(path)
 
 
 # --- evaluation ----------------------------------------------------------------------------------

@@ -1,0 +1,64 @@
+"""The main job (`modkern train`) end to end in --quick mode, and the CLI around it."""
+
+import json
+
+import pytest
+
+from modkern import cli, demo
+
+
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["train", "--quick", "--out", str(out), "--no-progress", "--seed", "1"]) == 0
+    printed = capsys.readouterr().out
+    # the table: a header with every evaluation column and one row per method
+    assert "| method | clean | misleading text | unrelated text |" in printed
+    for _, label in demo.METHODS:
+        assert f"| {label} |" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["results"]) == {"sft", "sft_aug", "modkern"}
+    for res in results["results"].values():
+        assert set(res["accuracy"]) == {key for key, _ in demo.EVAL_COLUMNS}
+        assert all(0.0 <= a <= 1.0 for a in res["accuracy"].values())
+        assert res["history"] and res["train_seconds"] > 0
+    # (c) really ran the adversarial branch and the consistency term; (a) did not
+    assert results["results"]["modkern"]["final_loss"]["ce_adv"] > 0
+    assert results["results"]["sft"]["final_loss"]["ce_adv"] == 0
+    assert results["config"]["quick"] and results["config"]["seed"] == 1
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert (out / "checkpoints" / "modkern" / demo.TOKENIZER_FILE).exists()
+
+    # --model: a local checkpoint (the one just written) instead of the random tiny LLaVA
+    out2 = tmp_path / "again"
+    ckpt = out / "checkpoints" / "modkern"
+    argv = ["--quick", "--model", str(ckpt), "--out", str(out2), "--no-progress", "--steps", "2"]
+    assert cli.main(argv) == 0  # options without a subcommand go to `train`
+    printed = capsys.readouterr().out
+    assert str(ckpt) in printed
+    again = json.loads((out2 / "results.json").read_text())
+    assert again["config"]["model"] == str(ckpt) and again["config"]["steps"] == 2
+
+
+def test_no_arguments_runs_the_default_demo(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda cfg: seen.setdefault("cfg", cfg))
+    assert cli.main([]) == 0
+    cfg = seen["cfg"]
+    assert cfg == demo.DemoConfig()  # the documented defaults, no reduced mode
+    assert cfg.out == "runs/demo" and cfg.model is None and not cfg.quick and cfg.steps >= 100
+
+
+def test_bad_options():
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--steps", "0"])
+    with pytest.raises(ValueError, match="methods"):
+        demo.DemoConfig(methods=("sft", "magic"))
+
+
+def test_selfcheck_torch_backend(capsys):
+    assert cli.main(["selfcheck", "--backend", "torch", "--repeat", "1"]) == 0
+    printed = capsys.readouterr().out
+    for op in ("fused_js", "fused_kl", "masked_adv_step", "perturb", "modality_mask", "init_delta"):
+        assert op in printed
+    assert "MISMATCH" not in printed and "ERROR" not in printed
