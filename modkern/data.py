@@ -169,8 +169,8 @@ class TaskConfig:
     caption_agree: float = 0.9
     image_agree: float = 0.9
     text_heavy_fraction: float = 0.3
-    image_noise: float = 0.3
-    contrast: float = 0.5
+    image_noise: float = 0.6
+    contrast: float = 0.3
     layout: str = "quadrant"
     seed: int = 0
 

@@ -69,7 +69,7 @@ class DemoConfig:
     num_layers: int = 2
     num_heads: int = 4
     copies_per_sample: int = 1
-    task: TaskConfig = field(default_factory=lambda: TaskConfig(image_noise=0.6, contrast=0.3))
+    task: TaskConfig = field(default_factory=TaskConfig)
     robust: RobustConfig = field(default_factory=default_robust)
     methods: tuple = tuple(m for m, _ in METHODS)
     progress: bool = True
@@ -234,6 +234,11 @@ def run_demo(cfg: Optional[DemoConfig] = None, log=print) -> dict:
         f"device {device}; {len(train_set)} training items (captions agree with the image "
         f"{100 * task.config.caption_agree:.0f}% of the time), {cfg.steps} steps x {cfg.batch_size} per method"
     )
+    r = cfg.robust
+    log(
+        f"(c) objective: epsilon {r.epsilon:g}, alpha {r.alpha:g}, {r.step} steps x {r.steps}, {r.norm} ball, "
+        f"{r.divergence} consistency x {r.lam:g}; modality mask: {r.policy}"
+    )
 
     results = {}
     for method in cfg.methods:
@@ -296,5 +301,10 @@ def run_demo(cfg: Optional[DemoConfig] = None, log=print) -> dict:
     log("")
     log(f"Accuracy (%) on {task.config.eval_size} items per column:")
     log(table)
+    log(
+        "clean / misleading text / unrelated text: image-heavy items (the image decides) with an agreeing "
+        "caption, a caption naming another colour, an unrelated fact naming another colour; text-heavy: "
+        "the note decides, with a matching, a swapped (other colour) or a black image."
+    )
     log(f"\nwrote {json_path} and {png_path} ({out['wall_seconds']:.0f} s in all)")
     return out

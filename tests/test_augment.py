@@ -181,7 +181,7 @@ def test_word_tokenizer_roundtrip(tmp_path):
 
 
 def test_task_sets_are_what_they_claim():
-    task = InterferenceTask(TaskConfig(train_size=400, eval_size=24, caption_agree=0.8, seed=1))
+    task = InterferenceTask(TaskConfig(train_size=400, eval_size=24, caption_agree=0.8, image_noise=0.1, seed=1))
     train = task.train_set()
     image_heavy = [s for s in train if s.kind == "image_heavy"]
     agree = sum(f" {s.answer} " in s.context for s in image_heavy) / len(image_heavy)
