@@ -220,6 +220,11 @@ def plot_results(results: dict, path: str) -> str:
 def run_demo(cfg: Optional[DemoConfig] = None, log=print) -> dict:
     """Run the whole demo; returns the results dict that is also written to ``results.json``."""
     cfg = DemoConfig() if cfg is None else cfg
+    import importlib.util
+
+    missing = [m for m in ("transformers", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:  # fail before training, not at the plot
+        raise RuntimeError(f"the demo needs {' and '.join(missing)}: pip install 'modkern[demo]'")
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
