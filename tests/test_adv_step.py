@@ -208,7 +208,19 @@ def test_opcheck(backend, inplace):
     for step, norm in [("raw", "linf"), ("l2", "l2")]:
         torch.library.opcheck(op, (delta.clone(), grad, mask, None, ALPHA, None, EPS, step, norm, backend))
         torch.library.opcheck(
-            op, (delta.clone(), grad, mask, torch.tensor(ALPHA, device=DEVICE), 0.0, torch.tensor(EPS, device=DEVICE), 0.0, step, norm, backend)
+            op,
+            (
+                delta.clone(),
+                grad,
+                mask,
+                torch.tensor(ALPHA, device=DEVICE),
+                0.0,
+                torch.tensor(EPS, device=DEVICE),
+                0.0,
+                step,
+                norm,
+                backend,
+            ),
         )
 
 
