@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from modkern.backend import accumulation_dtype
+
 KIND_IDS = {"js": 0, "kl_forward": 1, "kl_reverse": 2, "kl_symmetric": 3}
 
 # Widest block of the vocabulary one program handles per loop iteration. Rows wider than this
@@ -298,10 +300,6 @@ def _scale_rows_kernel(
     tl.store(dst_ptr + row * stride_dst + offs, (x * scale).to(dst_ptr.dtype.element_ty), mask=offs < V)
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _beta_logs(beta: float):
     return math.log(beta), math.log1p(-beta)
 
@@ -309,7 +307,7 @@ def _beta_logs(beta: float):
 def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q):
     rows, vocab = q.shape
     kind_id = KIND_IDS[kind]
-    acc = _acc_dtype(p)
+    acc = accumulation_dtype(p)
     loss = torch.empty(rows, dtype=acc, device=q.device)
     stats = torch.empty(rows, 4, dtype=acc, device=q.device)
     write_gp = need_grad_p and ref_index is None

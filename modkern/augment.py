@@ -35,7 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-SAMPLE_KINDS = ("image_heavy", "text_heavy", "vqa")
+from modkern.robust import SAMPLE_KINDS
+
 TEXT_TRANSFORMS = ("misleading_text", "unrelated_text")
 IMAGE_TRANSFORMS = ("swap_image", "black_image", "white_image", "noise_image")
 IGNORE_INDEX = -100

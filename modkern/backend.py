@@ -30,6 +30,11 @@ ENV_VAR = "MODKERN_BACKEND"
 CUDA_PREFERRED_OPS: frozenset[str] = frozenset()
 
 
+def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype every backend accumulates in for inputs like ``t``: float64 stays float64, else fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def check_backend(backend: str) -> str:
     """Validate a ``backend=`` argument and return it (``None`` means ``"auto"``)."""
     if backend is None:

@@ -22,14 +22,10 @@ from torch import Tensor
 
 from modkern import _validation as V
 from modkern._reduction import reduce_rows
-from modkern.backend import check_backend, load_impl
+from modkern.backend import accumulation_dtype, check_backend, load_impl
 
 KINDS = ("js", "kl_forward", "kl_reverse", "kl_symmetric")
 DIRECTIONS = ("forward", "reverse", "symmetric")
-
-
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _check_ref_index_values(ref_index: Optional[Tensor], num_p_rows: int) -> None:
@@ -67,7 +63,7 @@ def divergence_fwd(
 @divergence_fwd.register_fake
 def _(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q, backend):
     rows = q.shape[0]
-    acc = _acc_dtype(p)
+    acc = accumulation_dtype(p)
     store_p = need_grad_p and ref_index is None
     return (
         q.new_empty((rows,), dtype=acc),

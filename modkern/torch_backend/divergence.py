@@ -26,11 +26,7 @@ import math
 
 import torch
 
-KINDS = ("js", "kl_forward", "kl_reverse", "kl_symmetric")
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from modkern.backend import accumulation_dtype
 
 
 def _zero_where_zero(x: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
@@ -86,7 +82,7 @@ def _gather_p(p, ref_index):
 
 
 def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q):
-    acc = _acc_dtype(p)
+    acc = accumulation_dtype(p)
     a = _gather_p(p, ref_index).to(acc) * inv_temperature
     b = q.to(acc) * inv_temperature
     log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, loss = _terms(a, b, kind, beta)
@@ -127,7 +123,7 @@ def backward(
     need_grad_p,
     need_grad_q,
 ):
-    grad_rows = grad_rows.to(_acc_dtype(p))
+    grad_rows = grad_rows.to(accumulation_dtype(p))
     if mask is not None:
         grad_rows = torch.where(mask, grad_rows, torch.zeros_like(grad_rows))
     grad_q = _scale_rows(saved_grad_q, grad_rows) if need_grad_q else q.new_empty(0)
@@ -136,7 +132,7 @@ def backward(
     if ref_index is None:
         return _scale_rows(saved_grad_p, grad_rows), grad_q
     # Recompute each copy's gradient for its reference row and sum the copies (index_add_).
-    acc = _acc_dtype(p)
+    acc = accumulation_dtype(p)
     a = _gather_p(p, ref_index).to(acc) * inv_temperature
     b = q.to(acc) * inv_temperature
     log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, _ = _terms(a, b, kind, beta)
