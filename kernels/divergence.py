@@ -31,9 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from modkern.backend import DIVERGENCE_KIND_IDS as KIND_IDS
 from modkern.backend import accumulation_dtype
-
-KIND_IDS = {"js": 0, "kl_forward": 1, "kl_reverse": 2, "kl_symmetric": 3}
 
 # Widest block of the vocabulary one program handles per loop iteration. Rows wider than this
 # loop; tests lower it to exercise many iterations.

@@ -30,6 +30,11 @@ ENV_VAR = "MODKERN_BACKEND"
 CUDA_PREFERRED_OPS: frozenset[str] = frozenset()
 
 
+# The divergence kinds every backend implements, with the integer code the Triton and CUDA kernels
+# take (csrc/divergence_kernels.cuh's enum follows this order; tests/test_cuda_build.py checks it).
+DIVERGENCE_KIND_IDS: dict[str, int] = {"js": 0, "kl_forward": 1, "kl_reverse": 2, "kl_symmetric": 3}
+
+
 def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype every backend accumulates in for inputs like ``t``: float64 stays float64, else fp32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32

@@ -9,10 +9,9 @@ float64 inputs run the PyTorch backend.
 
 from __future__ import annotations
 
+from modkern.backend import DIVERGENCE_KIND_IDS as KIND_IDS
 from modkern.cuda_backend._ext import ext, kernel_dtypes
 from modkern.torch_backend import divergence as _torch_impl
-
-KIND_IDS = {kind: i for i, kind in enumerate(_torch_impl.KINDS)}  # js 0, kl_forward 1, kl_reverse 2, kl_symmetric 3
 
 
 def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q):

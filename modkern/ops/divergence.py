@@ -22,9 +22,9 @@ from torch import Tensor
 
 from modkern import _validation as V
 from modkern._reduction import reduce_rows
-from modkern.backend import accumulation_dtype, check_backend, load_impl
+from modkern.backend import DIVERGENCE_KIND_IDS, accumulation_dtype, check_backend, load_impl
 
-KINDS = ("js", "kl_forward", "kl_reverse", "kl_symmetric")
+KINDS = tuple(DIVERGENCE_KIND_IDS)
 DIRECTIONS = ("forward", "reverse", "symmetric")
 
 
