@@ -29,7 +29,12 @@ is removed in a ``finally``, also when a forward raises.
 
 Normalization: every term is a token sum divided by ``num_items_in_batch`` when given (Hugging Face
 passes the number of answer tokens of the whole accumulated batch), else by the micro-batch's
-answer-token count, so gradient accumulation is exact. The attack ascends the same normalized CE.
+answer-token count, so gradient accumulation is exact. The attack ascends the same normalized CE by
+default (``attack_normalization="num_items"``: the perturbation of a sample does not depend on how
+the batch was split into micro-batches). With a ``"raw"`` step that makes the step alpha * g smaller
+by the number of micro-batches (and of ranks, with ``average_tokens_across_devices``) than in the
+official code, whose attack ascends the micro-batch mean CE; ``attack_normalization="micro_batch"``
+does that instead (the loss that is back-propagated keeps the ``num_items_in_batch`` normalization).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ IGNORE_INDEX = -100
 SAMPLE_KINDS = ("image_heavy", "text_heavy", "vqa")
 DIVERGENCES = ("kl", "js", "none")
 INITS = ("random", "zero")
+ATTACK_NORMALIZATIONS = ("num_items", "micro_batch")
 # Batch keys robust_loss consumes itself (never passed to the model).
 CONSUMED_KEYS = ("labels", "shift_labels", "sample_kind", "ref_index")
 
@@ -91,6 +97,11 @@ class RobustConfig:
         step: PGD direction, ``"raw"`` (the paper's), ``"sign"``, ``"l2"``, ``"l2_token"``, ``"linf"``.
         norm: projection, ``"linf"`` (the paper's), ``"l2"``, ``"l2_token"`` or None.
         init: ``"random"`` (``init_delta`` in the ``norm`` ball) or ``"zero"``.
+        attack_normalization: what the attack's CE sum is divided by: ``"num_items"`` (the
+            ``num_items_in_batch`` of the loss, so the perturbation is independent of the
+            micro-batch split) or ``"micro_batch"`` (this micro-batch's answer tokens, as the
+            official code's micro-batch mean; a larger raw step when accumulating). The two agree
+            without gradient accumulation, and for the scale-free ``sign`` / ``l2`` / ``linf`` steps.
         policy: sample kind -> what to perturb (``"text"``, a modality name, a list of them, or
             ``"none"``).
         default_perturb: the target for batches without ``sample_kind``.
@@ -119,6 +130,7 @@ class RobustConfig:
     step: str = "raw"
     norm: Optional[str] = "linf"
     init: str = "random"
+    attack_normalization: str = "num_items"
     policy: dict = field(default_factory=_default_policy)
     default_perturb: Policy = "text"
     token_ids: Optional[dict] = None
@@ -149,6 +161,7 @@ class RobustConfig:
         V.check_choice("step", self.step, STEPS)
         V.check_choice("norm", self.norm, NORMS)
         V.check_choice("init", self.init, INITS)
+        V.check_choice("attack_normalization", self.attack_normalization, ATTACK_NORMALIZATIONS)
         if not isinstance(self.policy, dict):
             raise TypeError(f"policy must be a dict sample kind -> target, got {type(self.policy).__name__}")
         self.policy = {str(k): _check_target(f"policy[{k!r}]", v) for k, v in self.policy.items()}
@@ -617,13 +630,14 @@ def robust_loss(
         delta = init_delta(x0, mask, epsilon=config.epsilon, norm=init_norm, dtype=torch.float32)
 
         # attack: gradient w.r.t. delta only
+        attack_denom = denom if config.attack_normalization == "num_items" else _normalizer(None, rows)
         if config.steps and bool(mask.any()):
             with _FrozenParams(base, config.freeze_params_during_attack):
                 for _ in range(config.steps):
                     delta.requires_grad_(True)
                     injector.set_perturbation(delta, mask)
                     attack_logits = _get_logits(base(**replay_inputs))
-                    attack_loss = _ce_sum(attack_logits, shifted) / denom
+                    attack_loss = _ce_sum(attack_logits, shifted) / attack_denom
                     (grad,) = torch.autograd.grad(attack_loss, delta)
                     del attack_logits, attack_loss
                     delta = delta.detach()

@@ -71,6 +71,7 @@ def manual_ce_sum(logits, labels):
         (dict(step="adam"), ValueError, "step"),
         (dict(norm="l3"), ValueError, "norm"),
         (dict(init="gauss"), ValueError, "init"),
+        (dict(attack_normalization="batch"), ValueError, "attack_normalization"),
         (dict(policy=["text"]), TypeError, "policy"),
         (dict(policy={"vqa": 3}), TypeError, "policy"),
         (dict(default_perturb=[]), TypeError, "default_perturb"),
@@ -217,6 +218,28 @@ def test_attack_increases_the_loss(models):
     attacked = robust_loss(model, batch, RobustConfig(init="zero", steps=3, epsilon=0.5, alpha=50.0, step="sign"))
     assert attacked.ce_adv > base.ce_adv + 1e-4
     torch.testing.assert_close(attacked.ce_clean, base.ce_clean)
+
+
+def test_attack_normalization_scales_the_raw_step(models):
+    # One raw step from zero with no projection: delta = alpha * dCE_sum/d delta / divisor. With
+    # num_items_in_batch = 3 x this micro-batch's tokens (gradient accumulation over 3 micro-batches),
+    # "num_items" divides by 3n and "micro_batch" by n (the official micro-batch mean), so the
+    # micro-batch step is exactly 3 times larger, and equals the step without accumulation.
+    model, info = models["llama"]
+    batch = make_batch(info, 4, seed=6)
+    n = int((shift_labels(batch["labels"]) != -100).sum())
+    cfg = RobustConfig(init="zero", steps=1, step="raw", norm=None, alpha=10.0, lam=0.0)
+    alone = robust_loss(model, batch, cfg).delta
+    by_items = robust_loss(model, batch, cfg, num_items_in_batch=3 * n).delta
+    by_micro = robust_loss(model, batch, cfg.replace(attack_normalization="micro_batch"), num_items_in_batch=3 * n)
+    scale = float(alone.abs().max())
+    assert scale > 0
+    # fp32 model: the two backward passes round differently (the loss scale enters before the
+    # matmuls), a few fp32 ulps of the largest entry.
+    torch.testing.assert_close(by_items * 3, alone, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(by_micro.delta, alone, rtol=1e-4, atol=1e-5 * scale)
+    # the back-propagated loss keeps the num_items normalization either way
+    torch.testing.assert_close(by_micro.ce_clean * 3, robust_loss(model, batch, cfg).ce_clean)
 
 
 @pytest.mark.parametrize("divergence", ["kl", "js"])
