@@ -55,6 +55,20 @@ def _text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_si
     )
 
 
+def _info(kind, vocab_size, hidden_size, text_token_range, token_ids, **extra):
+    return dict(
+        kind=kind,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        text_token_range=text_token_range,
+        token_ids=token_ids,
+        **extra,
+    )
+
+
 def tiny_llava(
     vocab_size: int = 128,
     *,
@@ -104,18 +118,15 @@ def tiny_llava(
     )
     state = _seeded(seed)
     model = _finish(LlavaForConditionalGeneration(config), state, dtype)
-    info = dict(
-        kind="llava",
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        text_token_range=(3, vocab_size - 1),
+    info = _info(
+        "llava",
+        vocab_size,
+        hidden_size,
+        (3, vocab_size - 1),
+        {"image": image_token_id},
         image_token_id=image_token_id,
         image_size=image_size,
         num_image_tokens=num_image_tokens,
-        token_ids={"image": image_token_id},
     )
     return model, info
 
@@ -179,14 +190,12 @@ def tiny_qwen2_vl(
     state = _seeded(seed)
     model = _finish(Qwen2VLForConditionalGeneration(config), state, dtype)
     side = image_size // patch_size
-    info = dict(
-        kind="qwen2_vl",
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        text_token_range=(3, vocab_size - 4),
+    info = _info(
+        "qwen2_vl",
+        vocab_size,
+        hidden_size,
+        (3, vocab_size - 4),
+        {"image": image_token_id, "video": video_token_id},
         image_token_id=image_token_id,
         video_token_id=video_token_id,
         vision_start_token_id=vision_start,
@@ -196,7 +205,6 @@ def tiny_qwen2_vl(
         temporal_patch_size=temporal_patch_size,
         spatial_merge_size=spatial_merge_size,
         num_image_tokens=(side // spatial_merge_size) ** 2,
-        token_ids={"image": image_token_id, "video": video_token_id},
     )
     return model, info
 
@@ -219,16 +227,7 @@ def tiny_llama(
     config = LlamaConfig(**text)
     state = _seeded(seed)
     model = _finish(LlamaForCausalLM(config), state, dtype)
-    info = dict(
-        kind="llama",
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        text_token_range=(3, vocab_size),
-        token_ids={},
-    )
+    info = _info("llama", vocab_size, hidden_size, (3, vocab_size), {})
     return model, info
 
 

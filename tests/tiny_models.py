@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from modkern.robust import SAMPLE_KINDS as KINDS  # noqa: F401 (re-exported for the tests)
 from modkern.tiny import qwen2_vl_pixel_values
-
-KINDS = ("image_heavy", "text_heavy", "vqa")
 
 
 def make_sample_ids(info, prompt_len, answer, gen):
