@@ -20,7 +20,8 @@ gradient for P: several Q rows share one P row, so each P row's gradient is a su
 recomputed in the backward by one program per P row looping over its copies (an on-device CSR
 built with argsort / scatter_add / cumsum - no atomics, deterministic, no [R, V] temporary).
 
-No host synchronization anywhere; all offsets are int64 (R * V can exceed 2^31).
+No host synchronization anywhere; all offsets are int64 (R * V can exceed 2^31). float64 logits
+run the PyTorch backend (these kernels accumulate in fp32).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import triton
 import triton.language as tl
 
 from modkern.backend import DIVERGENCE_KIND_IDS as KIND_IDS
-from modkern.backend import accumulation_dtype
+from modkern.backend import accumulation_dtype, kernel_dtypes
+from modkern.torch_backend import divergence as _torch_impl
 
 # Widest block of the vocabulary one program handles per loop iteration. Rows wider than this
 # loop; tests lower it to exercise many iterations.
@@ -304,6 +306,8 @@ def _beta_logs(beta: float):
 
 
 def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q):
+    if not kernel_dtypes(p, q):
+        return _torch_impl.forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q)
     rows, vocab = q.shape
     kind_id = KIND_IDS[kind]
     acc = accumulation_dtype(p)
@@ -393,6 +397,22 @@ def backward(
     need_grad_p,
     need_grad_q,
 ):
+    if not kernel_dtypes(p, q):
+        return _torch_impl.backward(
+            grad_rows,
+            p,
+            q,
+            ref_index,
+            mask,
+            stats,
+            saved_grad_p,
+            saved_grad_q,
+            kind,
+            beta,
+            inv_temperature,
+            need_grad_p,
+            need_grad_q,
+        )
     grad_q = _scale_rows(saved_grad_q, grad_rows, mask) if need_grad_q else q.new_empty(0)
     if not need_grad_p:
         return p.new_empty(0), grad_q

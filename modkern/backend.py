@@ -35,6 +35,16 @@ CUDA_PREFERRED_OPS: frozenset[str] = frozenset()
 DIVERGENCE_KIND_IDS: dict[str, int] = {"js": 0, "kl_forward": 1, "kl_reverse": 2, "kl_symmetric": 3}
 
 
+# Element types the GPU kernels (Triton divergence, CUDA) are written for; float64 inputs run the
+# PyTorch backend there (exact fp64 arithmetic, not a performance path).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def kernel_dtypes(*tensors: torch.Tensor) -> bool:
+    """True when every tensor has a dtype the GPU kernels handle (see ``KERNEL_DTYPES``)."""
+    return all(t.dtype in KERNEL_DTYPES for t in tensors)
+
+
 def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype every backend accumulates in for inputs like ``t``: float64 stays float64, else fp32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32

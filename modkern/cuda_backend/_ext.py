@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from modkern.backend import cuda_extension
-
-# Element types the CUDA kernels are instantiated for; float64 runs the PyTorch backend instead
-# (exact fp64 arithmetic; not a performance path).
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from modkern.backend import cuda_extension, kernel_dtypes  # noqa: F401 (the CUDA modules import it from here)
 
 
 def ext():
@@ -20,8 +14,3 @@ def ext():
             "nvcc: `MODKERN_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e .`"
         )
     return module
-
-
-def kernel_dtypes(*tensors: torch.Tensor) -> bool:
-    """True when every tensor has a dtype the CUDA kernels handle."""
-    return all(t.dtype in KERNEL_DTYPES for t in tensors)
