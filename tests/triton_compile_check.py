@@ -250,8 +250,18 @@ def main(argv=None) -> int:
             f"{e['kernel']:<36} warps={e['num_warps']} regs={e['registers']} smem={e['shared_bytes']} "
             f"spill={e['spill_store_bytes']}/{e['spill_load_bytes']}{flag}  [{e['case']}]"
         )
+    import triton
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__))
+    ).stdout.strip()
     summary = {
+        "what": "compile-only check (no GPU, nothing ran): Triton kernels -> PTX -> cubin, ptxas -v",
         "arch": f"sm_{args.arch}",
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "git_commit": commit or None,
+        "mode": "full" if args.full else "quick",
         "cases": len(cases),
         "failed_cases": failures,
         "kernels_compiled": len(report),
