@@ -270,6 +270,27 @@ def test_consistency_with_heuristic_copies_uses_aligned_answer_rows(models, dive
     torch.testing.assert_close(out.ce_clean * 11, manual_ce_sum(out.logits.detach(), batch["labels"]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ce_over_answer_rows_equals_full_upcast_ce(dtype):
+    # the objective gathers the answer rows before the fp32 upcast: same value and gradient as the
+    # usual full-vocabulary, full-sequence CE with ignore_index (HF's loss), also with no answer row
+    from modkern.robust import _answer_rows, _ce_sum
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 37, generator=gen).to(dtype).requires_grad_(True)
+    shifted = torch.randint(0, 37, (3, 7), generator=gen)
+    shifted[0, :4] = -100
+    shifted[2] = -100
+    for labels in (shifted, torch.full_like(shifted, -100)):
+        ours = _ce_sum(logits, _answer_rows(labels))
+        full = F.cross_entropy(logits.reshape(-1, 37).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        torch.testing.assert_close(ours, full, rtol=1e-6, atol=0)
+        (g_ours,) = torch.autograd.grad(ours, logits)
+        (g_full,) = torch.autograd.grad(full, logits)
+        torch.testing.assert_close(g_ours, g_full, rtol=1e-6, atol=0)
+    assert float(_ce_sum(logits, _answer_rows(shifted)).detach()) > 0
+
+
 def test_row_ref_index():
     rows = torch.tensor(
         [
