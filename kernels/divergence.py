@@ -33,8 +33,10 @@ import triton
 import triton.language as tl
 
 from modkern.backend import DIVERGENCE_KIND_IDS as KIND_IDS
-from modkern.backend import accumulation_dtype, kernel_dtypes
-from modkern.torch_backend import divergence as _torch_impl
+from modkern.backend import KERNEL_DTYPES, accumulation_dtype
+
+# float64 logits run the PyTorch backend (modkern.backend.load_impl reads this).
+SUPPORTED_DTYPES = KERNEL_DTYPES
 
 # Widest block of the vocabulary one program handles per loop iteration. Rows wider than this
 # loop; tests lower it to exercise many iterations.
@@ -306,8 +308,6 @@ def _beta_logs(beta: float):
 
 
 def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q):
-    if not kernel_dtypes(p, q):
-        return _torch_impl.forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q)
     rows, vocab = q.shape
     kind_id = KIND_IDS[kind]
     acc = accumulation_dtype(p)
@@ -397,22 +397,6 @@ def backward(
     need_grad_p,
     need_grad_q,
 ):
-    if not kernel_dtypes(p, q):
-        return _torch_impl.backward(
-            grad_rows,
-            p,
-            q,
-            ref_index,
-            mask,
-            stats,
-            saved_grad_p,
-            saved_grad_q,
-            kind,
-            beta,
-            inv_temperature,
-            need_grad_p,
-            need_grad_q,
-        )
     grad_q = _scale_rows(saved_grad_q, grad_rows, mask) if need_grad_q else q.new_empty(0)
     if not need_grad_p:
         return p.new_empty(0), grad_q

@@ -35,14 +35,10 @@ CUDA_PREFERRED_OPS: frozenset[str] = frozenset()
 DIVERGENCE_KIND_IDS: dict[str, int] = {"js": 0, "kl_forward": 1, "kl_reverse": 2, "kl_symmetric": 3}
 
 
-# Element types the GPU kernels (Triton divergence, CUDA) are written for; float64 inputs run the
-# PyTorch backend there (exact fp64 arithmetic, not a performance path).
+# Element types of GPU kernels written for fp32 accumulation of 16/32-bit inputs. A backend module
+# that sets ``SUPPORTED_DTYPES`` (e.g. to this) gets other inputs (float64) routed to the PyTorch
+# backend by ``load_impl``: exact fp64 arithmetic, not a performance path.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def kernel_dtypes(*tensors: torch.Tensor) -> bool:
-    """True when every tensor has a dtype the GPU kernels handle (see ``KERNEL_DTYPES``)."""
-    return all(t.dtype in KERNEL_DTYPES for t in tensors)
 
 
 def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
@@ -139,7 +135,15 @@ IMPL_MODULES = {
 }
 
 
-def load_impl(op: str, backend: str, device: torch.device):
-    """The implementation module of op family ``op`` for ``backend`` on ``device``."""
+def load_impl(op: str, backend: str, device: torch.device, dtypes=()):
+    """The implementation module of op family ``op`` for ``backend`` on ``device``.
+
+    ``dtypes``: the element types of the call's floating inputs / outputs. When the module declares
+    ``SUPPORTED_DTYPES`` and one of them is not in it, the PyTorch backend runs the call instead.
+    """
     name = resolve_backend(backend, device, op)
-    return importlib.import_module(IMPL_MODULES[name].format(op=op))
+    module = importlib.import_module(IMPL_MODULES[name].format(op=op))
+    supported = getattr(module, "SUPPORTED_DTYPES", None)
+    if supported is not None and any(d not in supported for d in dtypes):
+        module = importlib.import_module(IMPL_MODULES["torch"].format(op=op))
+    return module

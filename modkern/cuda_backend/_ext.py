@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modkern.backend import cuda_extension, kernel_dtypes  # noqa: F401 (the CUDA modules import it from here)
+from modkern.backend import cuda_extension
 
 
 def ext():

@@ -7,8 +7,10 @@ the l2 projection. float64 ``delta`` or ``grad`` runs the PyTorch backend.
 
 from __future__ import annotations
 
-from modkern.cuda_backend._ext import ext, kernel_dtypes
-from modkern.torch_backend import adv_step as _torch_impl
+from modkern.backend import KERNEL_DTYPES
+from modkern.cuda_backend._ext import ext
+
+SUPPORTED_DTYPES = KERNEL_DTYPES  # float64 runs the PyTorch backend (modkern.backend.load_impl)
 
 STEP_CODES = {"raw": 0, "sign": 1, "l2": 2, "l2_token": 3, "linf": 4}
 NORM_CODES = {"none": 0, "linf": 1, "l2": 2, "l2_token": 3}
@@ -16,8 +18,6 @@ NORM_CODES = {"none": 0, "linf": 1, "l2": 2, "l2_token": 3}
 
 def step(delta, grad, mask, out, alpha, alpha_t, epsilon, epsilon_t, step, norm):
     """Write one masked PGD step of ``delta [B, L, H]`` into ``out`` (which may be ``delta``)."""
-    if not kernel_dtypes(delta, grad):
-        return _torch_impl.step(delta, grad, mask, out, alpha, alpha_t, epsilon, epsilon_t, step, norm)
     if delta.numel() == 0:
         return out
     ext().adv_step(

@@ -10,13 +10,13 @@ float64 inputs run the PyTorch backend.
 from __future__ import annotations
 
 from modkern.backend import DIVERGENCE_KIND_IDS as KIND_IDS
-from modkern.cuda_backend._ext import ext, kernel_dtypes
-from modkern.torch_backend import divergence as _torch_impl
+from modkern.backend import KERNEL_DTYPES
+from modkern.cuda_backend._ext import ext
+
+SUPPORTED_DTYPES = KERNEL_DTYPES  # float64 runs the PyTorch backend (modkern.backend.load_impl)
 
 
 def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q):
-    if not kernel_dtypes(p, q):
-        return _torch_impl.forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q)
     loss, stats, grad_p, grad_q = ext().divergence_forward(
         p, q, ref_index, mask, KIND_IDS[kind], float(beta), float(inv_temperature), bool(need_grad_p), bool(need_grad_q)
     )
@@ -39,8 +39,6 @@ def backward(
     need_grad_q,
 ):
     tensors = (grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q)
-    if not kernel_dtypes(p, q):
-        return _torch_impl.backward(*tensors, kind, beta, inv_temperature, need_grad_p, need_grad_q)
     grad_p, grad_q = ext().divergence_backward(
         *tensors, KIND_IDS[kind], float(beta), float(inv_temperature), bool(need_grad_p), bool(need_grad_q)
     )

@@ -52,7 +52,7 @@ def masked_adv_step_op(
 ) -> Tensor:
     """Out-of-place step: returns ``delta'`` (``norm`` ``"none"`` for no projection)."""
     out = torch.empty_like(delta)
-    impl = load_impl("adv_step", backend, delta.device)
+    impl = load_impl("adv_step", backend, delta.device, (delta.dtype, grad.dtype))
     impl.step(delta, grad, mask, out, alpha, alpha_t, epsilon, epsilon_t, step, norm)
     return out
 
@@ -76,7 +76,7 @@ def masked_adv_step_inplace_op(
     backend: str,
 ) -> None:
     """In-place step: writes ``delta'`` into ``delta``."""
-    impl = load_impl("adv_step", backend, delta.device)
+    impl = load_impl("adv_step", backend, delta.device, (delta.dtype, grad.dtype))
     impl.step(delta, grad, mask, delta, alpha, alpha_t, epsilon, epsilon_t, step, norm)
 
 

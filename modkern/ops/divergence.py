@@ -56,7 +56,7 @@ def divergence_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss_rows [R], stats [R, 4], grad_p [N, V] or [0], grad_q [R, V] or [0])."""
     _check_ref_index_values(ref_index, p.shape[0])
-    impl = load_impl("divergence", backend, q.device)
+    impl = load_impl("divergence", backend, q.device, (p.dtype, q.dtype))
     return impl.forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q)
 
 
@@ -91,7 +91,7 @@ def divergence_bwd(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Returns (grad_p [N, V] or [0], grad_q [R, V] or [0]) for the per-row output gradient."""
-    impl = load_impl("divergence", backend, q.device)
+    impl = load_impl("divergence", backend, q.device, (p.dtype, q.dtype))
     return impl.backward(
         grad_rows.contiguous(),
         p,

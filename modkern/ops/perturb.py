@@ -31,7 +31,7 @@ def _contiguous(t: Tensor) -> Tensor:
 @torch.library.custom_op("modkern::perturb_fwd", mutates_args=())
 def perturb_fwd(embeds: Tensor, delta: Tensor, mask: Tensor, backend: str) -> Tensor:
     """``embeds + delta * mask`` computed in fp32, in ``embeds.dtype``."""
-    impl = load_impl("perturb", backend, embeds.device)
+    impl = load_impl("perturb", backend, embeds.device, (embeds.dtype, delta.dtype))
     return impl.forward(_contiguous(embeds), _contiguous(delta), _contiguous(mask))
 
 
@@ -43,7 +43,7 @@ def _(embeds, delta, mask, backend):
 @torch.library.custom_op("modkern::perturb_bwd", mutates_args=())
 def perturb_bwd(grad_out: Tensor, mask: Tensor, delta_dtype: torch.dtype, backend: str) -> Tensor:
     """Gradient for ``delta``: ``grad_out`` on masked tokens, 0 elsewhere, in ``delta_dtype``."""
-    impl = load_impl("perturb", backend, grad_out.device)
+    impl = load_impl("perturb", backend, grad_out.device, (grad_out.dtype, delta_dtype))
     return impl.backward(_contiguous(grad_out), _contiguous(mask), delta_dtype)
 
 

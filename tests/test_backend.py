@@ -1,0 +1,50 @@
+"""Backend dispatch (modkern.backend): which implementation module runs a call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from modkern.backend import KERNEL_DTYPES, available_backends, load_impl
+
+needs_triton = pytest.mark.skipif(
+    "triton" not in available_backends(DEVICE), reason="Triton cannot run here (no GPU and no interpreter)"
+)
+
+
+def test_torch_backend_takes_every_dtype():
+    for dtype in (*KERNEL_DTYPES, torch.float64):
+        for op in ("divergence", "adv_step", "perturb"):
+            assert load_impl(op, "torch", DEVICE, (dtype,)).__name__ == f"modkern.torch_backend.{op}"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_triton_backend_runs_its_kernel_dtypes(dtype):
+    for op in ("divergence", "adv_step", "perturb"):
+        assert load_impl(op, "triton", DEVICE, (dtype, dtype)).__name__ == f"modkern.kernels.{op}"
+
+
+@needs_triton
+def test_float64_divergence_goes_to_torch_while_fp64_kernels_stay():
+    # the divergence kernels accumulate in fp32 and declare SUPPORTED_DTYPES; the PGD step and
+    # perturb kernels have an fp64 path of their own
+    assert load_impl("divergence", "triton", DEVICE, (torch.float64, torch.float64)).__name__ == (
+        "modkern.torch_backend.divergence"
+    )
+    assert load_impl("divergence", "triton", DEVICE, (torch.float32, torch.float64)).__name__ == (
+        "modkern.torch_backend.divergence"
+    )
+    assert load_impl("adv_step", "triton", DEVICE, (torch.float64,)).__name__ == "modkern.kernels.adv_step"
+    assert load_impl("perturb", "triton", DEVICE, (torch.float64,)).__name__ == "modkern.kernels.perturb"
+
+
+def test_cuda_backend_modules_declare_their_dtypes():
+    import modkern.cuda_backend.adv_step as adv
+    import modkern.cuda_backend.divergence as div
+    import modkern.cuda_backend.perturb as pert
+
+    for module in (adv, div, pert):
+        assert module.SUPPORTED_DTYPES == KERNEL_DTYPES
+        assert torch.float64 not in module.SUPPORTED_DTYPES
