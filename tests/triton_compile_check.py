@@ -203,6 +203,15 @@ def ptxas_report(ptx: str, arch: int) -> dict:
     }
 
 
+def global_access_widths(ptx: str) -> dict:
+    """Count the global loads / stores of a kernel's PTX by width (``v4`` = 16-byte accesses)."""
+    counts = {"ld_v4": 0, "ld_v2": 0, "ld_scalar": 0, "st_v4": 0, "st_v2": 0, "st_scalar": 0}
+    for op, mods in re.findall(r"\b(ld|st)\.global((?:\.\w+)*)", ptx):
+        width = "v4" if ".v4" in mods else ("v2" if ".v2" in mods else "scalar")
+        counts[f"{op}_{width}"] += 1
+    return counts
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
@@ -240,6 +249,7 @@ def main(argv=None) -> int:
                 "num_warps": kernel.metadata.num_warps,
                 "shared_bytes": kernel.metadata.shared,
                 **ptxas_report(kernel.asm["ptx"], args.arch),
+                **global_access_widths(kernel.asm["ptx"]),
             }
             report.append(entry)
     elapsed = time.perf_counter() - start
@@ -248,7 +258,8 @@ def main(argv=None) -> int:
         flag = "  SPILLS" if e in spilling else ""
         print(
             f"{e['kernel']:<36} warps={e['num_warps']} regs={e['registers']} smem={e['shared_bytes']} "
-            f"spill={e['spill_store_bytes']}/{e['spill_load_bytes']}{flag}  [{e['case']}]"
+            f"spill={e['spill_store_bytes']}/{e['spill_load_bytes']} ld.v4={e['ld_v4']} st.v4={e['st_v4']}"
+            f"{flag}  [{e['case']}]"
         )
     import triton
 
