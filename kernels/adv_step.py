@@ -194,6 +194,30 @@ def _adv_stats_kernel(
 
 
 @triton.jit
+def _update_and_store(
+    out_ptr, o_rows, cols, soh, hmask, row_ok, sel, delta, d0, coef, proj_b, proj_t, e, NORM: tl.constexpr
+):
+    """new = delta + coef * d0, projected (linf clamp, l2 factor proj_b, l2_token factors proj_t;
+    proj_t None = from this tile's own rows, when the tile holds whole tokens), 0 off the mask."""
+    new = delta + coef[:, None] * d0
+    if NORM == 1:
+        new = tl.minimum(tl.maximum(new, -e), e)
+    if NORM == 2:
+        new = new * proj_b
+    if NORM == 3:
+        if proj_t is None:
+            new = new * (e / tl.maximum(tl.sqrt(tl.sum(new * new, 1)), e))[:, None]
+        else:
+            new = new * proj_t[:, None]
+    new = tl.where(sel[:, None], new, 0.0)
+    tl.store(
+        out_ptr + o_rows[:, None] + cols[None, :] * soh,
+        new.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & hmask[None, :],
+    )
+
+
+@triton.jit
 def _adv_update_kernel(
     delta_ptr,
     grad_ptr,
@@ -272,19 +296,7 @@ def _adv_update_kernel(
         hmask = cols < H
         delta, d0 = _load_tile(delta_ptr, grad_ptr, d_rows, g_rows, sdh, sgh, cols, hmask, sel, True, STEP, ACC)
         coef = c * _token_scale(tl.sum(d0 * d0, 1), STEP)
-        new = delta + coef[:, None] * d0
-        if NORM == 1:
-            new = tl.minimum(tl.maximum(new, -e), e)
-        if NORM == 2:
-            new = new * proj_b
-        if NORM == 3:
-            new = new * (e / tl.maximum(tl.sqrt(tl.sum(new * new, 1)), e))[:, None]
-        new = tl.where(sel[:, None], new, 0.0)
-        tl.store(
-            out_ptr + o_rows[:, None] + cols[None, :] * soh,
-            new.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & hmask[None, :],
-        )
+        _update_and_store(out_ptr, o_rows, cols, soh, hmask, row_ok, sel, delta, d0, coef, proj_b, None, e, NORM)
     else:
         coef = tl.full([ROWS], 1.0, ACC) * c
         proj_t = tl.full([ROWS], 1.0, ACC)
@@ -300,19 +312,7 @@ def _adv_update_kernel(
             cols = (k * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
             hmask = cols < H
             delta, d0 = _load_tile(delta_ptr, grad_ptr, d_rows, g_rows, sdh, sgh, cols, hmask, sel, True, STEP, ACC)
-            new = delta + coef[:, None] * d0
-            if NORM == 1:
-                new = tl.minimum(tl.maximum(new, -e), e)
-            if NORM == 2:
-                new = new * proj_b
-            if NORM == 3:
-                new = new * proj_t[:, None]
-            new = tl.where(sel[:, None], new, 0.0)
-            tl.store(
-                out_ptr + o_rows[:, None] + cols[None, :] * soh,
-                new.to(out_ptr.dtype.element_ty),
-                mask=row_ok[:, None] & hmask[None, :],
-            )
+            _update_and_store(out_ptr, o_rows, cols, soh, hmask, row_ok, sel, delta, d0, coef, proj_b, proj_t, e, NORM)
 
 
 def _tiling(L: int, H: int):

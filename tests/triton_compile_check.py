@@ -137,6 +137,12 @@ def adv_step_cases(full: bool):
         "adv_step l2+l2 fp16 grad, odd H",
         lambda: _adv_step(ka, "l2", "l2", torch.float32, torch.float16, False, hidden=3584),
     )
+    for step, norm in (("raw", "linf"), ("l2_token", "l2_token"), ("l2", "l2")):
+        # H above MAX_BLOCK_H: the kernels loop over H chunks (a second code path)
+        yield (
+            f"adv_step {step}+{norm} H=12288 (H chunks)",
+            lambda s=step, n=norm: _adv_step(ka, s, n, torch.float32, torch.bfloat16, False, hidden=12288),
+        )
     yield "adv_step l2+l2 fp64", lambda: _adv_step(ka, "l2", "l2", torch.float64, torch.float64, True, hidden=1000)
 
 
