@@ -120,6 +120,11 @@ The full GPU run compiles ~60 `torch.compile` graphs; to fit a 10-minute command
 `bench_adv_step.py`, then `bench_robust_step.py` (environment: `MODKERN_BENCH_E2E_BATCH` /
 `_SEQ` / `_ANSWER`, default 8 / 1024 / 64).
 
+With the device tool, `benchmarks/gpu_session.sh` does this in stages that each fit one call:
+`bash benchmarks/gpu_session.sh build test`, then `build div-bf16 adv`, then `build div-fp32 e2e`
+(also `sanitize`, `compile`; raw JSON and logs under `$OUT`); copy the `gpu-*.json` files into
+`benchmarks/results/` and run `python benchmarks/report.py` here.
+
 """
 
 
