@@ -59,7 +59,7 @@ class RobustTrainerMixin:
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
         self._robust_parts = None
-        self._robust_last_step = getattr(getattr(self, "state", None), "global_step", 0)
+        self._robust_log_steps = None
         if getattr(self, "_signature_columns", None) is not None:
             self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CONSUMED_KEYS]))
 
@@ -86,11 +86,14 @@ class RobustTrainerMixin:
         return num_items_in_batch is not None or getattr(self, "compute_loss_func", None) is not None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Like the stock compute_loss: a loss normalized by a token count summed over processes is
+        # multiplied back by the number of processes (DDP averages the gradients), also in eval.
+        scale = self._robust_loss_scale(num_items_in_batch)
         if not (model.training and torch.is_grad_enabled()):
             loss, outputs = clean_loss(model, inputs, num_items_in_batch)
+            loss = loss * scale if scale != 1.0 else loss
             return (loss, outputs) if return_outputs else loss
         out = robust_loss(model, inputs, self.robust_config, num_items_in_batch=num_items_in_batch)
-        scale = self._robust_loss_scale(num_items_in_batch)
         loss = out.loss * scale if scale != 1.0 else out.loss
         report = scale
         if not self._robust_scaled_for_ga(num_items_in_batch):
@@ -101,6 +104,21 @@ class RobustTrainerMixin:
         return loss
 
     # logging --------------------------------------------------------------------------------
+    # The parts are summed per optimizer step and logged next to "loss", averaged over the steps
+    # since the last log. That count is read where the Trainer computes its own (it resets its
+    # counter before calling log), so resumed runs and repeated train() calls stay exact.
+    def train(self, *args, **kwargs):
+        self._robust_parts = None
+        self._robust_log_steps = None
+        return super().train(*args, **kwargs)
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        self._robust_log_steps = self.state.global_step - self._globalstep_last_logged
+        try:
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
+        finally:
+            self._robust_log_steps = None
+
     def _robust_accumulate(self, parts: dict, factor: float):
         if self._robust_parts is None:
             self._robust_parts = {k: torch.zeros((), dtype=torch.float32, device=v.device) for k, v in parts.items()}
@@ -108,8 +126,8 @@ class RobustTrainerMixin:
             self._robust_parts[k] += v.detach().float() * factor
 
     def log(self, logs: dict, *args, **kwargs):
-        if "loss" in logs and self._robust_parts is not None:
-            steps = self.state.global_step - self._robust_last_step
+        steps = self._robust_log_steps
+        if "loss" in logs and self._robust_parts is not None and steps is not None:
             if steps > 0:
                 names = list(self._robust_parts)
                 values = torch.stack([self._robust_parts[k] for k in names])
@@ -118,7 +136,6 @@ class RobustTrainerMixin:
                 for k, v in zip(names, values.tolist()):
                     logs[k] = v / steps
                 self._robust_parts = None
-                self._robust_last_step = self.state.global_step
         return super().log(logs, *args, **kwargs)
 
 

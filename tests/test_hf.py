@@ -14,7 +14,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from modkern.hf import RobustTrainerMixin, make_robust_trainer, patch_trainer
-from modkern.robust import RobustConfig, find_language_model, robust_loss
+from modkern.robust import RobustConfig, clean_loss, find_language_model, robust_loss
 from modkern.tiny import tiny_llama, tiny_llava, tiny_qwen2_vl
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -185,6 +185,34 @@ def test_forward_without_logits_fails_clearly(tmp_path):
     assert len(find_language_model(model)._forward_pre_hooks) == 0
 
 
+def test_logged_parts_sum_to_the_loss_across_train_calls_and_resume(tmp_path):
+    # the parts are averaged over the steps since the last log, counted like the Trainer's loss:
+    # a second train() on the same trainer and a run resumed from a checkpoint stay exact
+    model, info = tiny_llava(seed=0)
+    data = rows_dataset(make_batch(info, 8, seed=1, kinds=[KINDS[i % 3] for i in range(8)]))
+
+    def check(trainer, n_logs):
+        logs = train_logs(trainer)
+        assert len(logs) == n_logs
+        for log in logs:
+            assert log["loss"] == pytest.approx(sum(log[k] for k in PART_NAMES), rel=1e-4), log
+
+    args = training_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = patch_trainer(Trainer(model=model, args=args, train_dataset=data, data_collator=collate_rows))
+    trainer.train()
+    check(trainer, 2)
+    trainer.train()  # again, on the same trainer (a new TrainerState: a fresh log history)
+    check(trainer, 2)
+    model, _ = tiny_llava(seed=0)
+    args = training_args(tmp_path, max_steps=4)
+    resumed = patch_trainer(Trainer(model=model, args=args, train_dataset=data, data_collator=collate_rows))
+    resumed.train(resume_from_checkpoint=True)  # from step 2 (the checkpoint's log history comes along)
+    logs = [h for h in train_logs(resumed) if h["step"] > 2]
+    assert logs and logs[-1]["step"] == 4
+    for log in logs:
+        assert log["loss"] == pytest.approx(sum(log[k] for k in PART_NAMES), rel=1e-4), log
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
@@ -204,11 +232,13 @@ DDP_SCRIPT = textwrap.dedent(
         gradient_accumulation_steps=2, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant",
         weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, report_to=[], save_strategy="no",
         use_cpu=True, ddp_backend="gloo", disable_tqdm=True, remove_unused_columns=False, seed=0,
+        per_device_eval_batch_size=4,
     )
     config = RobustConfig(init="zero", steps=2, epsilon=0.05, alpha=2.0, lam=0.5)
     trainer = patch_trainer(Trainer(model=model, args=args, train_dataset=data, data_collator=collate_rows), config)
     assert args.world_size == 2, args.world_size
     trainer.train()
+    trainer.evaluate(eval_dataset=data)  # one eval step: 4 samples per rank
     torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, os.path.join(out_dir, f"rank{rank}.pt"))
     if rank == 0:
         with open(os.path.join(out_dir, "logs.json"), "w") as f:
@@ -251,7 +281,16 @@ def test_ddp_two_processes_gloo_keep_ranks_identical(tmp_path):
         torch.testing.assert_close(r0[name], p.detach(), rtol=1e-5, atol=1e-6, msg=f"DDP vs reference: {name}")
         moved += float((r0[name] - init[name]).abs().sum())
     assert moved > 0
-    logs = [h for h in json.loads((tmp_path / "logs.json").read_text()) if "loss" in h]
+    history = json.loads((tmp_path / "logs.json").read_text())
+    # eval: the plain CE of the trained model over all 8 samples, as one process computes it (the
+    # token count is summed over the ranks, so each rank's loss is scaled back by the world size)
+    (eval_loss,) = [h["eval_loss"] for h in history if "eval_loss" in h]
+    trained, _ = tiny_llava(seed=0)
+    trained.load_state_dict(r0, strict=False)
+    with torch.no_grad():
+        expected, _ = clean_loss(trained.eval(), batch)
+    assert eval_loss == pytest.approx(float(expected), rel=1e-5)
+    logs = [h for h in history if "loss" in h]
     assert len(logs) == 2
     for log in logs:
         assert all(math.isfinite(log[k]) for k in PART_NAMES)
