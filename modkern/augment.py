@@ -92,7 +92,8 @@ class AugmentConfig:
     ``copies_per_sample`` distinct transforms are drawn (without replacement) per sample from
     ``text_transforms`` (image-heavy samples) or ``image_transforms`` (text-heavy samples); each
     sample gets copies with probability ``prob``. ``classes`` are the candidate labels for
-    misleading text (a sample's own class is excluded); ``misleading_templates`` and
+    misleading text (a sample's own class is excluded; required, >= 2, while ``misleading_text``
+    is among ``text_transforms``, as it is by default); ``misleading_templates`` and
     ``unrelated_facts`` are the texts put in the context slot, in front of the question
     (``{label}`` is filled with the wrong class).
     ``noise_std`` is the std of the Gaussian noise image around 0.5 (values clamped to [0, 1]).
@@ -119,7 +120,10 @@ class AugmentConfig:
         if not 0.0 <= self.prob <= 1.0:
             raise ValueError(f"prob must lie in [0, 1], got {self.prob}")
         if "misleading_text" in self.text_transforms and len(self.classes) < 2:
-            raise ValueError("classes: misleading_text needs at least two candidate classes")
+            raise ValueError(
+                "classes: misleading_text (on by default) needs at least two candidate answer labels, e.g. "
+                "AugmentConfig(classes=('red', 'green', 'blue')), or leave it out of text_transforms"
+            )
         if "misleading_text" in self.text_transforms and not self.misleading_templates:
             raise ValueError("misleading_templates must not be empty when misleading_text is enabled")
         if "unrelated_text" in self.text_transforms and not self.unrelated_facts:

@@ -376,7 +376,10 @@ def _sample_policies(kinds, batch_size: int, config: RobustConfig) -> Policy:
     if isinstance(kinds, Tensor):
         if kinds.dtype.is_floating_point or kinds.dim() != 1:
             raise ValueError("sample_kind as a tensor must hold 1-D integer codes into modkern.robust.SAMPLE_KINDS")
-        kinds = [SAMPLE_KINDS[i] for i in kinds.tolist()]
+        codes = kinds.tolist()
+        if any(not 0 <= c < len(SAMPLE_KINDS) for c in codes):
+            raise ValueError(f"sample_kind codes must be in [0, {len(SAMPLE_KINDS)}) (SAMPLE_KINDS), got {codes}")
+        kinds = [SAMPLE_KINDS[c] for c in codes]
     elif isinstance(kinds, str):
         kinds = [kinds] * batch_size
     kinds = list(kinds)
@@ -408,6 +411,20 @@ def _check_targets(policy: Policy, token_ids: dict):
 def shift_labels(labels: Tensor) -> Tensor:
     """``labels[:, 1:]`` padded with -100 at the end: row t of the logits predicts token t + 1."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def _attack_grad(loss: Tensor, delta: Tensor):
+    try:
+        return torch.autograd.grad(loss, delta)
+    except RuntimeError as exc:
+        if "reentrant" in str(exc).lower():
+            raise RuntimeError(
+                "the attack differentiates with torch.autograd.grad, which reentrant activation checkpointing "
+                "does not support; enable checkpointing with use_reentrant=False (the transformers 5 default), "
+                "e.g. model.activation_checkpointing_enable({'use_reentrant': False}) or "
+                "TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': False})"
+            ) from exc
+        raise
 
 
 def _answer_rows(shifted: Tensor) -> tuple[Tensor, Tensor]:
@@ -484,7 +501,8 @@ def _normalizer(num_items_in_batch, rows: Tensor) -> Tensor:
     if num_items_in_batch is None:
         return rows.sum().clamp_min(1).float()
     if isinstance(num_items_in_batch, Tensor):
-        return num_items_in_batch.to(device=rows.device, dtype=torch.float32)
+        # an accumulated batch without any answer token: every term is a sum of nothing -> 0, not 0/0
+        return num_items_in_batch.to(device=rows.device, dtype=torch.float32).clamp_min(1)
     V.check_num_items(num_items_in_batch)
     return torch.tensor(float(num_items_in_batch), device=rows.device)
 
@@ -590,6 +608,11 @@ def robust_loss(
     config = RobustConfig() if config is None else config
     if not isinstance(config, RobustConfig):
         raise TypeError(f"config must be a RobustConfig, got {type(config).__name__}")
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            "robust_loss needs autograd (the attack differentiates with respect to the perturbation); "
+            "it was called under torch.no_grad() / inference_mode. For evaluation use modkern.robust.clean_loss."
+        )
     if not isinstance(batch, dict):
         raise TypeError(f"batch must be a dict of model inputs, got {type(batch).__name__}")
     input_ids = batch.get("input_ids")
@@ -656,7 +679,7 @@ def robust_loss(
                     injector.set_perturbation(delta, mask)
                     attack_logits = _get_logits(base(**replay_inputs))
                     attack_loss = _ce_sum(attack_logits, answers) / attack_denom
-                    (grad,) = torch.autograd.grad(attack_loss, delta)
+                    (grad,) = _attack_grad(attack_loss, delta)
                     del attack_logits, attack_loss
                     delta = delta.detach()
                     masked_adv_step(

@@ -48,9 +48,11 @@ class TrainConfig:
     ``steps`` optimizer steps of ``grad_accum`` micro-batches each; ``optimizer`` ``"adamw"`` (or
     ``"sgd"``, plain gradient descent - handy to check gradients); ``warmup_steps`` of linear
     warm-up, then ``schedule`` decay to ``min_lr_ratio * lr``; ``mixed_precision`` ``"auto"`` uses
-    bf16 autocast on CUDA and fp32 elsewhere; ``eval_every`` / ``save_every`` in optimizer steps
-    (0: only at the end, when an evaluation function / ``save_dir`` is given); ``device`` ``"auto"``
-    picks CUDA when available.
+    bf16 autocast on CUDA and fp32 elsewhere, ``"bf16"`` / ``"fp16"`` autocast on any device
+    (``"fp16"`` on CUDA adds a dynamic loss scaler for the parameter gradients; the attack's
+    gradient w.r.t. the perturbation is not loss-scaled, so prefer bf16), ``"no"`` fp32;
+    ``eval_every`` / ``save_every`` in optimizer steps (0: only at the end, when an evaluation
+    function / ``save_dir`` is given); ``device`` ``"auto"`` picks CUDA when available.
     """
 
     steps: int = 200
@@ -125,11 +127,16 @@ def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+def resolved_precision(config: TrainConfig, device: torch.device) -> str:
+    """``config.mixed_precision`` with ``"auto"`` resolved: ``"bf16"`` on CUDA, else ``"no"``."""
+    if config.mixed_precision == "auto":
+        return "bf16" if device.type == "cuda" else "no"
+    return config.mixed_precision
+
+
 def autocast_context(config: TrainConfig, device: torch.device):
-    """bf16 (or fp16) autocast on CUDA when asked; a no-op context elsewhere."""
-    mp = config.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if device.type == "cuda" else "no"
+    """Autocast for the resolved precision (bf16 / fp16, on any device); disabled for ``"no"``."""
+    mp = resolved_precision(config, device)
     if mp == "no":
         return torch.autocast(device_type=device.type, enabled=False)
     dtype = torch.bfloat16 if mp == "bf16" else torch.float16
@@ -193,6 +200,10 @@ def train(
     else:
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    # fp16 gradients underflow without loss scaling; a pass-through unless fp16 on CUDA
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=device.type == "cuda" and resolved_precision(config, device) == "fp16"
+    )
     result = TrainResult()
     batches = _cycle(data)
     start = time.perf_counter()
@@ -201,9 +212,11 @@ def train(
         if eval_fn is None:
             return
         model.eval()
-        with torch.no_grad(), autocast_context(config, device):
-            metrics = eval_fn(model)
-        model.train()
+        try:
+            with torch.no_grad(), autocast_context(config, device):
+                metrics = eval_fn(model)
+        finally:
+            model.train()
         result.evals.append({"step": step, **metrics})
 
     bar = tqdm(total=config.steps, desc=desc, disable=not config.progress, dynamic_ncols=True, leave=False)
@@ -220,14 +233,16 @@ def train(
                     else:
                         out = robust_loss(model, batch, robust, num_items_in_batch=num_items, return_logits=False)
                         loss, parts = out.loss, out.parts()
-                loss.backward()
+                scaler.scale(loss).backward()
                 totals["loss"] += float(loss.detach())
                 for k, v in parts.items():
                     totals[k] += float(v)
             grad_norm = None
             if config.max_grad_norm is not None:
+                scaler.unscale_(optimizer)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()

@@ -383,3 +383,35 @@ def test_bad_inputs_give_clear_errors(models):
     with pytest.raises(NotImplementedError, match="DataParallel"):
         robust_loss(torch.nn.DataParallel(model), batch, RobustConfig())
     assert no_hooks(model)
+    for codes in ([0, 5], [-1, 0]):
+        with pytest.raises(ValueError, match="sample_kind codes"):
+            robust_loss(model, dict(batch, sample_kind=torch.tensor(codes)), RobustConfig())
+    with torch.no_grad(), pytest.raises(RuntimeError, match="clean_loss"):
+        robust_loss(model, batch, RobustConfig())
+    assert no_hooks(model)
+
+
+def test_integer_sample_kinds_and_an_accumulated_batch_without_answers(models):
+    model, info = models["llava"]
+    batch = make_batch(info, 3, seed=2, kinds=["image_heavy", "text_heavy", "vqa"])
+    by_name = robust_loss(model, batch, RobustConfig(init="zero", steps=1, alpha=5.0, step="sign", epsilon=0.05))
+    codes = dict(batch, sample_kind=torch.tensor([0, 1, 2]))
+    by_code = robust_loss(model, codes, RobustConfig(init="zero", steps=1, alpha=5.0, step="sign", epsilon=0.05))
+    assert torch.equal(by_name.mask, by_code.mask) and torch.equal(by_name.delta, by_code.delta)
+    # no answer token anywhere, with Hugging Face's tensor count of 0: zeros, not 0/0
+    empty = dict(batch, labels=torch.full_like(batch["labels"], -100))
+    out = robust_loss(model, empty, RobustConfig(lam=0.5), num_items_in_batch=torch.tensor(0))
+    assert float(out.loss.detach()) == 0.0 and float(out.ce_clean) == 0.0 and float(out.consistency) == 0.0
+
+
+def test_reentrant_checkpointing_gets_a_clear_error():
+    model, info = tiny_llava(seed=0)
+    model.activation_checkpointing_enable({"use_reentrant": True})
+    batch = make_batch(info, 2, kinds=["image_heavy", "text_heavy"])
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        robust_loss(model, batch, RobustConfig())
+    assert no_hooks(model)
+    assert all(p.requires_grad for p in model.parameters())
+    # the non-reentrant variant (transformers 5's default) works
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    assert torch.isfinite(robust_loss(model, batch, RobustConfig()).loss)

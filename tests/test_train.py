@@ -128,3 +128,27 @@ def test_count_answer_tokens_and_nan_guard():
             p.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="loss"):
         train(model, [batch], TrainConfig(steps=1, progress=False))
+
+
+def test_failing_eval_leaves_the_model_in_train_mode():
+    model, collate = _setup()
+
+    def broken_eval(m):
+        raise RuntimeError("eval broke")
+
+    with pytest.raises(RuntimeError, match="eval broke"):
+        train(model, _batches(collate, 1), TrainConfig(steps=1, progress=False), eval_fn=broken_eval)
+    assert model.training
+
+
+def test_precision_resolution():
+    from modkern.train import resolved_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolved_precision(TrainConfig(), cpu) == "no"
+    assert resolved_precision(TrainConfig(), cuda) == "bf16"
+    assert resolved_precision(TrainConfig(mixed_precision="fp16"), cpu) == "fp16"
+    # bf16 autocast on CPU is honoured when asked for explicitly
+    model, collate = _setup()
+    result = train(model, _batches(collate, 1), TrainConfig(steps=1, progress=False, mixed_precision="bf16"))
+    assert math.isfinite(result.history[-1]["loss"])
