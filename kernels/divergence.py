@@ -104,8 +104,9 @@ def _row_terms(a, b, lse_a, lse_b, log_beta, log_1mbeta, KIND: tl.constexpr):
 @triton.jit
 def _grad_a(lp, prob_p, prob_q, xp, s_p, beta, KIND: tl.constexpr):
     # d loss / d a (before 1/T):  js: beta P (lp - lm - S_P);  kl_forward: P (lp - lq - S_P);
-    # kl_reverse: P - Q;  kl_symmetric: both KL rows.  0 where P == 0.
-    own = tl.where(prob_p > 0, prob_p * (lp - xp - s_p), 0.0)
+    # kl_reverse: P - Q;  kl_symmetric: both KL rows.  0 where P == 0 (a NaN P - from a NaN
+    # logit - is not == 0 and propagates, so a broken row is NaN, never a silent 0).
+    own = tl.where(prob_p == 0, 0.0, prob_p * (lp - xp - s_p))
     if KIND == 0:
         g = beta * own
     elif KIND == 1:
@@ -121,7 +122,7 @@ def _grad_a(lp, prob_p, prob_q, xp, s_p, beta, KIND: tl.constexpr):
 def _grad_b(lq, prob_p, prob_q, xq, s_q, beta, KIND: tl.constexpr):
     # d loss / d b (before 1/T):  js: (1-beta) Q (lq - lm - S_Q);  kl_forward: Q - P;
     # kl_reverse: Q (lq - lp - S_Q);  kl_symmetric: both.  0 where Q == 0.
-    own = tl.where(prob_q > 0, prob_q * (lq - xq - s_q), 0.0)
+    own = tl.where(prob_q == 0, 0.0, prob_q * (lq - xq - s_q))
     if KIND == 0:
         g = (1.0 - beta) * own
     elif KIND == 1:
@@ -194,8 +195,8 @@ def _divergence_fwd_kernel(
         a = _load_row(p_base, offs, limit, inv_t)
         b = _load_row(q_base, offs, limit, inv_t)
         lp, lq, prob_p, prob_q, xp, xq = _row_terms(a, b, lse_a, lse_b, log_beta, log_1mbeta, KIND)
-        acc_p += tl.where(prob_p > 0, prob_p * (lp - xp), 0.0)
-        acc_q += tl.where(prob_q > 0, prob_q * (lq - xq), 0.0)
+        acc_p += tl.where(prob_p == 0, 0.0, prob_p * (lp - xp))
+        acc_q += tl.where(prob_q == 0, 0.0, prob_q * (lq - xq))
         if FUSED_GRAD:
             if WRITE_GP:
                 g = _grad_a(lp, prob_p, prob_q, xp, 0.0, beta, KIND)
@@ -218,8 +219,9 @@ def _divergence_fwd_kernel(
     tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
     tl.store(stats_ptr + row * 4 + 0, lse_a)
     tl.store(stats_ptr + row * 4 + 1, lse_b)
-    tl.store(stats_ptr + row * 4 + 2, s_p)
-    tl.store(stats_ptr + row * 4 + 3, s_q)
+    # masked-out rows read nothing (all -inf): their sums are NaN; store 0 (never read)
+    tl.store(stats_ptr + row * 4 + 2, tl.where(active, s_p, 0.0))
+    tl.store(stats_ptr + row * 4 + 3, tl.where(active, s_q, 0.0))
 
     # pass 3: gradients that need the row sums.
     if not FUSED_GRAD:

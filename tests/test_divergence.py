@@ -364,3 +364,26 @@ def test_liger_jsd_cross_check(backend):
     want.backward()
     got.backward()
     torch.testing.assert_close(q.grad, q_liger.grad, rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", list(CASES))
+def test_nan_logits_give_nan_rows_not_zero(case, backend):
+    # a diverged model (NaN logits) must show up as a NaN loss, never as a silent 0; a masked-out
+    # row holding NaN is ignored (0 and zero gradients) like any masked row
+    fn, ref_fn, kw = CASES[case]
+    p, q = _logits((4, 300), torch.float32), _logits((4, 300), torch.float32)
+    with torch.no_grad():
+        q[0, 3] = float("nan")
+        p[1, 2] = float("nan")
+        q[3, 7] = float("nan")
+    mask = torch.tensor([True, True, True, False], device=DEVICE)
+    out = fn(p, q, mask=mask, reduction="none", backend=backend, **kw)
+    expected = ref_fn(p.detach().double(), q.detach().double(), mask=mask, reduction="none", **kw)
+    assert torch.isnan(expected[:2]).all()
+    assert torch.isnan(out[:2]).all(), out
+    assert torch.isfinite(out[2]) and float(out[3]) == 0.0
+    torch.testing.assert_close(out[2].double(), expected[2], rtol=LOSS_RTOL, atol=LOSS_ATOL)
+    gp, gq = torch.autograd.grad(out[2:].sum(), [p, q])
+    assert torch.isfinite(gp[2:]).all() and torch.isfinite(gq[2:]).all()
+    assert float(gq[3].abs().max()) == 0.0 and float(gp[3].abs().max()) == 0.0

@@ -30,7 +30,8 @@ from modkern.backend import accumulation_dtype
 
 
 def _zero_where_zero(x: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-    return torch.where(prob > 0, x, torch.zeros_like(x))
+    # 0 * log 0 = 0; NaN probabilities (from NaN logits) propagate instead of reading as 0.
+    return torch.where(prob == 0, torch.zeros_like(x), x)
 
 
 def _terms(a, b, kind: str, beta: float):
