@@ -89,7 +89,7 @@ __device__ __forceinline__ Terms row_terms(float a, float b, float lse_a, float 
 // kl_reverse P - Q;  kl_symmetric both KL rows.  0 where P == 0.
 template <int KIND>
 __device__ __forceinline__ float grad_a(const Terms& t, float s_p, float beta) {
-  const float own = t.P > 0.f ? t.P * (t.lp - t.xp - s_p) : 0.f;
+  const float own = t.P == 0.f ? 0.f : t.P * (t.lp - t.xp - s_p);
   if constexpr (KIND == kJS) return beta * own;
   if constexpr (KIND == kKLForward) return own;
   if constexpr (KIND == kKLReverse) return t.P - t.Q;
@@ -100,7 +100,7 @@ __device__ __forceinline__ float grad_a(const Terms& t, float s_p, float beta) {
 // kl_reverse Q (lq - lp - S_Q);  kl_symmetric both.  0 where Q == 0.
 template <int KIND>
 __device__ __forceinline__ float grad_b(const Terms& t, float s_q, float beta) {
-  const float own = t.Q > 0.f ? t.Q * (t.lq - t.xq - s_q) : 0.f;
+  const float own = t.Q == 0.f ? 0.f : t.Q * (t.lq - t.xq - s_q);
   if constexpr (KIND == kJS) return (1.f - beta) * own;
   if constexpr (KIND == kKLForward) return t.Q - t.P;
   if constexpr (KIND == kKLReverse) return own;
@@ -234,8 +234,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams prm
       for (int e = 0; e < VEC; ++e) {
         const Terms t = row_terms<KIND>(to_float(ra.e[e]) * inv_t, to_float(rb.e[e]) * inv_t, lse_a, lse_b,
                                         prm.log_beta, prm.log_1mbeta);
-        sums[0] += t.P > 0.f ? t.P * (t.lp - t.xp) : 0.f;
-        sums[1] += t.Q > 0.f ? t.Q * (t.lq - t.xq) : 0.f;
+        sums[0] += t.P == 0.f ? 0.f : t.P * (t.lp - t.xp);
+        sums[1] += t.Q == 0.f ? 0.f : t.Q * (t.lq - t.xq);
         if (fused) {
           g1.e[e] = from_float<T>(grad_a<KIND>(t, 0.f, beta) * inv_t);
           g2.e[e] = from_float<T>(grad_b<KIND>(t, 0.f, beta) * inv_t);
