@@ -15,7 +15,9 @@ Why store the gradients in the forward and scale them in the backward rather tha
 there (bytes per element of one [R, V] operand, one gradient, bf16 = 2 bytes):
     stored:     fwd reads a, b twice (8) + writes g (2); bwd reads g, writes g' (4)   = 14 B
     recomputed: fwd reads a, b twice (8);        bwd reads a, b 2-3x (8-12) + writes (2) = 18-22 B
-so storing wins, and the backward is a pure streaming scale. The exception is ``ref_index`` with a
+so storing wins, and the backward is a pure streaming scale. (fp16 logits store fp32 gradients -
+``saved_grad_dtype``: unscaled fp16 would flush the small entries before a loss scale lifts them -
+which costs 4 more bytes per element there; bf16 / fp32 store their own dtype.) The exception is ``ref_index`` with a
 gradient for P: several Q rows share one P row, so each P row's gradient is a sum over its copies,
 recomputed in the backward by one program per P row looping over its copies (an on-device CSR
 built with argsort / scatter_add / cumsum - no atomics, deterministic, no [R, V] temporary).
@@ -33,7 +35,7 @@ import triton
 import triton.language as tl
 
 from modkern.backend import DIVERGENCE_KIND_IDS as KIND_IDS
-from modkern.backend import KERNEL_DTYPES, accumulation_dtype
+from modkern.backend import KERNEL_DTYPES, accumulation_dtype, saved_grad_dtype
 
 # float64 logits run the PyTorch backend (modkern.backend.load_impl reads this).
 SUPPORTED_DTYPES = KERNEL_DTYPES
@@ -316,8 +318,9 @@ def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, nee
     loss = torch.empty(rows, dtype=acc, device=q.device)
     stats = torch.empty(rows, 4, dtype=acc, device=q.device)
     write_gp = need_grad_p and ref_index is None
-    grad_p = torch.empty_like(p) if write_gp else p.new_empty(0)
-    grad_q = torch.empty_like(q) if need_grad_q else q.new_empty(0)
+    # stored unscaled until the backward: fp32 for fp16 logits (see saved_grad_dtype)
+    grad_p = torch.empty_like(p, dtype=saved_grad_dtype(p.dtype)) if write_gp else p.new_empty(0)
+    grad_q = torch.empty_like(q, dtype=saved_grad_dtype(q.dtype)) if need_grad_q else q.new_empty(0)
     # Gradients free of the row sums: kl_forward's Q - P and kl_reverse's P - Q.
     fused = (not write_gp or kind_id == 2) and (not need_grad_q or kind_id == 1)
     if rows == 0:
@@ -354,8 +357,8 @@ def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, nee
     return loss, stats, grad_p, grad_q
 
 
-def _scale_rows(saved, grad_rows, mask):
-    out = torch.empty_like(saved)
+def _scale_rows(saved, grad_rows, mask, dtype):
+    out = torch.empty(saved.shape, dtype=dtype, device=saved.device)
     rows, vocab = saved.shape
     if rows == 0:
         return out
@@ -399,11 +402,11 @@ def backward(
     need_grad_p,
     need_grad_q,
 ):
-    grad_q = _scale_rows(saved_grad_q, grad_rows, mask) if need_grad_q else q.new_empty(0)
+    grad_q = _scale_rows(saved_grad_q, grad_rows, mask, q.dtype) if need_grad_q else q.new_empty(0)
     if not need_grad_p:
         return p.new_empty(0), grad_q
     if ref_index is None:
-        return _scale_rows(saved_grad_p, grad_rows, mask), grad_q
+        return _scale_rows(saved_grad_p, grad_rows, mask, p.dtype), grad_q
     num_p_rows, vocab = p.shape
     grad_p = torch.empty_like(p)
     if num_p_rows == 0:

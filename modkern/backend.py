@@ -41,6 +41,17 @@ DIVERGENCE_KIND_IDS: dict[str, int] = {"js": 0, "kl_forward": 1, "kl_reverse": 2
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the divergence forward stores its per-row gradients in for logits of ``dtype``.
+
+    The backward only scales them by the incoming per-row gradient (which carries any loss scale),
+    so they are stored unscaled: in fp16 the small entries (probabilities ~1e-5..1e-8 at V = 152k)
+    would be subnormal or 0 before the scale could lift them. fp16 logits therefore keep fp32
+    gradients until the backward; bf16 has fp32's exponent range and keeps its own dtype.
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype every backend accumulates in for inputs like ``t``: float64 stays float64, else fp32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32

@@ -45,6 +45,10 @@ def test_cuda_backend_modules_declare_their_dtypes():
     import modkern.cuda_backend.divergence as div
     import modkern.cuda_backend.perturb as pert
 
-    for module in (adv, div, pert):
+    for module in (adv, pert):
         assert module.SUPPORTED_DTYPES == KERNEL_DTYPES
+    # the CUDA divergence kernels store the forward's gradients in the logits' dtype; fp16 needs
+    # fp32 there (saved_grad_dtype), so fp16 runs the PyTorch backend
+    assert div.SUPPORTED_DTYPES == (torch.float32, torch.bfloat16)
+    for module in (adv, div, pert):
         assert torch.float64 not in module.SUPPORTED_DTYPES

@@ -387,3 +387,31 @@ def test_nan_logits_give_nan_rows_not_zero(case, backend):
     gp, gq = torch.autograd.grad(out[2:].sum(), [p, q])
     assert torch.isfinite(gp[2:]).all() and torch.isfinite(gq[2:]).all()
     assert float(gq[3].abs().max()) == 0.0 and float(gp[3].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", ["js_0.5", "kl_forward", "kl_symmetric"])
+def test_fp16_gradients_survive_loss_scaling(case, backend):
+    # Mixed-precision fp16 training multiplies the loss by a scale (GradScaler, 2^16) so that small
+    # gradients stay representable. The forward stores each row's gradient before that scale is
+    # known; in fp16 its small entries (P ~ 1e-6 here) would already be subnormal or 0. They are
+    # kept in fp32 (saved_grad_dtype), so the result is the fp16 rounding of the scaled gradient.
+    fn, ref_fn, kw = CASES[case]
+    p = _logits((3, 2000), torch.float16, scale=6.0)
+    q = _logits((3, 2000), torch.float16, scale=6.0)
+    scale = 1024.0  # (a larger scale overflows fp16 for kl_symmetric here: GradScaler would back off)
+    (gp, gq) = torch.autograd.grad(fn(p, q, backend=backend, **kw) * scale, [p, q])
+    p64, q64 = p.detach().double().requires_grad_(), q.detach().double().requires_grad_()
+    expected = torch.autograd.grad(ref_fn(p64, q64, **kw) * scale, [p64, q64])
+    for g, g64 in zip((gp, gq), expected):
+        assert g.dtype == torch.float16
+        target = g64.half()  # the best fp16 answer
+        normal = target.abs() >= 6.1e-5
+        assert int(normal.sum()) > 100
+        # no normal fp16 entry lost to underflow (before the fix a third of them came back 0)
+        assert not bool((g[normal] == 0).any())
+        # fp16 rounding of an fp32 product, within 2 fp16 ulps (rtol 2^-10), plus the absolute
+        # allowance of _check_grad for entries where fp32 terms of the size of the logits cancel
+        _check_grad(g, g64, torch.float16)
+        rel = ((g[normal].double() - target[normal].double()).abs() / target[normal].double().abs()).median()
+        assert float(rel) < 1e-3

@@ -4,16 +4,20 @@ Thin wrapper over ``modkern._C.divergence_forward`` / ``divergence_backward`` (`
 the forward computes per-row losses, row statistics and the per-row gradients in one kernel (row
 slices kept in shared memory, split over a thread-block cluster on Hopper); the backward scales
 the stored gradients, or with ``ref_index`` recomputes P's gradient per P row over its copies.
-float64 inputs run the PyTorch backend.
+float64 and float16 inputs run the PyTorch backend (see ``SUPPORTED_DTYPES``).
 """
 
 from __future__ import annotations
 
+import torch
+
 from modkern.backend import DIVERGENCE_KIND_IDS as KIND_IDS
-from modkern.backend import KERNEL_DTYPES
 from modkern.cuda_backend._ext import ext
 
-SUPPORTED_DTYPES = KERNEL_DTYPES  # float64 runs the PyTorch backend (modkern.backend.load_impl)
+# float64 runs the PyTorch backend (modkern.backend.load_impl), and so does float16: the CUDA kernels
+# store the forward's gradients in the logits' dtype, and fp16 needs them in fp32
+# (modkern.backend.saved_grad_dtype). bf16 / fp32 are the training dtypes this backend is for.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q):

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from modkern import _validation as V
 from modkern._reduction import reduce_rows
-from modkern.backend import DIVERGENCE_KIND_IDS, accumulation_dtype, check_backend, load_impl
+from modkern.backend import DIVERGENCE_KIND_IDS, accumulation_dtype, check_backend, load_impl, saved_grad_dtype
 
 KINDS = tuple(DIVERGENCE_KIND_IDS)
 DIRECTIONS = ("forward", "reverse", "symmetric")
@@ -68,8 +68,8 @@ def _(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad
     return (
         q.new_empty((rows,), dtype=acc),
         q.new_empty((rows, 4), dtype=acc),
-        torch.empty_like(p) if store_p else p.new_empty(0),
-        torch.empty_like(q) if need_grad_q else q.new_empty(0),
+        torch.empty_like(p, dtype=saved_grad_dtype(p.dtype)) if store_p else p.new_empty(0),
+        torch.empty_like(q, dtype=saved_grad_dtype(q.dtype)) if need_grad_q else q.new_empty(0),
     )
 
 

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from modkern.backend import accumulation_dtype
+from modkern.backend import accumulation_dtype, saved_grad_dtype
 
 
 def _zero_where_zero(x: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
@@ -100,13 +100,13 @@ def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, nee
         g = g * inv_temperature
         if active is not None:
             g = torch.where(active, g, torch.zeros_like(g))
-        return g.to(dtype)
+        return g.to(saved_grad_dtype(dtype))
 
     return loss, stats, finish(ga, p.dtype), finish(gb, q.dtype)
 
 
-def _scale_rows(saved: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
-    return (saved.to(grad_rows.dtype) * grad_rows[:, None]).to(saved.dtype)
+def _scale_rows(saved: torch.Tensor, grad_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (saved.to(grad_rows.dtype) * grad_rows[:, None]).to(dtype)
 
 
 def backward(
@@ -127,11 +127,11 @@ def backward(
     grad_rows = grad_rows.to(accumulation_dtype(p))
     if mask is not None:
         grad_rows = torch.where(mask, grad_rows, torch.zeros_like(grad_rows))
-    grad_q = _scale_rows(saved_grad_q, grad_rows) if need_grad_q else q.new_empty(0)
+    grad_q = _scale_rows(saved_grad_q, grad_rows, q.dtype) if need_grad_q else q.new_empty(0)
     if not need_grad_p:
         return p.new_empty(0), grad_q
     if ref_index is None:
-        return _scale_rows(saved_grad_p, grad_rows), grad_q
+        return _scale_rows(saved_grad_p, grad_rows, p.dtype), grad_q
     # Recompute each copy's gradient for its reference row and sum the copies (index_add_).
     acc = accumulation_dtype(p)
     a = _gather_p(p, ref_index).to(acc) * inv_temperature
