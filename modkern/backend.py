@@ -15,6 +15,7 @@ so it never breaks a ``torch.compile`` graph.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -158,3 +159,17 @@ def load_impl(op: str, backend: str, device: torch.device, dtypes=()):
     if supported is not None and any(d not in supported for d in dtypes):
         module = importlib.import_module(IMPL_MODULES["torch"].format(op=op))
     return module
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` the current CUDA device (Triton launches on the current device, not on the
+    tensors'); a no-op context elsewhere."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def call_impl(op: str, fn: str, backend: str, device: torch.device, dtypes, *args):
+    """``load_impl(op, backend, device, dtypes).<fn>(*args)`` with ``device`` current."""
+    module = load_impl(op, backend, device, dtypes)
+    with device_guard(device):
+        return getattr(module, fn)(*args)

@@ -52,3 +52,36 @@ def test_cuda_backend_modules_declare_their_dtypes():
     assert div.SUPPORTED_DTYPES == (torch.float32, torch.bfloat16)
     for module in (adv, div, pert):
         assert torch.float64 not in module.SUPPORTED_DTYPES
+
+
+def test_call_impl_makes_the_tensors_device_current(monkeypatch):
+    # Triton launches on the *current* CUDA device: the ops make the tensors' device current
+    import modkern.backend as B
+
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            entered.append(torch.device(device))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    assert isinstance(B.device_guard(torch.device("cpu")), type(B.contextlib.nullcontext()))
+    B.device_guard(torch.device("cuda", 1))
+    assert entered == [torch.device("cuda", 1)]
+    out = B.call_impl(
+        "perturb",
+        "forward",
+        "torch",
+        torch.device("cpu"),
+        (torch.float32,),
+        torch.ones(2, 3),
+        torch.ones(2, 3),
+        torch.ones(2, dtype=torch.bool),
+    )
+    assert torch.equal(out, torch.full((2, 3), 2.0))

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from modkern import _validation as V
-from modkern.backend import check_backend, load_impl
+from modkern.backend import call_impl, check_backend
 
 STEPS = ("raw", "sign", "l2", "l2_token", "linf")
 NORMS = ("linf", "l2", "l2_token", None)
@@ -52,8 +52,8 @@ def masked_adv_step_op(
 ) -> Tensor:
     """Out-of-place step: returns ``delta'`` (``norm`` ``"none"`` for no projection)."""
     out = torch.empty_like(delta)
-    impl = load_impl("adv_step", backend, delta.device, (delta.dtype, grad.dtype))
-    impl.step(delta, grad, mask, out, alpha, alpha_t, epsilon, epsilon_t, step, norm)
+    args = (delta, grad, mask, out, alpha, alpha_t, epsilon, epsilon_t, step, norm)
+    call_impl("adv_step", "step", backend, delta.device, (delta.dtype, grad.dtype), *args)
     return out
 
 
@@ -76,8 +76,8 @@ def masked_adv_step_inplace_op(
     backend: str,
 ) -> None:
     """In-place step: writes ``delta'`` into ``delta``."""
-    impl = load_impl("adv_step", backend, delta.device, (delta.dtype, grad.dtype))
-    impl.step(delta, grad, mask, delta, alpha, alpha_t, epsilon, epsilon_t, step, norm)
+    args = (delta, grad, mask, delta, alpha, alpha_t, epsilon, epsilon_t, step, norm)
+    call_impl("adv_step", "step", backend, delta.device, (delta.dtype, grad.dtype), *args)
 
 
 @masked_adv_step_inplace_op.register_fake

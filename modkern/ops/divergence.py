@@ -22,7 +22,7 @@ from torch import Tensor
 
 from modkern import _validation as V
 from modkern._reduction import reduce_rows
-from modkern.backend import DIVERGENCE_KIND_IDS, accumulation_dtype, check_backend, load_impl, saved_grad_dtype
+from modkern.backend import DIVERGENCE_KIND_IDS, accumulation_dtype, call_impl, check_backend, saved_grad_dtype
 
 KINDS = tuple(DIVERGENCE_KIND_IDS)
 DIRECTIONS = ("forward", "reverse", "symmetric")
@@ -56,8 +56,8 @@ def divergence_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss_rows [R], stats [R, 4], grad_p [N, V] or [0], grad_q [R, V] or [0])."""
     _check_ref_index_values(ref_index, p.shape[0])
-    impl = load_impl("divergence", backend, q.device, (p.dtype, q.dtype))
-    return impl.forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q)
+    args = (p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q)
+    return call_impl("divergence", "forward", backend, q.device, (p.dtype, q.dtype), *args)
 
 
 @divergence_fwd.register_fake
@@ -91,8 +91,12 @@ def divergence_bwd(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Returns (grad_p [N, V] or [0], grad_q [R, V] or [0]) for the per-row output gradient."""
-    impl = load_impl("divergence", backend, q.device, (p.dtype, q.dtype))
-    return impl.backward(
+    return call_impl(
+        "divergence",
+        "backward",
+        backend,
+        q.device,
+        (p.dtype, q.dtype),
         grad_rows.contiguous(),
         p,
         q,

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from modkern import _validation as V
-from modkern.backend import check_backend, load_impl
+from modkern.backend import call_impl, check_backend
 
 
 def _contiguous(t: Tensor) -> Tensor:
@@ -31,8 +31,8 @@ def _contiguous(t: Tensor) -> Tensor:
 @torch.library.custom_op("modkern::perturb_fwd", mutates_args=())
 def perturb_fwd(embeds: Tensor, delta: Tensor, mask: Tensor, backend: str) -> Tensor:
     """``embeds + delta * mask`` computed in fp32, in ``embeds.dtype``."""
-    impl = load_impl("perturb", backend, embeds.device, (embeds.dtype, delta.dtype))
-    return impl.forward(_contiguous(embeds), _contiguous(delta), _contiguous(mask))
+    args = (_contiguous(embeds), _contiguous(delta), _contiguous(mask))
+    return call_impl("perturb", "forward", backend, embeds.device, (embeds.dtype, delta.dtype), *args)
 
 
 @perturb_fwd.register_fake
@@ -43,8 +43,8 @@ def _(embeds, delta, mask, backend):
 @torch.library.custom_op("modkern::perturb_bwd", mutates_args=())
 def perturb_bwd(grad_out: Tensor, mask: Tensor, delta_dtype: torch.dtype, backend: str) -> Tensor:
     """Gradient for ``delta``: ``grad_out`` on masked tokens, 0 elsewhere, in ``delta_dtype``."""
-    impl = load_impl("perturb", backend, grad_out.device, (grad_out.dtype, delta_dtype))
-    return impl.backward(_contiguous(grad_out), _contiguous(mask), delta_dtype)
+    args = (_contiguous(grad_out), _contiguous(mask), delta_dtype)
+    return call_impl("perturb", "backward", backend, grad_out.device, (grad_out.dtype, delta_dtype), *args)
 
 
 @perturb_bwd.register_fake
