@@ -47,8 +47,9 @@ Partials per (sample, chunk): P0 = sum d0'^2, P1 = sum delta*d0', P2 = sum delta
 only; d0' = d0 * t_bl), P3 = max |g|. Offsets are int64; any strides (non-contiguous grad,
 in-place update of a strided delta). ``alpha`` / ``eps`` arrive either as Python floats (not
 specialized, so no recompilation per value) or as pointers to 0-dim device tensors (no host sync).
-Arithmetic is fp32, or fp64 for an fp64 ``delta``; float ``alpha`` / ``eps`` are fp32 kernel
-arguments, so full fp64 precision needs them as fp64 0-dim tensors.
+Arithmetic is fp32, or fp64 for an fp64 ``delta``; float kernel arguments are fp32, so for an fp64
+``delta`` the launcher turns float ``alpha`` / ``eps`` into fp64 0-dim device tensors (``torch.full``:
+a fill kernel, no host sync) to keep full fp64 precision. NaN gradients propagate (``_max``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,20 @@ TINY = 1e-12
 MAX_BLOCK_H = 8192
 TILE_ELEMS = 8192
 MAX_PARTIAL_BLOCK = 1024
+
+
+@triton.jit
+def _max(a, b):
+    # NaN-propagating max / min: a NaN gradient (a diverged model) makes delta NaN, as in the
+    # PyTorch reference, instead of being clamped to a finite -eps (tl.maximum drops NaN by default).
+    # The max |g| reductions keep tl.max (NaN-dropping on the GPU); the linf step adds 0 * P0 (the
+    # sum of squares, NaN whenever a gradient is) to carry the NaN instead.
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -140,7 +155,7 @@ def _token_stats(
 def _token_scale(A, STEP: tl.constexpr):
     """t_bl: 1 / max(||g_bl||, 1e-12) for step l2_token, else 1."""
     if STEP == 3:
-        return 1.0 / tl.maximum(tl.sqrt(A), 1e-12)
+        return 1.0 / _max(tl.sqrt(A), 1e-12)
     else:
         return tl.full(A.shape, 1.0, A.dtype)
 
@@ -201,12 +216,12 @@ def _update_and_store(
     proj_t None = from this tile's own rows, when the tile holds whole tokens), 0 off the mask."""
     new = delta + coef[:, None] * d0
     if NORM == 1:
-        new = tl.minimum(tl.maximum(new, -e), e)
+        new = _min(_max(new, -e), e)
     if NORM == 2:
         new = new * proj_b
     if NORM == 3:
         if proj_t is None:
-            new = new * (e / tl.maximum(tl.sqrt(tl.sum(new * new, 1)), e))[:, None]
+            new = new * (e / _max(tl.sqrt(tl.sum(new * new, 1)), e))[:, None]
         else:
             new = new * proj_t[:, None]
     new = tl.where(sel[:, None], new, 0.0)
@@ -283,12 +298,12 @@ def _adv_update_kernel(
         P2 = tl.sum(s2, 0)
         P3 = tl.max(s3, 0)
         if STEP == 2:
-            c = a / tl.maximum(tl.sqrt(P0), 1e-12)
+            c = a / _max(tl.sqrt(P0), 1e-12)
         if STEP == 4:
-            c = a / tl.maximum(P3, 1e-12)
+            c = a / _max(P3 + 0.0 * P0, 1e-12)  # (+ 0 * P0: NaN when a gradient is NaN)
         if NORM == 2:
-            n2 = tl.maximum(P2 + 2.0 * c * P1 + c * c * P0, 0.0)
-            proj_b = e / tl.maximum(tl.sqrt(n2), e)
+            n2 = _max(P2 + 2.0 * c * P1 + c * c * P0, 0.0)
+            proj_b = e / _max(tl.sqrt(n2), e)
 
     if NUM_H_CHUNKS == 1:
         # The whole token fits one tile: read once, everything from registers.
@@ -306,8 +321,8 @@ def _adv_update_kernel(
             )
             coef = c * _token_scale(A, STEP)
             if NORM == 3:
-                n2 = tl.maximum(C + 2.0 * coef * Bv + coef * coef * A, 0.0)
-                proj_t = e / tl.maximum(tl.sqrt(n2), e)
+                n2 = _max(C + 2.0 * coef * Bv + coef * coef * A, 0.0)
+                proj_t = e / _max(tl.sqrt(n2), e)
         for k in range(NUM_H_CHUNKS):
             cols = (k * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
             hmask = cols < H
@@ -334,6 +349,9 @@ def step(delta, grad, mask, out, alpha, alpha_t, epsilon, epsilon_t, step, norm)
     step_code, norm_code = STEP_CODES[step], NORM_CODES[norm]
     acc_torch = torch.float64 if delta.dtype == torch.float64 else torch.float32
     acc = tl.float64 if acc_torch == torch.float64 else tl.float32
+    if acc_torch == torch.float64:  # float kernel arguments are fp32: pass fp64 scalars by pointer
+        as_t = lambda v, t: torch.full((), v, dtype=torch.float64, device=delta.device) if t is None else t  # noqa: E731
+        alpha_t, epsilon_t = as_t(alpha, alpha_t), as_t(epsilon, epsilon_t)
     mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     rows, block_h, chunks_h, nc = _tiling(L, H)
     grid = (nc, B)

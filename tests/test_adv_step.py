@@ -303,3 +303,32 @@ def _call(**overrides):
 def test_bad_input(overrides, error, match):
     with pytest.raises(error, match=match):
         _call(**overrides)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("step,norm", [("raw", "linf"), ("l2", "l2"), ("l2_token", "l2_token"), ("linf", None)])
+def test_float64_delta_with_float_alpha_epsilon_is_exact(backend, step, norm):
+    # Python-float alpha / epsilon must not cost fp64 precision (float kernel arguments are fp32)
+    delta, grad, mask = make_inputs(B=3, L=6, H=19, delta_dtype=torch.float64, grad_dtype=torch.float64)
+    alpha, eps = 0.1234567891234, 0.0512345678912
+    out = modkern.masked_adv_step(
+        delta, grad, mask, alpha=alpha, epsilon=eps, step=step, norm=norm, inplace=False, backend=backend
+    )
+    assert_close_to_ref(out, reference(delta, grad, mask, step, norm, alpha=alpha, eps=eps), torch.float64)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("step,norm", [("raw", "linf"), ("raw", "l2"), ("l2_token", "l2_token"), ("linf", "linf")])
+def test_nan_gradient_propagates_like_the_reference(backend, step, norm):
+    # a NaN gradient (a diverged model) must surface as NaN in delta, never as a finite +-eps
+    delta, grad, mask = make_inputs(B=3, L=4, H=16, poison=False)
+    mask[0, 1] = True
+    grad[0, 1, 3] = float("nan")
+    expected = reference(delta, grad, mask, step, norm)
+    out = modkern.masked_adv_step(
+        delta, grad, mask, alpha=ALPHA, epsilon=EPS, step=step, norm=norm, inplace=False, backend=backend
+    )
+    assert bool(torch.isnan(expected[0, 1, 3]))
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    finite = ~torch.isnan(expected)
+    assert_close_to_ref(out[finite], expected[finite], torch.float32)
