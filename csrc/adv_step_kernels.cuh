@@ -28,6 +28,11 @@ constexpr int kThreads = 256;  // 8 warps, each owning whole tokens
 constexpr int kUnroll = 2;
 constexpr int kUnrollUpdate = 4;
 
+// NaN-propagating max / min (fmaxf / fminf drop NaN): a NaN gradient makes delta NaN, as in the
+// PyTorch reference and the Triton kernels, instead of being clamped to a finite -eps.
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+__device__ __forceinline__ float nan_min(float a, float b) { return (a < b || a != a) ? a : b; }
+
 struct Params {
   const void* delta;
   const void* grad;
@@ -120,7 +125,7 @@ __device__ __forceinline__ void token_stats(const TD* drow, const TG* grow, int6
 }
 
 __device__ __forceinline__ float token_scale(float A, int step) {
-  return step == kStepL2Token ? 1.f / fmaxf(sqrtf(A), 1e-12f) : 1.f;
+  return step == kStepL2Token ? 1.f / nan_max(sqrtf(A), 1e-12f) : 1.f;
 }
 
 template <typename TD, typename TG, int VEC>
@@ -191,11 +196,11 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const Params prm) {
       s[3] = fmaxf(s[3], part[k * 4 + 3]);
     }
     block_cluster_reduce<4, PartOp>(s, warp_buf, slot, 1u);
-    if (step == kStepL2) c = a / fmaxf(sqrtf(s[0]), 1e-12f);
-    if (step == kStepLinf) c = a / fmaxf(s[3], 1e-12f);
+    if (step == kStepL2) c = a / nan_max(sqrtf(s[0]), 1e-12f);
+    if (step == kStepLinf) c = a / nan_max(s[3] + 0.f * s[0], 1e-12f);  // + 0 * P0: NaN if a grad is
     if (norm == kNormL2) {
-      const float n2 = fmaxf(s[2] + 2.f * c * s[1] + c * c * s[0], 0.f);
-      proj_b = e / fmaxf(sqrtf(n2), e);
+      const float n2 = nan_max(s[2] + 2.f * c * s[1] + c * c * s[0], 0.f);
+      proj_b = e / nan_max(sqrtf(n2), e);
     }
   }
 
@@ -218,8 +223,8 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const Params prm) {
       token_stats<TD, TG, VEC>(drow, grow, prm.sdh, prm.sgh, nvec, norm == kNormL2Token, sign, st);
       coef = c * token_scale(st[0], step);
       if (norm == kNormL2Token) {
-        const float n2 = fmaxf(st[2] + 2.f * coef * st[1] + coef * coef * st[0], 0.f);
-        proj_t = e / fmaxf(sqrtf(n2), e);
+        const float n2 = nan_max(st[2] + 2.f * coef * st[1] + coef * coef * st[0], 0.f);
+        proj_t = e / nan_max(sqrtf(n2), e);
       }
     }
     const float scale = norm == kNormL2 ? proj_b : (norm == kNormL2Token ? proj_t : 1.f);
@@ -245,7 +250,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const Params prm) {
             const float g = to_float(gp[u].e[k]);
             const float d0 = sign ? sign_of(g) : g;
             float x = fmaf(coef, d0, to_float(dp[u].e[k]));
-            if (norm == kNormLinf) x = fminf(fmaxf(x, -e), e);
+            if (norm == kNormLinf) x = nan_min(nan_max(x, -e), e);
             r.e[k] = from_float<TD>(x * scale);
           }
           st_row<TD, VEC>(orow, v, prm.soh, r);
