@@ -9,9 +9,10 @@ def reduce_rows(rows: torch.Tensor, mask: torch.Tensor | None, reduction: str, n
     """Reduce per-row losses (already 0 on masked-out rows).
 
     ``"none"`` returns ``rows``; ``"sum"`` their sum; ``"mean"`` the sum divided by ``num_items``
-    when given (Hugging Face's ``num_items_in_batch``), else by the number of counted rows
-    (``mask.sum()``, or all rows), clamped to at least 1 so that an all-masked batch gives 0, not
-    NaN. Computed on device: no host synchronization.
+    when given (Hugging Face's ``num_items_in_batch``; a tensor count is clamped to at least 1 on
+    the device), else by the number of counted rows (``mask.sum()``, or all rows), clamped to at
+    least 1 so that an all-masked batch gives 0, not NaN. Computed on device: no host
+    synchronization.
     """
     if reduction == "none":
         return rows
@@ -20,7 +21,7 @@ def reduce_rows(rows: torch.Tensor, mask: torch.Tensor | None, reduction: str, n
         return total
     if num_items is not None:
         if isinstance(num_items, torch.Tensor):
-            return total / num_items.to(device=total.device, dtype=total.dtype)
+            return total / num_items.to(device=total.device, dtype=total.dtype).clamp_min(1)
         return total / float(num_items)
     if mask is None:
         return total / max(rows.numel(), 1)

@@ -7,6 +7,7 @@ broadcast. None of these checks reads tensor data (no host synchronization).
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -52,6 +53,8 @@ def check_positive_number(name: str, value, *, allow_tensor: bool = True, open_u
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     if open_upper is not None and not value < open_upper:
         raise ValueError(f"{name} must be < {open_upper}, got {value}")
     return float(value)
@@ -79,9 +82,8 @@ def check_row_vector(name: str, t, rows: int, leading_shape, device) -> torch.Te
     """A per-row tensor given as ``[rows]`` or with the leading shape of the rows; flattened."""
     check_tensor(name, t)
     if tuple(t.shape) != tuple(leading_shape) and tuple(t.shape) != (rows,):
-        raise ValueError(
-            f"{name} must have shape {tuple(leading_shape)} or ({rows},) (one entry per row), got {tuple(t.shape)}"
-        )
+        shapes = f"{tuple(leading_shape)} or ({rows},)" if tuple(leading_shape) != (rows,) else f"({rows},)"
+        raise ValueError(f"{name} must have shape {shapes} (one entry per row), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the logits are on {device}")
     return t.reshape(rows)
@@ -102,8 +104,11 @@ def check_mask(name: str, mask, rows: int, leading_shape, device) -> torch.Tenso
 def check_num_items(num_items):
     """``num_items``: None, a positive int, or a 0-dim tensor (used as the mean's divisor)."""
     if num_items is None or isinstance(num_items, torch.Tensor):
-        if isinstance(num_items, torch.Tensor) and num_items.dim() != 0:
-            raise ValueError(f"num_items must be an int or a 0-dim tensor, got shape {tuple(num_items.shape)}")
+        if isinstance(num_items, torch.Tensor):
+            if num_items.dim() != 0:
+                raise ValueError(f"num_items must be an int or a 0-dim tensor, got shape {tuple(num_items.shape)}")
+            if num_items.dtype == torch.bool or num_items.dtype.is_complex:
+                raise TypeError(f"num_items must be a real number, got a tensor of dtype {num_items.dtype}")
         return num_items
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
         raise TypeError(f"num_items must be an int or a 0-dim tensor, got {type(num_items).__name__}")

@@ -7,10 +7,11 @@ Each op has up to three implementations that must agree with the reference:
   ``TRITON_INTERPRET=1`` was set before the kernels were imported - the test mode),
 * ``"cuda"``   - the CUDA C++ extension ``modkern._C`` (CUDA tensors, when it was built).
 
-``backend="auto"`` (the default) honours the environment variable ``MODKERN_BACKEND`` when it
-names a backend, else picks ``cuda`` where it is built and preferred for the op, then ``triton``
-for CUDA tensors, and ``torch`` elsewhere. Resolution happens inside the registered custom ops,
-so it never breaks a ``torch.compile`` graph.
+``backend="auto"`` (the default) honours the environment variable ``MODKERN_BACKEND`` when it is
+set (one of ``BACKENDS``; any other value is a ValueError naming the variable), else picks
+``cuda`` where it is built and preferred for the op, then ``triton`` for CUDA tensors, and
+``torch`` elsewhere. Resolution happens inside the registered custom ops, so it never breaks a
+``torch.compile`` graph.
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ def resolve_backend(backend: str, device: torch.device, op: str = "") -> str:
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip().lower()
         if env and env != "auto":
-            backend = check_backend(env)
+            if env not in BACKENDS:
+                raise ValueError(f"the environment variable {ENV_VAR}={env!r} must be one of {BACKENDS}")
+            backend = env
         elif device.type == "cuda":
             if cuda_extension_available() and op in CUDA_PREFERRED_OPS:
                 return "cuda"

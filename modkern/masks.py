@@ -143,7 +143,12 @@ def modality_mask(
         ...                   attention_mask=batch["attention_mask"])
     """
     V.check_tensor("input_ids", input_ids)
-    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex:
+    if (
+        input_ids.dim() != 2
+        or input_ids.dtype == torch.bool
+        or input_ids.dtype.is_floating_point
+        or input_ids.dtype.is_complex
+    ):
         raise ValueError(f"input_ids must be an integer [B, L] tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
     device = input_ids.device
     for name, t in (("labels", labels), ("attention_mask", attention_mask)):

@@ -291,6 +291,8 @@ def _call(**overrides):
         (dict(epsilon=torch.ones(2)), ValueError, "epsilon"),
         (dict(epsilon=torch.tensor(0.1, device="meta")), ValueError, "epsilon"),
         (dict(alpha=0.0), ValueError, "alpha"),
+        (dict(epsilon=float("inf")), ValueError, "epsilon must be finite"),
+        (dict(alpha=float("nan")), ValueError, "alpha"),
         (dict(alpha="0.1"), TypeError, "alpha"),
         (dict(step="fgsm"), ValueError, "step"),
         (dict(norm="l1"), ValueError, "norm"),

@@ -23,6 +23,10 @@ def _pq(rows=3, vocab=10, dtype=torch.float32):
         ({"reduction": "avg"}, ValueError, "reduction"),
         ({"num_items": 0}, ValueError, "num_items"),
         ({"num_items": torch.ones(2)}, ValueError, "num_items"),
+        ({"num_items": torch.tensor(True)}, TypeError, "num_items"),
+        ({"num_items": 8, "reduction": "sum"}, ValueError, "num_items"),
+        ({"num_items": 8, "reduction": "none"}, ValueError, "num_items"),
+        ({"temperature": float("inf")}, ValueError, "temperature"),
         ({"backend": "jax"}, ValueError, "backend"),
         ({"mask": torch.ones(4, dtype=torch.bool)}, ValueError, "mask"),
         ({"ref_index": torch.zeros(2, dtype=torch.long)}, ValueError, "ref_index"),
@@ -123,5 +127,14 @@ def test_env_var_selects_backend(monkeypatch):
         with pytest.raises(RuntimeError, match="modkern._C"):
             modkern.fused_js(p, q)
     monkeypatch.setenv("MODKERN_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match="MODKERN_BACKEND='bogus'"):
         modkern.fused_js(p, q)
+
+
+def test_zero_num_items_tensor_gives_zero_not_inf():
+    # Hugging Face passes num_items_in_batch as a tensor; a count of 0 (no answer token in the
+    # accumulated batch, every row masked) is clamped on the device: 0, not 0/0
+    p, q = _pq()
+    mask = torch.zeros(3, dtype=torch.bool, device=DEVICE)
+    out = modkern.fused_js(p, q, mask=mask, num_items=torch.tensor(0, device=DEVICE))
+    assert float(out) == 0.0

@@ -170,6 +170,7 @@ def test_compiles_per_batch():
         (dict(labels=torch.zeros(3, 2, dtype=torch.long)), ValueError, "labels"),
         (dict(attention_mask=torch.ones(2, 3)), ValueError, "attention_mask"),
         (dict(input_ids=torch.zeros(3, 4)), ValueError, "input_ids"),
+        (dict(input_ids=torch.zeros(3, 4, dtype=torch.bool)), ValueError, "input_ids"),
         (dict(input_ids=torch.zeros(12, dtype=torch.long)), ValueError, "input_ids"),
     ],
 )

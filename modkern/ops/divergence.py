@@ -222,6 +222,8 @@ def _prepare(p_logits, q_logits, temperature, mask, ref_index, reduction, num_it
     V.check_positive_number("temperature", temperature, allow_tensor=False)
     V.check_reduction(reduction)
     V.check_num_items(num_items)
+    if num_items is not None and reduction != "mean":
+        raise ValueError(f"num_items is the divisor of reduction='mean'; it has no effect with reduction={reduction!r}")
     backend = check_backend(backend)
     leading = q_logits.shape[:-1]
     q2 = q_logits.reshape(-1, vocab)
