@@ -19,10 +19,18 @@ def reduce_rows(rows: torch.Tensor, mask: torch.Tensor | None, reduction: str, n
     total = rows.sum()
     if reduction == "sum":
         return total
-    if num_items is not None:
-        if isinstance(num_items, torch.Tensor):
-            return total / num_items.to(device=total.device, dtype=total.dtype).clamp_min(1)
-        return total / float(num_items)
-    if mask is None:
-        return total / max(rows.numel(), 1)
-    return total / mask.sum().clamp_min(1).to(total.dtype)
+    return total / mean_divisor(num_items, mask, rows.numel(), total.device, total.dtype)
+
+
+def mean_divisor(num_items, counted: torch.Tensor | None, n_rows: int, device, dtype):
+    """The divisor of a mean over rows: ``num_items`` when given (a tensor count is clamped to at
+    least 1 on the device: an empty batch gives 0, not 0/0), else the number of counted rows
+    (``counted.sum()``, or ``n_rows`` when every row counts), at least 1. No host synchronization.
+    """
+    if num_items is None:
+        if counted is None:
+            return max(n_rows, 1)
+        return counted.sum().clamp_min(1).to(dtype)
+    if isinstance(num_items, torch.Tensor):
+        return num_items.to(device=device, dtype=dtype).clamp_min(1)
+    return float(num_items)

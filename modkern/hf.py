@@ -89,27 +89,28 @@ class RobustTrainerMixin:
         # Like the stock compute_loss: a loss normalized by a token count summed over processes is
         # multiplied back by the number of processes (DDP averages the gradients), also in eval.
         scale = self._robust_loss_scale(num_items_in_batch)
-        if not (model.training and torch.is_grad_enabled()):
+        training = model.training and torch.is_grad_enabled()
+        if training:
+            out = robust_loss(model, inputs, self.robust_config, num_items_in_batch=num_items_in_batch)
+            loss = out.loss
+            report = scale
+            if not self._robust_scaled_for_ga(num_items_in_batch):
+                report /= getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            self._robust_accumulate(out.parts(), report)
+        else:
             loss, outputs = clean_loss(model, inputs, num_items_in_batch)
-            loss = loss * scale if scale != 1.0 else loss
-            return (loss, outputs) if return_outputs else loss
-        out = robust_loss(model, inputs, self.robust_config, num_items_in_batch=num_items_in_batch)
-        loss = out.loss * scale if scale != 1.0 else out.loss
-        report = scale
-        if not self._robust_scaled_for_ga(num_items_in_batch):
-            report /= getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        self._robust_accumulate(out.parts(), report)
-        if return_outputs:
-            return loss, {"loss": loss, "logits": out.logits}
-        return loss
+        if scale != 1.0:
+            loss = loss * scale
+        if training:
+            outputs = {"loss": loss, "logits": out.logits}
+        return (loss, outputs) if return_outputs else loss
 
     # logging --------------------------------------------------------------------------------
     # The parts are summed per optimizer step and logged next to "loss", averaged over the steps
     # since the last log. That count is read where the Trainer computes its own (it resets its
     # counter before calling log), so resumed runs and repeated train() calls stay exact.
     def train(self, *args, **kwargs):
-        self._robust_parts = None
-        self._robust_log_steps = None
+        self._robust_parts = None  # a previous run's unlogged tail
         return super().train(*args, **kwargs)
 
     def _maybe_log_save_evaluate(self, *args, **kwargs):
@@ -127,15 +128,14 @@ class RobustTrainerMixin:
 
     def log(self, logs: dict, *args, **kwargs):
         steps = self._robust_log_steps
-        if "loss" in logs and self._robust_parts is not None and steps is not None:
-            if steps > 0:
-                names = list(self._robust_parts)
-                values = torch.stack([self._robust_parts[k] for k in names])
-                if self.args.world_size > 1:  # every rank logs here (like the Trainer's loss gather)
-                    values = self.accelerator.gather(values.unsqueeze(0)).mean(0)
-                for k, v in zip(names, values.tolist()):
-                    logs[k] = v / steps
-                self._robust_parts = None
+        if "loss" in logs and self._robust_parts is not None and steps is not None and steps > 0:
+            names = list(self._robust_parts)
+            values = torch.stack([self._robust_parts[k] for k in names])
+            if self.args.world_size > 1:  # every rank logs here (like the Trainer's loss gather)
+                values = self.accelerator.gather(values.unsqueeze(0)).mean(0)
+            for k, v in zip(names, values.tolist()):
+                logs[k] = v / steps
+            self._robust_parts = None
         return super().log(logs, *args, **kwargs)
 
 

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modkern import _validation as V
+from modkern._reduction import mean_divisor
 from modkern.backend import check_backend
 from modkern.ops.adv_step import NORMS, STEPS
 from modkern.ops.divergence import DIRECTIONS, fused_js, fused_kl
@@ -497,14 +498,11 @@ def _normalize_ref_index(ref_index, batch_size: int, device) -> Tensor:
     return ref_index
 
 
-def _normalizer(num_items_in_batch, rows: Tensor) -> Tensor:
-    if num_items_in_batch is None:
-        return rows.sum().clamp_min(1).float()
-    if isinstance(num_items_in_batch, Tensor):
-        # an accumulated batch without any answer token: every term is a sum of nothing -> 0, not 0/0
-        return num_items_in_batch.to(device=rows.device, dtype=torch.float32).clamp_min(1)
-    V.check_num_items(num_items_in_batch)
-    return torch.tensor(float(num_items_in_batch), device=rows.device)
+def _normalizer(num_items_in_batch, rows: Tensor):
+    """What every token sum is divided by: ``num_items_in_batch``, else this micro-batch's answer tokens."""
+    if num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
+        V.check_num_items(num_items_in_batch)
+    return mean_divisor(num_items_in_batch, rows, rows.numel(), rows.device, torch.float32)
 
 
 def _get_logits(output) -> Tensor:

@@ -29,8 +29,7 @@ import tempfile
 import time
 import traceback
 
-if os.environ.pop("TRITON_INTERPRET", None) not in (None, "0"):
-    os.environ["TRITON_INTERPRET"] = "0"
+os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compile, not interpret
 
 import torch  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
