@@ -4,7 +4,7 @@ Used by the tests and the CPU demo. Every builder returns ``(model, info)``: ``m
 Hugging Face model in train mode on CPU, ``info`` a dict with the ids and sizes a caller needs to
 build inputs:
 
-- ``"kind"``: ``"llava"``, ``"qwen2_vl"`` or ``"llama"``;
+- ``"kind"``: ``"llava"``, ``"qwen2_vl"``, ``"qwen2_5_omni"`` or ``"llama"``;
 - ``"vocab_size"``, ``"hidden_size"``;
 - ``"pad_token_id"`` (0), ``"bos_token_id"`` (1), ``"eos_token_id"`` (2);
 - ``"text_token_range"``: ``(lo, hi)``, ids ``lo <= id < hi`` are free for ordinary text;
@@ -13,7 +13,10 @@ build inputs:
 - multimodal models: ``"image_token_id"``, ``"image_size"``, ``"num_image_tokens"`` (placeholder
   tokens per image); Qwen2-VL also ``"video_token_id"``, ``"vision_start_token_id"``,
   ``"vision_end_token_id"``, ``"patch_size"``, ``"temporal_patch_size"``, ``"spatial_merge_size"``
-  (turn images into its inputs with :func:`qwen2_vl_pixel_values`).
+  (turn images into its inputs with :func:`qwen2_vl_pixel_values`);
+- the Qwen2.5-Omni thinker (:func:`tiny_qwen2_5_omni`) additionally ``"audio_token_id"``,
+  ``"audio_start_token_id"``, ``"audio_end_token_id"``, ``"num_mel_bins"`` (videos through
+  :func:`qwen_video_pixel_values`, audio placeholders per clip from :func:`omni_audio_tokens`).
 
 Special ids sit at the top of the vocabulary; dropout is 0 everywhere, so a forward is
 deterministic given the weights.
@@ -252,3 +255,139 @@ def qwen2_vl_pixel_values(images: torch.Tensor, info: dict):
     pixel_values = patches.reshape(n * gh * gw, c * tp * ps * ps).contiguous()
     grid = torch.tensor([[1, gh, gw]] * n, dtype=torch.long, device=images.device)
     return pixel_values, grid
+
+
+def tiny_qwen2_5_omni(
+    vocab_size: int = 128,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 1,
+    num_heads: int = 2,
+    intermediate_size: int | None = None,
+    image_size: int = 16,
+    patch_size: int = 4,
+    spatial_merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    vision_hidden_size: int = 16,
+    num_mel_bins: int = 8,
+    audio_hidden_size: int = 16,
+    max_positions: int = 512,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """A ``Qwen2_5OmniThinkerForConditionalGeneration`` (image, video and audio) with random weights.
+
+    The thinker of Qwen2.5-Omni: a Qwen2.5-VL vision encoder (images and videos), a Whisper-style
+    audio encoder and a Qwen2 decoder with M-RoPE. Placeholder ids at the top of the vocabulary:
+    image ``V-1``, video ``V-2``, audio ``V-3``, ``<vision_start>`` ``V-4``, ``<vision_end>`` ``V-5``,
+    ``<audio_start>`` ``V-6``, ``<audio_end>`` ``V-7``. Each block of placeholders must sit between
+    its start and end markers (the model's 3-D position ids are computed from them).
+
+    Inputs: images as for :func:`tiny_qwen2_vl` (``pixel_values``, ``image_grid_thw``; ``num_image_tokens``
+    placeholders each); videos ``[T, 3, S, S]`` (``T`` a multiple of ``temporal_patch_size``) through
+    :func:`qwen_video_pixel_values` (``pixel_values_videos``, ``video_grid_thw``; pass
+    ``video_second_per_grid``), ``(T // temporal_patch_size) * num_image_tokens`` placeholders; audio
+    as mel features ``input_features [N, num_mel_bins, frames]`` with ``feature_attention_mask
+    [N, frames]``, :func:`omni_audio_tokens` ``(frames)`` placeholders per clip.
+    """
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    if image_size % (patch_size * spatial_merge_size):
+        raise ValueError("image_size must be a multiple of patch_size * spatial_merge_size")
+    head_dim = hidden_size // num_heads
+    if head_dim % 2:
+        raise ValueError("hidden_size // num_heads must be even")
+    half = head_dim // 2
+    mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
+    ids = dict(
+        image_token_id=vocab_size - 1,
+        video_token_id=vocab_size - 2,
+        audio_token_id=vocab_size - 3,
+        vision_start_token_id=vocab_size - 4,
+        vision_end_token_id=vocab_size - 5,
+        audio_start_token_id=vocab_size - 6,
+        audio_end_token_id=vocab_size - 7,
+    )
+    text = _text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions)
+    text["rope_parameters"] = dict(rope_type="default", rope_theta=10000.0, mrope_section=mrope_section)
+    text["tie_word_embeddings"] = False
+    config = Qwen2_5OmniThinkerConfig(
+        audio_config=dict(
+            num_mel_bins=num_mel_bins,
+            encoder_layers=1,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=2 * audio_hidden_size,
+            d_model=audio_hidden_size,
+            output_dim=hidden_size,
+            n_window=8,
+            max_source_positions=max_positions,
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=vision_hidden_size,
+            intermediate_size=2 * vision_hidden_size,
+            num_heads=2,
+            in_channels=3,
+            patch_size=patch_size,
+            spatial_merge_size=spatial_merge_size,
+            temporal_patch_size=temporal_patch_size,
+            window_size=image_size,
+            out_hidden_size=hidden_size,
+            fullatt_block_indexes=[0],
+        ),
+        text_config=text,
+        audio_token_index=ids["audio_token_id"],
+        image_token_index=ids["image_token_id"],
+        video_token_index=ids["video_token_id"],
+        audio_start_token_id=ids["audio_start_token_id"],
+        audio_end_token_id=ids["audio_end_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
+    )
+    state = _seeded(seed)
+    model = _finish(Qwen2_5OmniThinkerForConditionalGeneration(config), state, dtype)
+    side = image_size // patch_size
+    info = _info(
+        "qwen2_5_omni",
+        vocab_size,
+        hidden_size,
+        (3, vocab_size - 7),
+        {"image": ids["image_token_id"], "video": ids["video_token_id"], "audio": ids["audio_token_id"]},
+        image_size=image_size,
+        patch_size=patch_size,
+        temporal_patch_size=temporal_patch_size,
+        spatial_merge_size=spatial_merge_size,
+        num_image_tokens=(side // spatial_merge_size) ** 2,
+        num_mel_bins=num_mel_bins,
+        **ids,
+    )
+    return model, info
+
+
+def qwen_video_pixel_values(videos: torch.Tensor, info: dict):
+    """Turn videos ``[N, T, 3, S, S]`` into Qwen-VL's ``(pixel_values_videos, video_grid_thw)``.
+
+    ``T`` must be a multiple of ``temporal_patch_size``; same patch order as
+    :func:`qwen2_vl_pixel_values` (which is the case ``T == temporal_patch_size`` of a repeated image).
+    """
+    if videos.dim() != 5 or videos.shape[2] != 3:
+        raise ValueError(f"videos must have shape [N, T, 3, S, S], got {tuple(videos.shape)}")
+    n, t, c, h, w = videos.shape
+    ps, tp, ms = info["patch_size"], info["temporal_patch_size"], info["spatial_merge_size"]
+    if t % tp:
+        raise ValueError(f"the number of frames ({t}) must be a multiple of temporal_patch_size ({tp})")
+    if h % (ps * ms) or w % (ps * ms):
+        raise ValueError(f"frame height/width must be multiples of {ps * ms}, got {h}x{w}")
+    gt, gh, gw = t // tp, h // ps, w // ps
+    patches = videos.reshape(n, gt, tp, c, gh // ms, ms, ps, gw // ms, ms, ps)
+    patches = patches.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    pixel_values = patches.reshape(n * gt * gh * gw, c * tp * ps * ps).contiguous()
+    grid = torch.tensor([[gt, gh, gw]] * n, dtype=torch.long, device=videos.device)
+    return pixel_values, grid
+
+
+def omni_audio_tokens(frames: int) -> int:
+    """Audio placeholders the Qwen2.5-Omni audio encoder makes from ``frames`` mel frames
+    (a stride-2 convolution, then stride-2 pooling)."""
+    after_conv = (frames - 1) // 2 + 1
+    return (after_conv - 2) // 2 + 1
