@@ -3,6 +3,7 @@
 Public API (see each function's docstring for the math)::
 
     from modkern import fused_js, fused_kl, masked_adv_step, init_delta, perturb, modality_mask
+    from modkern import fused_linear_kl, fused_linear_js  # the same from LM-head hidden states, chunked
 """
 
 from modkern.backend import available_backends, resolve_backend
@@ -10,6 +11,7 @@ from modkern.delta_init import init_delta
 from modkern.masks import modality_mask
 from modkern.ops.adv_step import masked_adv_step
 from modkern.ops.divergence import FusedDivergence, fused_js, fused_kl
+from modkern.ops.linear_divergence import fused_linear_js, fused_linear_kl
 from modkern.ops.perturb import perturb
 
 __version__ = "0.1.0"
@@ -19,6 +21,8 @@ __all__ = [
     "available_backends",
     "fused_js",
     "fused_kl",
+    "fused_linear_js",
+    "fused_linear_kl",
     "init_delta",
     "masked_adv_step",
     "modality_mask",
