@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from modkern._validation import count_divisor
+
 
 def reduce_rows(rows: torch.Tensor, mask: torch.Tensor | None, reduction: str, num_items=None) -> torch.Tensor:
     """Reduce per-row losses (already 0 on masked-out rows).
@@ -32,5 +34,5 @@ def mean_divisor(num_items, counted: torch.Tensor | None, n_rows: int, device, d
             return max(n_rows, 1)
         return counted.sum().clamp_min(1).to(dtype)
     if isinstance(num_items, torch.Tensor):
-        return num_items.to(device=device, dtype=dtype).clamp_min(1)
+        return count_divisor(num_items, device, dtype)  # NaN for a bad count that was not readable
     return float(num_items)

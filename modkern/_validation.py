@@ -2,7 +2,15 @@
 
 Every public op validates its arguments here, before any kernel runs, so that bad input gives a
 ``TypeError`` / ``ValueError`` naming the argument instead of a Triton crash or a silent
-broadcast. None of these checks reads tensor data (no host synchronization).
+broadcast.
+
+Values held in tensors (a 0-dim ``alpha`` / ``epsilon`` / ``num_items``, the entries of a mask) are
+read only where that costs no device synchronization: CPU tensors outside ``torch.compile`` /
+fake-tensor tracing (:func:`readable`). There a bad value is a ``ValueError``. On a GPU the ops
+never synchronize with the host, so these values are a documented contract instead; a bad scalar
+(``alpha`` or ``epsilon`` <= 0 or non-finite, a ``num_items`` that is not a whole count >= 0) turns
+the result into NaN on the device (:func:`nan_unless`) - loud, and unlike a device-side assert it
+cannot kill the CUDA context.
 """
 
 from __future__ import annotations
@@ -11,9 +19,21 @@ import math
 import numbers
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("none", "sum", "mean")
+
+
+def readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values may be read for a check: a real CPU tensor outside tracing (no host sync)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
+
+
+def nan_unless(valid: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` where ``valid``, else NaN, computed on the device: how a bad value that cannot be read
+    without a host sync shows up (a NaN result instead of a silently wrong one)."""
+    return torch.where(valid, value, torch.full_like(value, float("nan")))
 
 
 def check_tensor(name: str, t) -> torch.Tensor:
@@ -89,32 +109,76 @@ def check_row_vector(name: str, t, rows: int, leading_shape, device) -> torch.Te
     return t.reshape(rows)
 
 
+def _check_zero_one(name: str, mask: torch.Tensor) -> None:
+    """On a readable (CPU) tensor: every entry is 0 or 1 (elsewhere nonzero selects, unchecked)."""
+    if mask.dtype != torch.bool and readable(mask) and not bool(((mask == 0) | (mask == 1)).all()):
+        bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+        raise ValueError(
+            f"{name} must hold only 0 and 1 (or be a bool tensor), found {bad}; "
+            f"for a selection by threshold pass e.g. {name}=weights > 0"
+        )
+
+
 def check_mask(name: str, mask, rows: int, leading_shape, device) -> torch.Tensor | None:
-    """Row mask as a contiguous bool ``[rows]`` tensor (bool or 0/1 numbers accepted)."""
+    """Row mask as a contiguous bool ``[rows]`` tensor: bool, or integers 0/1.
+
+    A floating mask is a ``TypeError``: ``mask`` selects rows, it does not weight them (a 0.5 would
+    otherwise count fully). Integer entries other than 0/1 are a ``ValueError`` on CPU.
+    """
     if mask is None:
         return None
     mask = check_row_vector(name, mask, rows, leading_shape, device)
     if mask.dtype != torch.bool:
-        if mask.dtype.is_complex:
-            raise TypeError(f"{name} must be bool or 0/1 numbers, got {mask.dtype}")
+        if mask.dtype.is_complex or mask.dtype.is_floating_point:
+            raise TypeError(
+                f"{name} must be a bool tensor (or integers 0/1) selecting rows, got {mask.dtype}; it is not a "
+                f"row weight: pass {name}=weights > 0 to select rows, or multiply reduction='none' values by weights"
+            )
+        _check_zero_one(name, mask)
         mask = mask != 0
     return mask.contiguous()
 
 
+def _is_count(t: torch.Tensor) -> torch.Tensor:
+    """Bool tensor: ``t`` is a whole number >= 0 (a count of items)."""
+    if not t.dtype.is_floating_point:
+        return t >= 0
+    return (t >= 0) & (t == t.floor()) & torch.isfinite(t)
+
+
 def check_num_items(num_items):
-    """``num_items``: None, a positive int, or a 0-dim tensor (used as the mean's divisor)."""
+    """``num_items``: None, a whole number > 0, or a 0-dim tensor holding a whole number >= 0.
+
+    A tensor count of 0 is allowed (Hugging Face passes 0 for a batch without answer tokens; the
+    mean is then 0). A tensor's value is checked where it is readable (CPU); on a GPU a bad count
+    makes the mean NaN (:func:`count_divisor`).
+    """
     if num_items is None or isinstance(num_items, torch.Tensor):
         if isinstance(num_items, torch.Tensor):
             if num_items.dim() != 0:
                 raise ValueError(f"num_items must be an int or a 0-dim tensor, got shape {tuple(num_items.shape)}")
             if num_items.dtype == torch.bool or num_items.dtype.is_complex:
                 raise TypeError(f"num_items must be a real number, got a tensor of dtype {num_items.dtype}")
+            if readable(num_items) and not bool(_is_count(num_items)):
+                raise ValueError(
+                    f"num_items must be a whole number of items >= 0, got {num_items.item()} "
+                    "(it is the divisor of reduction='mean', e.g. Hugging Face's num_items_in_batch)"
+                )
         return num_items
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
         raise TypeError(f"num_items must be an int or a 0-dim tensor, got {type(num_items).__name__}")
-    if num_items <= 0:
+    if not num_items > 0:
         raise ValueError(f"num_items must be > 0, got {num_items}")
+    if not isinstance(num_items, numbers.Integral) and not float(num_items).is_integer():
+        raise ValueError(f"num_items must be a whole number of items, got {num_items}")
     return num_items
+
+
+def count_divisor(num_items: torch.Tensor, device, dtype) -> torch.Tensor:
+    """A tensor ``num_items`` as the divisor of a mean: at least 1 (a count of 0 gives a mean of 0,
+    not 0/0), NaN when it is not a whole count >= 0 (the device-side form of :func:`check_num_items`)."""
+    n = num_items.to(device=device)
+    return nan_unless(_is_count(n), n.to(dtype).clamp_min(1))
 
 
 def check_token_mask(name: str, mask, shape, device) -> torch.Tensor:
@@ -126,14 +190,17 @@ def check_token_mask(name: str, mask, shape, device) -> torch.Tensor:
         raise ValueError(f"{name} is on {mask.device} but the embeddings are on {device}")
     if mask.dtype.is_complex:
         raise TypeError(f"{name} must be bool or 0/1 numbers, got {mask.dtype}")
+    _check_zero_one(name, mask)
     return mask if mask.dtype == torch.bool else mask != 0
 
 
 def check_scalar_on(name: str, value, device) -> tuple[float, torch.Tensor | None]:
-    """A Python number > 0, or a 0-dim real tensor on ``device`` (its value is not read: no sync).
+    """A Python number > 0, or a 0-dim real tensor on ``device`` holding a finite value > 0.
 
     Returns ``(value, None)`` for a number and ``(0.0, tensor)`` for a tensor, the form the
     registered ops take (a float argument would be specialized by ``torch.compile``, a tensor not).
+    A tensor's value is checked where it is readable (CPU, eager: ``ValueError``); elsewhere the
+    returned tensor is NaN when the value is bad (no host sync), so the op's result is NaN.
     """
     value = check_positive_number(name, value)
     if not isinstance(value, torch.Tensor):
@@ -142,4 +209,9 @@ def check_scalar_on(name: str, value, device) -> tuple[float, torch.Tensor | Non
         raise TypeError(f"{name} must be a real number or a 0-dim real tensor, got dtype {value.dtype}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the tensors are on {device}")
-    return 0.0, value
+    valid = (value > 0) & torch.isfinite(value)
+    if readable(value):
+        if not bool(valid):
+            raise ValueError(f"{name} must be finite and > 0, got {value.item()}")
+        return 0.0, value
+    return 0.0, nan_unless(valid, value) if value.dtype.is_floating_point else value

@@ -171,10 +171,14 @@ def test_inplace_and_not(backend):
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_leaf_requiring_grad_updated_like_an_optimizer(backend):
+    # Like any in-place torch op: refused with grad mode on, allowed under no_grad (as optimizers do).
     delta, grad, mask = make_inputs(poison=False)
     delta.requires_grad_()
     expected = reference(delta.detach(), grad, mask, "raw", "linf")
-    out = modkern.masked_adv_step(delta, grad, mask, alpha=ALPHA, epsilon=EPS, backend=backend)
+    with pytest.raises(ValueError, match="delta requires grad"):
+        modkern.masked_adv_step(delta, grad, mask, alpha=ALPHA, epsilon=EPS, backend=backend)
+    with torch.no_grad():
+        out = modkern.masked_adv_step(delta, grad, mask, alpha=ALPHA, epsilon=EPS, backend=backend)
     assert out is delta and delta.requires_grad and delta.grad_fn is None
     assert_close_to_ref(delta.detach(), expected, torch.float32)
     new = modkern.masked_adv_step(delta, grad, mask, alpha=ALPHA, epsilon=EPS, inplace=False, backend=backend)

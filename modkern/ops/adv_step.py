@@ -90,6 +90,21 @@ def _has_overlap(t: Tensor) -> bool:
     return any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape))
 
 
+def _check_inplace(delta: Tensor) -> None:
+    """Refuse what torch refuses for an in-place op on ``delta``, with the fix."""
+    if _has_overlap(delta):
+        raise ValueError("delta is an expanded tensor (stride 0): it cannot be updated in place; pass inplace=False")
+    if delta.requires_grad and torch.is_grad_enabled():
+        why = (
+            "torch refuses in-place updates of a leaf that requires grad while grad mode is on"
+            if delta.is_leaf
+            else "the step has no autograd history, so an in-place update would corrupt the graph"
+        )
+        raise ValueError(
+            f"delta requires grad: {why}. Pass delta.detach(), call under torch.no_grad(), or use inplace=False"
+        )
+
+
 def masked_adv_step(
     delta: Tensor,
     grad: Tensor,
@@ -125,25 +140,28 @@ def masked_adv_step(
         delta: ``[B, L, H]`` float perturbation (fp32 or the model dtype).
         grad: ``[B, L, H]`` float gradient of the loss w.r.t. ``delta`` (any float dtype, any
             strides; expanded stride-0 gradients are fine).
-        mask: ``[B, L]`` bool or 0/1 numbers (nonzero selects a token), broadcast over H.
+        mask: ``[B, L]`` bool or 0/1 numbers, broadcast over H (other values: ``ValueError`` on
+            CPU; on a GPU, where they are not read, nonzero selects).
         alpha: step size > 0, a Python number or a 0-dim tensor on ``delta``'s device.
-        epsilon: radius > 0, number or 0-dim tensor (tensor values are not checked: that would
-            need a host sync); may be None when ``norm`` is None.
+        epsilon: radius > 0, number or 0-dim tensor; may be None when ``norm`` is None. A tensor
+            ``alpha`` / ``epsilon`` is checked on CPU (``ValueError``); on a GPU reading it would
+            need a host sync, so a value <= 0 or non-finite makes the result NaN instead.
         step: ``"raw"``, ``"sign"``, ``"l2"``, ``"l2_token"`` or ``"linf"``.
         norm: ``"linf"``, ``"l2"``, ``"l2_token"`` or None.
-        inplace: write the result into ``delta`` (and return it); else return a new tensor.
+        inplace: write the result into ``delta`` (and return it); else return a new tensor. Like
+            any in-place torch op, refused (``ValueError``) when ``delta`` requires grad while grad
+            mode is on: detach it first, or run under ``torch.no_grad()`` as an optimizer does.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see ``modkern.backend``).
 
     Returns:
-        ``delta'`` in ``delta``'s dtype, with no autograd history (like an optimizer step; an
-        in-place update of a leaf that requires grad is allowed).
+        ``delta'`` in ``delta``'s dtype, with no autograd history (like an optimizer step).
 
     Example::
 
         >>> delta = init_delta(embeds, mask, epsilon=1e-3)
         >>> delta.requires_grad_()
         >>> (g,) = torch.autograd.grad(loss_fn(perturb(embeds, delta, mask)), delta)
-        >>> masked_adv_step(delta, g, mask, alpha=0.1, epsilon=1e-3)  # raw step, Linf ball
+        >>> delta = masked_adv_step(delta.detach(), g, mask, alpha=0.1, epsilon=1e-3)  # raw step, Linf ball
     """
     V.check_float_tensor("delta", delta)
     V.check_float_tensor("grad", grad)
@@ -162,8 +180,8 @@ def masked_adv_step(
         eps_f, eps_t = V.check_scalar_on("epsilon", epsilon, device)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    if inplace and _has_overlap(delta):
-        raise ValueError("delta is an expanded tensor (stride 0): it cannot be updated in place; pass inplace=False")
+    if inplace:
+        _check_inplace(delta)
     backend = check_backend(backend)
     norm_name = "none" if norm is None else norm
     with torch.no_grad():
