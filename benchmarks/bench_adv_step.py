@@ -16,6 +16,8 @@ the mask is bool [B, L]):
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from _harness import DEVICE, ON_CUDA, compiled, cycling, measure, modkern_op, nbytes, provider_params, rotation_sets
@@ -25,7 +27,8 @@ try:
 except ImportError:  # pragma: no cover - lands with issue 3
     ref = None
 
-if ON_CUDA:
+# MODKERN_BENCH_PLAN=gpu: collect the GPU cases on any machine (gpu_check.sh --dry-run checks its selections)
+if ON_CUDA or os.environ.get("MODKERN_BENCH_PLAN") == "gpu":
     SHAPE = (18, 1000, 4096)  # LLaVA-1.5-7B PGD batch (SPEC §3): 74M elements
     DELTA_DTYPES = (torch.float32, torch.bfloat16)
 else:  # smoke-test size; one delta dtype keeps the torch.compile warm-ups few

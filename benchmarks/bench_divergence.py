@@ -11,6 +11,8 @@ one gradient 3·R·V·e (+ write dQ); two gradients 4·R·V·e (+ write dP).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from _harness import DEVICE, ON_CUDA, compiled, cycling, liger_status, measure, provider_params, rotation_sets
@@ -18,7 +20,8 @@ from _harness import DEVICE, ON_CUDA, compiled, cycling, liger_status, measure, 
 import modkern
 from modkern import reference
 
-if ON_CUDA:
+# MODKERN_BENCH_PLAN=gpu: collect the GPU cases on any machine (gpu_check.sh --dry-run checks its selections)
+if ON_CUDA or os.environ.get("MODKERN_BENCH_PLAN") == "gpu":
     SHAPES = [(r, v) for r in (1024, 4096) for v in (32064, 152064)]
     DTYPES = (torch.bfloat16, torch.float32)
 else:  # smoke-test sizes: the CPU run checks that the suite works, it measures nothing useful

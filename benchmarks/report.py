@@ -25,6 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+STATIC_MODEL = RESULTS / "static_model.json"  # not a benchmark file: the static performance model
 
 PROVIDER_ORDER = [
     "modkern-cuda",
@@ -107,23 +108,38 @@ CPU (a few minutes; small shapes, checks that the suites work, measures nothing 
 pytest benchmarks/ --benchmark-only --benchmark-json benchmarks/results/cpu.json && python benchmarks/report.py
 ```
 
-GPU (realistic shapes of SPEC §3; one line; build the CUDA extension first when `csrc/` has sources,
-and carry a `liger-kernel` wheel to include Liger):
+GPU: **one command**, `benchmarks/gpu_check.sh`, made for a bare H100 / H200 session of the device
+tool (15 minutes of device time in all, at most 10 per command). It finishes in under 9 minutes,
+every stage time-boxed with `timeout`:
 
 ```bash
-pip install --no-build-isolation --no-deps -e . && pytest benchmarks/ --benchmark-only --benchmark-json benchmarks/results/gpu-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_').json && python benchmarks/report.py
+bash benchmarks/gpu_check.sh "$OUT"            # on the GPU machine
+bash benchmarks/gpu_check.sh --dry-run /tmp/x   # anywhere: prints the plan, runs every CPU-side part (CI does)
 ```
 
-The full GPU run compiles ~60 `torch.compile` graphs; to fit a 10-minute command limit split it
-(files of one device are merged): `pytest benchmarks/bench_divergence.py -k bfloat16 ...
---benchmark-json benchmarks/results/gpu-div-bf16.json`, then `-k float32`, then
-`bench_adv_step.py`, then `bench_robust_step.py` (environment: `MODKERN_BENCH_E2E_BATCH` /
-`_SEQ` / `_ANSWER`, default 8 / 1024 / 64).
+Order: the CUDA extension build (`pip install --no-build-isolation --no-deps -e .`, `MAX_JOBS`
+parallel jobs, its time printed) starts in the background; meanwhile the headline benchmarks run
+(divergence bf16 R=4096 V=152064 forward + backward with one gradient - KL with P detached, the
+paper's case - and with two; PGD raw + linf 18 x 1000 x 4096; the robust step end to end; the
+fused-linear divergence when `bench_linear_divergence.py` exists), each pytest session measuring
+the device copy it is compared with; then the CUDA op tests with
+`MODKERN_REQUIRE_BACKENDS=cuda,triton` (tests/conftest.py turns a skipped `cuda` or `triton` case
+into a failure), the same headline cases on the CUDA backend, the `torch.compile` / eager / Liger
+baselines, and the rest of the grid while time is left. It writes to `OUT`: `gpu_check.log`,
+`gpu_check.json` (device, torch / triton / CUDA / nvcc versions, git commit, build time, each
+stage's exit code, seconds and time-out), `gpu-<device>.json` (every benchmark of the run merged
+into one pytest-benchmark file, re-merged after each stage so a killed run keeps what ran) and
+`tests.xml`. Fold it into this report:
 
-With the device tool, `benchmarks/gpu_session.sh` does this in stages that each fit one call:
-`bash benchmarks/gpu_session.sh build test`, then `build div-bf16 adv`, then `build div-fp32 e2e`
-(also `sanitize`, `compile`; raw JSON and logs under `$OUT`); copy the `gpu-*.json` files into
-`benchmarks/results/` and run `python benchmarks/report.py` here.
+```bash
+cp OUT/gpu-*.json benchmarks/results/ && python benchmarks/report.py
+```
+
+By hand (several 10-minute calls; build `csrc/` first, carry a `liger-kernel` wheel to include
+Liger): `pip install --no-build-isolation --no-deps -e . && pytest benchmarks/bench_divergence.py
+-k bfloat16 --benchmark-only --benchmark-json benchmarks/results/gpu-div-bf16.json`, then
+`-k float32`, `bench_adv_step.py`, `bench_robust_step.py` (environment: `MODKERN_BENCH_E2E_BATCH` /
+`_SEQ` / `_ANSWER`, default 8 / 1024 / 64); files of one device are merged.
 
 """
 
@@ -450,7 +466,7 @@ def main(argv=None):
     parser.add_argument("--out", default=str(HERE / "README.md"), help="README to write")
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG charts")
     args = parser.parse_args(argv)
-    files = args.files or sorted(str(p) for p in RESULTS.glob("*.json"))
+    files = args.files or sorted(str(p) for p in RESULTS.glob("*.json") if p.name != STATIC_MODEL.name)
     if not files:
         print("no results JSON found", file=sys.stderr)
         return 1
