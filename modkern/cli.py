@@ -1,27 +1,121 @@
-"""The ``modkern`` console command.
+"""modkern: fused kernels for modality-robust fine-tuning of multimodal LLMs - the console command.
 
-``modkern`` / ``modkern train``  - the demo (:mod:`modkern.demo`): SFT vs SFT + heuristic
-augmentation vs the modkern objective on a synthetic modality-interference task, on a tiny LLaVA.
-``modkern selfcheck``           - every op on this machine's device against the reference, with
-timings.
+  modkern train       the demo (modkern.demo): SFT vs SFT + heuristic augmentation vs the modkern
+                      objective on a synthetic modality-interference task, on a tiny LLaVA
+  modkern selfcheck   every op on this machine's device against the float64 reference, with timings
+
+`modkern <command> --help` lists a command's options. A mistake in the options is answered with one
+line and exit code 2; an error while running with one line and exit code 1 (the traceback with
+--debug or the environment variable MODKERN_DEBUG=1).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
+DEBUG_ENV = "MODKERN_DEBUG"
+
+
+class CliError(Exception):
+    """A mistake in the command line: reported as one line (what is wrong, what to do), exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (raised as :class:`CliError`, not printed + exit)."""
+
+    def error(self, message):
+        raise CliError(f"{message} (see `{self.prog} --help`)")
+
+
+# --- option types: each checks one option and says what to do instead -------------------------------
+
+
+def positive_int(value: str) -> int:
+    """``argparse`` type: an integer >= 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {n}")
+    return n
+
+
+def device_name(value: str) -> str:
+    """``argparse`` type: ``auto`` or a torch device that exists on this machine."""
+    if value == "auto":
+        return value
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no GPU is visible"
+            raise argparse.ArgumentTypeError(
+                f"{value}: this machine has no usable CUDA GPU (torch {torch.__version__} is {build}); "
+                "use --device cpu or --device auto"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{value}: this machine has {count} CUDA device(s) (cuda:0..{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: MPS is not available here; use --device cpu or --device auto")
+    return value
+
+
+def checkpoint_dir(value: str) -> str:
+    """``argparse`` type: a local directory holding a Hugging Face checkpoint (``config.json``)."""
+    hint = "give a local Hugging Face LLaVA checkpoint directory, or leave out --model for the built-in tiny LLaVA"
+    if not os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"{value}: no such directory; {hint}")
+    if not os.path.isfile(os.path.join(value, "config.json")):
+        raise argparse.ArgumentTypeError(f"{value} has no config.json, so it is not a checkpoint; {hint}")
+    return value
+
+
+def _add_debug(parser):
+    # SUPPRESS: a subcommand's --debug must not reset one given before the command
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)",
+    )
+
+
+# --- train ---------------------------------------------------------------------------------------
+
 
 def _add_train(sub):
-    p = sub.add_parser("train", help="run the demo (the default command)")
-    p.add_argument("--model", default=None, help="local Hugging Face LLaVA checkpoint (default: a tiny random LLaVA)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 200)")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser(
+        "train",
+        help="run the demo: SFT vs SFT + augmentation vs modkern on a synthetic task (about a minute on CPU)",
+        description="Train three models on the synthetic modality-interference task and compare them.",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        type=checkpoint_dir,
+        help="local Hugging Face LLaVA checkpoint directory (default: a tiny LLaVA with random weights)",
+    )
+    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps per method (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the initial weights and the batches")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--device", default="auto", type=device_name, help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N"
+    )
     p.add_argument("--quick", action="store_true", help="a reduced smoke run (seconds; for tests)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress output (bars on a terminal, log lines otherwise)"
+    )
+    _add_debug(p)
+    p.set_defaults(func=cmd_train)
     return p
 
 
@@ -30,8 +124,6 @@ def cmd_train(args) -> int:
 
     kwargs = dict(seed=args.seed, out=args.out, device=args.device, model=args.model, quick=args.quick)
     if args.steps is not None:
-        if args.steps < 1:
-            raise SystemExit("--steps must be >= 1")
         kwargs["steps"] = args.steps
     kwargs["progress"] = not args.no_progress
     run_demo(DemoConfig(**kwargs))
@@ -142,7 +234,13 @@ def cmd_selfcheck(args) -> int:
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    backends = available_backends(device) if args.backend == "all" else [args.backend]
+    available = available_backends(device)
+    if args.backend != "all" and args.backend not in available:
+        raise CliError(
+            f"--backend {args.backend} cannot run on {device} here (available: {', '.join(available)}); "
+            "use --backend all"
+        )
+    backends = available if args.backend == "all" else [args.backend]
     print(f"modkern selfcheck on {device}, fp32 inputs, float64 references; backends: {', '.join(backends)}")
     print(f"{'op':<16} {'backend':<8} {'max |diff|':>11} {'modkern ms':>11} {'reference ms':>13}  status")
     x = _inputs(device, torch.float32)
@@ -157,21 +255,76 @@ def cmd_selfcheck(args) -> int:
     return 1 if failures else 0
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="modkern", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
+def _add_selfcheck(sub):
+    p = sub.add_parser(
+        "selfcheck",
+        help="compare every op with the float64 reference on this device, with timings",
+        description="Run every op on this machine's device against the float64 reference and time both.",
+    )
+    p.add_argument(
+        "--device", default="auto", type=device_name, help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N"
+    )
+    p.add_argument(
+        "--backend",
+        default="all",
+        choices=("all", "torch", "triton", "cuda"),
+        help="all (every backend available here, the default), torch, triton or cuda",
+    )
+    p.add_argument("--repeat", type=positive_int, default=10, help="timed calls per op (default 10)")
+    _add_debug(p)
+    p.set_defaults(func=cmd_selfcheck)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="modkern", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--debug", action="store_true", default=False, help=f"show the full traceback of an error (or {DEBUG_ENV}=1)"
+    )
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="<command>")
     _add_train(sub)
-    sc = sub.add_parser("selfcheck", help="compare every op with the reference on this device, with timings")
-    sc.add_argument("--device", default="auto")
-    sc.add_argument("--backend", default="all", help="all (every backend available here), torch, triton, cuda")
-    sc.add_argument("--repeat", type=int, default=10)
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        argv = ["train", *argv]  # `modkern` alone (or with train options) runs the demo
-    args = parser.parse_args(argv)
-    if args.command == "selfcheck":
-        return cmd_selfcheck(args)
-    return cmd_train(args)
+    _add_selfcheck(sub)
+    parser.set_defaults(commands=tuple(sub.choices))
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with the errors pointing at the right ``--help``."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command is None:  # e.g. `modkern --quick`
+            raise CliError(f"options go after a command, e.g. `modkern train {' '.join(argv)}` (see `modkern --help`)")
+        raise CliError(f"unrecognized arguments: {' '.join(extra)} (see `modkern {args.command} --help`)")
+    return args
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"modkern: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
+
+
+def main(argv=None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    try:
+        args = _parse(parser, argv)
+    except CliError as exc:
+        return _fail(exc, 2)
+    if args.command is None:  # bare `modkern`: what it can do, not a 200-step run
+        parser.print_help()
+        return 2
+    debug = args.debug or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    try:
+        return args.func(args)
+    except CliError as exc:
+        return _fail(exc, 2)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:
+        if debug:
+            raise
+        return _fail(f"{type(exc).__name__}: {exc} (run again with --debug or {DEBUG_ENV}=1 for the traceback)", 1)
 
 
 if __name__ == "__main__":

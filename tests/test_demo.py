@@ -32,26 +32,26 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     # --model: a local checkpoint (the one just written) instead of the random tiny LLaVA
     out2 = tmp_path / "again"
     ckpt = out / "checkpoints" / "modkern"
-    argv = ["--quick", "--model", str(ckpt), "--out", str(out2), "--no-progress", "--steps", "2"]
-    assert cli.main(argv) == 0  # options without a subcommand go to `train`
+    argv = ["train", "--quick", "--model", str(ckpt), "--out", str(out2), "--no-progress", "--steps", "2"]
+    assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert str(ckpt) in printed
     again = json.loads((out2 / "results.json").read_text())
     assert again["config"]["model"] == str(ckpt) and again["config"]["steps"] == 2
 
 
-def test_no_arguments_runs_the_default_demo(monkeypatch):
+def test_train_without_options_runs_the_default_demo(monkeypatch):
     seen = {}
     monkeypatch.setattr(demo, "run_demo", lambda cfg: seen.setdefault("cfg", cfg))
-    assert cli.main([]) == 0
+    assert cli.main(["train"]) == 0
     cfg = seen["cfg"]
     assert cfg == demo.DemoConfig()  # the documented defaults, no reduced mode
     assert cfg.out == "runs/demo" and cfg.model is None and not cfg.quick and cfg.steps >= 100
 
 
-def test_bad_options():
-    with pytest.raises(SystemExit):
-        cli.main(["train", "--steps", "0"])
+def test_bad_options(capsys):
+    assert cli.main(["train", "--steps", "0"]) == 2
+    assert "--steps: must be an integer >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="methods"):
         demo.DemoConfig(methods=("sft", "magic"))
 
