@@ -3,6 +3,8 @@
   modkern train       the demo (modkern.demo): SFT vs SFT + heuristic augmentation vs the modkern
                       objective on a synthetic modality-interference task, on a tiny LLaVA
   modkern selfcheck   every op on this machine's device against the float64 reference, with timings
+  modkern diagnose    how much modality interference a checkpoint has (modkern.diagnose): flip rate,
+                      causal effect and JS per interference condition, attention share per modality
 
 `modkern <command> --help` lists a command's options. A mistake in the options is answered with one
 line and exit code 2; an error while running with one line and exit code 1 (the traceback with
@@ -276,6 +278,73 @@ def _add_selfcheck(sub):
     return p
 
 
+# --- diagnose ------------------------------------------------------------------------------------
+
+
+def _diagnose_checkpoint(value: str) -> str:
+    """``argparse`` type of ``diagnose --model``: a local checkpoint directory (``config.json``)."""
+    hint = "give a local Hugging Face checkpoint directory, e.g. runs/demo/checkpoints/sft after `modkern train`"
+    if not os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"{value}: no such directory; {hint}")
+    if not os.path.isfile(os.path.join(value, "config.json")):
+        raise argparse.ArgumentTypeError(f"{value} has no config.json, so it is not a checkpoint; {hint}")
+    return value
+
+
+def _add_diagnose(sub):
+    p = sub.add_parser(
+        "diagnose",
+        help="measure a checkpoint's modality interference (flip rate, causal effect, JS, attention per modality)",
+        description="Perturb the modality that should not matter (misleading / unrelated / long text, swapped / "
+        "black / white / noise images, misaligned audio-video, removed audio, zeroed frames) on the built-in "
+        "tasks and report, per condition, accuracy, flip rate, causal effect and JS; and the attention share of "
+        "the answer positions per layer x modality. Writes OUT/diagnosis.json and OUT/diagnosis.png.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        type=_diagnose_checkpoint,
+        help="local checkpoint directory: a `modkern train` checkpoint, LLaVA, Qwen2-VL or the Qwen2.5-Omni thinker",
+    )
+    p.add_argument("--out", default="runs/diagnose", help="output directory (default runs/diagnose)")
+    p.add_argument("--max-items", type=positive_int, default=64, help="clean items per item kind (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="items per forward (default 16)")
+    p.add_argument(
+        "--conditions", default=None, help="comma-separated condition names (default: every one the model can take)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the items and the perturbations")
+    p.add_argument(
+        "--device", default="auto", type=device_name, help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N"
+    )
+    p.add_argument("--no-attention", action="store_true", help="skip the white-box attention analysis")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress output (a bar on a terminal, log lines otherwise)"
+    )
+    _add_debug(p)
+    p.set_defaults(func=cmd_diagnose)
+    return p
+
+
+def cmd_diagnose(args) -> int:
+    from modkern.diagnose import DiagnoseError, diagnose
+
+    try:
+        diagnose(
+            args.model,
+            out=args.out,
+            conditions=args.conditions,
+            max_items=args.max_items,
+            batch_size=args.batch_size,
+            device=args.device,
+            seed=args.seed,
+            attention=not args.no_attention,
+            progress=not args.no_progress,
+        )
+    except DiagnoseError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="modkern", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -284,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", title="commands", metavar="<command>")
     _add_train(sub)
     _add_selfcheck(sub)
+    _add_diagnose(sub)
     parser.set_defaults(commands=tuple(sub.choices))
     return parser
 
