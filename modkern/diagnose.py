@@ -816,7 +816,8 @@ def diagnose(
         raise DiagnoseError(f"--device {device}: CUDA is not available on this machine")
     torch.manual_seed(seed)
 
-    if items is None:
+    builtin = items is None
+    if builtin:
         items = []
         if "image" in spec.modalities:
             items += image_task_items(max_items, image_size=spec.image_size, seed=seed)
@@ -846,7 +847,12 @@ def diagnose(
     run, skipped = resolve_conditions(conditions, spec, kinds_present)
 
     # Perturbed copies of every item, made up front (deterministic for the seed).
-    ctx = _Ctx(random.Random(seed), torch.Generator().manual_seed(seed + 1), tuple(_classes(items)))
+    classes = _classes(items)
+    if builtin:  # the task's colours, also when max_items leaves some out
+        from modkern.data import InterferenceTask
+
+        classes = sorted(set(classes) | set(InterferenceTask().colours))
+    ctx = _Ctx(random.Random(seed), torch.Generator().manual_seed(seed + 1), tuple(classes))
     perturbed = {}
     for c in run:
         idx = [i for i, it in enumerate(items) if it.kind in c.kinds]

@@ -1,0 +1,203 @@
+"""modkern.diagnose / `modkern diagnose`: every number against a hand computation on a fixed tiny
+model, skipped conditions with reasons, errors, the CLI and its files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+
+import pytest
+import torch
+
+from modkern.data import WordTokenizer
+from modkern.diagnose import (
+    CONDITIONS,
+    Collator,
+    DiagnoseError,
+    Item,
+    ModelSpec,
+    cohens_d,
+    diagnose,
+    image_task_items,
+    task_words,
+)
+from modkern.tiny import tiny_llava
+from modkern.train import save_checkpoint
+
+TOK = WordTokenizer(task_words())
+
+
+@pytest.fixture(scope="module")
+def llava():
+    model, _ = tiny_llava(len(TOK), num_layers=2, seed=3)
+    model.eval()
+    return model
+
+
+def _answer_view(model, item):
+    """Unbatched, by hand: the answer-position probabilities [A, V] (float64) and answer ids [A]."""
+    col = Collator(ModelSpec.from_model(model), TOK)
+    batch = col([item])
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], output_attentions=True, use_cache=False
+        )
+    model.set_attn_implementation("sdpa")
+    labels = batch["labels"][0]
+    pos = [t for t in range(labels.shape[0]) if labels[t] != -100]  # answer tokens
+    probs = torch.softmax(out.logits[0].double(), -1)[[t - 1 for t in pos]]
+    return probs, labels[pos], out.attentions, batch["input_ids"][0], [t - 1 for t in pos]
+
+
+def _js(p, q):
+    m = 0.5 * (p + q)
+    kl = lambda a, b: float((a * (a / b).log()).sum())
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def test_every_number_against_a_hand_computation(llava):
+    items = image_task_items(3)  # 3 image-heavy + 3 text-heavy
+    report = diagnose(
+        llava,
+        tokenizer=TOK,
+        items=items,
+        conditions=["black_image", "white_image"],
+        batch_size=4,  # padded batches of mixed lengths
+        progress=False,
+        log=None,
+    )
+    text_items = [it for it in items if it.kind == "text_heavy"]
+    for name, value in (("black_image", 0.0), ("white_image", 1.0)):
+        flips, effects, jss, correct, clean_correct = [], [], [], [], []
+        for it in text_items:
+            pc, target, *_ = _answer_view(llava, it)
+            pp, _, *_ = _answer_view(llava, Item(**{**it.__dict__, "image": torch.full_like(it.image, value)}))
+            rows = range(len(target))
+            clean_correct.append(all(int(pc[r].argmax()) == int(target[r]) for r in rows))
+            correct.append(all(int(pp[r].argmax()) == int(target[r]) for r in rows))
+            flips.append(any(int(pc[r].argmax()) != int(pp[r].argmax()) for r in rows))
+            p_clean = math.prod(float(pc[r, target[r]]) for r in rows)
+            p_pert = math.prod(float(pp[r, target[r]]) for r in rows)
+            effects.append(p_clean - p_pert)
+            jss.append(statistics.mean(_js(pc[r], pp[r]) for r in rows))
+        got = report["conditions"][name]
+        assert got["items"] == 3 and got["applies_to"] == ["text_heavy"]
+        assert got["accuracy"] == pytest.approx(statistics.mean(correct))
+        assert got["clean_accuracy"] == pytest.approx(statistics.mean(clean_correct))
+        assert got["flip_rate"] == pytest.approx(statistics.mean(flips))
+        assert got["causal_effect"]["mean"] == pytest.approx(statistics.mean(effects), abs=1e-6)
+        assert got["causal_effect"]["std"] == pytest.approx(statistics.stdev(effects), abs=1e-6)
+        assert got["js"]["mean"] == pytest.approx(statistics.mean(jss), rel=1e-3, abs=1e-9)
+        assert got["js"]["std"] == pytest.approx(statistics.stdev(jss), rel=1e-2, abs=1e-9)
+        assert got["js"]["mean"] > 0
+
+    # attention share: answer positions -> text / image tokens, per layer, mean over heads and positions
+    att = report["attention"]
+    assert att["modalities"] == ["text", "image"] and att["layers"] == 2
+    per_item = []
+    for it in items:
+        _, _, attentions, ids, queries = _answer_view(llava, it)
+        img = [k for k in range(ids.shape[0]) if int(ids[k]) == llava.config.image_token_id]
+        txt = [k for k in range(ids.shape[0]) if k not in img]
+        layers = []
+        for a in attentions:
+            a = a[0].double().mean(0)  # [L, L], mean over heads
+            layers.append([statistics.mean(float(a[q, keys].sum()) for q in queries) for keys in (txt, img)])
+        per_item.append(layers)
+    shares = torch.tensor(per_item)  # [items, layers, 2]
+    torch.testing.assert_close(torch.tensor(att["share"]), shares.mean(0).float(), atol=1e-5, rtol=1e-4)
+    assert torch.allclose(shares.sum(-1), torch.ones(shares.shape[:2], dtype=shares.dtype), atol=1e-5)
+    img_f, txt_f = shares[:3], shares[3:]
+    torch.testing.assert_close(torch.tensor(att["share_by_prompt_type"]["image-focused"]), img_f.mean(0).float())
+    d = att["cohens_d"]["image-focused vs text-focused"]
+    for layer in range(2):
+        for m in range(2):
+            a, b = img_f[:, layer, m].tolist(), txt_f[:, layer, m].tolist()
+            pooled = math.sqrt((2 * statistics.variance(a) + 2 * statistics.variance(b)) / 4)
+            assert d[layer][m] == pytest.approx((statistics.mean(a) - statistics.mean(b)) / pooled, rel=1e-3)
+
+
+def test_cohens_d_hand_values_and_undefined_cases():
+    a = torch.tensor([1.0, 2.0, 3.0])[:, None]
+    b = torch.tensor([2.0, 4.0, 6.0, 8.0])[:, None]
+    pooled = math.sqrt((2 * 1.0 + 3 * statistics.variance([2, 4, 6, 8])) / 5)
+    assert float(cohens_d(a, b)) == pytest.approx((2.0 - 5.0) / pooled)
+    assert math.isnan(float(cohens_d(a[:1], b)))  # one item on a side
+    assert math.isnan(float(cohens_d(torch.ones(3, 1), torch.ones(3, 1))))  # zero spread
+
+
+def test_batch_size_does_not_change_the_numbers(llava):
+    kw = dict(tokenizer=TOK, max_items=4, conditions="mislead_text,swap_image", progress=False, log=None, seed=1)
+    one, many = diagnose(llava, batch_size=1, **kw), diagnose(llava, batch_size=8, **kw)
+    for name in ("mislead_text", "swap_image"):
+        a, b = one["conditions"][name], many["conditions"][name]
+        assert a["flip_rate"] == b["flip_rate"] and a["accuracy"] == b["accuracy"]
+        assert a["js"]["mean"] == pytest.approx(b["js"]["mean"], rel=1e-3, abs=1e-9)
+        assert a["causal_effect"]["mean"] == pytest.approx(b["causal_effect"]["mean"], abs=1e-6)
+    torch.testing.assert_close(torch.tensor(one["attention"]["share"]), torch.tensor(many["attention"]["share"]))
+
+
+def test_conditions_are_named_and_unsupported_ones_skipped_with_a_reason(llava):
+    assert any("mislead" in n for n in CONDITIONS)
+    lines = []
+    report = diagnose(llava, tokenizer=TOK, max_items=2, progress=True, log=lines.append)
+    image_conditions = [n for n, c in CONDITIONS.items() if c.requires == ("image",)]
+    assert list(report["conditions"]) == image_conditions
+    for name in ("misaligned_audio_video", "removed_audio", "zeroed_frames"):
+        assert "audio" in report["skipped"][name]
+    text = "\n".join(lines)
+    assert "skipped" in text and "mislead_text" in text and "Cohen's d" in text
+    assert "diagnose: 4/4 items (100%)" in text  # stdout is not a terminal here: plain progress lines
+    assert report["items"] == {"image_heavy": 2, "text_heavy": 2}
+    # the model is back in its mode and attention implementation
+    assert llava.config._attn_implementation == "sdpa" and not llava.training
+
+
+def test_errors(llava, tmp_path):
+    with pytest.raises(DiagnoseError, match="no such directory"):
+        diagnose(str(tmp_path / "missing"), log=None)
+    with pytest.raises(DiagnoseError, match="unknown condition"):
+        diagnose(llava, tokenizer=TOK, conditions=["mislead_txt"], log=None)
+    with pytest.raises(DiagnoseError, match="tokenizer"):
+        diagnose(llava, log=None)
+    with pytest.raises(DiagnoseError, match="max_items"):
+        diagnose(llava, tokenizer=TOK, max_items=0, log=None)
+    # a model that gives no attentions (sdpa, and it cannot switch) when the white-box part is asked for
+    model, _ = tiny_llava(len(TOK), seed=0)
+    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation = lambda impl: None
+    with pytest.raises(DiagnoseError, match="no attentions"):
+        diagnose(model, tokenizer=TOK, max_items=1, progress=False, log=None)
+    report = diagnose(model, tokenizer=TOK, max_items=1, attention=False, progress=False, log=None)
+    assert "attention" not in report
+
+
+def test_cli_writes_table_json_and_png(tmp_path, capsys, llava):
+    from modkern.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(llava, ckpt)
+    TOK.save(os.path.join(ckpt, "modkern_tokenizer.json"))
+    out = tmp_path / "diag"
+    code = main(["diagnose", "--model", str(ckpt), "--out", str(out), "--max-items", "3", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "mislead_text" in printed and "flip" in printed
+    report = json.loads((out / "diagnosis.json").read_text())
+    assert {"conditions", "clean", "skipped", "attention", "items", "settings"} <= set(report)
+    assert set(report["conditions"]["mislead_text"]) >= {"accuracy", "flip_rate", "causal_effect", "js"}
+    assert (out / "diagnosis.png").stat().st_size > 1000
+
+    code = main(["diagnose", "--model", str(tmp_path / "nope"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no such directory" in err and len(err.strip().splitlines()) == 1
+    code = main(["diagnose", "--model", str(ckpt), "--conditions", "bogus", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown condition" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exc:
+        main(["diagnose", "--help"])
+    assert exc.value.code == 0
+    assert "--max-items" in capsys.readouterr().out
