@@ -102,7 +102,7 @@ class RobustTrainerMixin:
         if scale != 1.0:
             loss = loss * scale
         if training:
-            outputs = {"loss": loss, "logits": out.logits}
+            outputs = {"loss": loss}  # no [B, L, V] logits exist in a robust training step
         return (loss, outputs) if return_outputs else loss
 
     # logging --------------------------------------------------------------------------------

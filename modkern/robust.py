@@ -18,6 +18,16 @@ divergence compares the k-th answer row of the copy with the k-th answer row of 
 ``batch["sample_kind"][b]`` (``"image_heavy"``, ``"text_heavy"``, ``"vqa"`` or any key of
 ``RobustConfig.policy``) picks what the attack perturbs for that sample.
 
+Logits only where the loss reads them: every forward (clean, each attack step, adversarial) runs
+the LM head on the answer rows alone - a forward pre-hook on ``get_output_embeddings()`` hands it
+the gathered rows of the final hidden states (``modkern.model_hooks.AnswerRowHead``), so no
+``[B, L, V]`` tensor ever exists and the head is still a module call (DDP, FSDP2 and ZeRO-3 gather
+its weight as usual). When the answer rows' logits would exceed ``RobustConfig.logits_budget_mb``
+(long answers, captions, chain of thought) the objective switches to the chunked fused-linear path:
+the head receives an empty batch, and the CEs and the consistency term are computed from the rows'
+hidden states and the head's weight chunk by chunk (``modkern.ops.linear_divergence``), the
+adversarial CE and the divergence from the same logits chunk.
+
 How the perturbation reaches the model: a forward pre-hook on the language model (the module
 that receives ``inputs_embeds`` from the multimodal wrapper, ``model.model.language_model`` in
 transformers 5 LLaVA / Qwen2-VL; the decoder itself for text-only LMs) records the clean call's
@@ -39,9 +49,10 @@ does that instead (the loss that is back-propagated keeps the ``num_items_in_bat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import inspect
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -51,17 +62,34 @@ from torch import Tensor, nn
 
 from modkern import _validation as V
 from modkern._reduction import mean_divisor
-from modkern.backend import check_backend
-from modkern.ops.adv_step import NORMS, STEPS
+from modkern.backend import accumulation_dtype, check_backend
+from modkern.delta_init import init_delta
+from modkern.masks import modality_mask
+from modkern.model_hooks import (  # noqa: F401 (re-exported: the objective's public plumbing)
+    CONSUMED_KEYS,
+    AnswerRowHead,
+    EmbeddingInjector,
+    FrozenParams,
+    find_language_model,
+    find_lm_head,
+    get_logits,
+    infer_exclude_ids,
+    infer_token_ids,
+    linear_head_weights,
+    prepare_inputs,
+    unwrap_model,
+    vocab_size,
+)
+from modkern.ops.adv_step import NORMS, STEPS, masked_adv_step
 from modkern.ops.divergence import DIRECTIONS, fused_js, fused_kl
+from modkern.ops.linear_divergence import linear_losses
 
 IGNORE_INDEX = -100
 SAMPLE_KINDS = ("image_heavy", "text_heavy", "vqa")
 DIVERGENCES = ("kl", "js", "none")
 INITS = ("random", "zero")
 ATTACK_NORMALIZATIONS = ("num_items", "micro_batch")
-# Batch keys robust_loss consumes itself (never passed to the model).
-CONSUMED_KEYS = ("labels", "shift_labels", "sample_kind", "ref_index")
+LM_HEAD_MODES = ("auto", "rows", "chunked")
 
 Policy = Union[str, list, tuple]
 
@@ -118,6 +146,12 @@ class RobustConfig:
         encoder_input_keys: the batch keys that only feed the modality encoders.
         language_model: the module that receives ``inputs_embeds`` (or a dotted attribute path
             from the model); None finds it (``get_decoder()``).
+        lm_head: how the logits of the answer rows are computed: ``"rows"`` (the head module on
+            the gathered rows, ``[rows, V]`` logits at once), ``"chunked"`` (the fused-linear path:
+            chunks of rows from the head's weight; needs a plain, unsharded linear head) or
+            ``"auto"`` (rows unless their fp32 logits exceed ``logits_budget_mb``).
+        logits_budget_mb: the ``"auto"`` threshold, in MiB of ``rows x V`` fp32 logits.
+        chunk_size: rows per chunk of the chunked path (None: from a memory budget).
     """
 
     epsilon: float = 1e-3
@@ -141,6 +175,9 @@ class RobustConfig:
     reuse_encoder_outputs: bool = True
     encoder_input_keys: tuple = ("pixel_values", "pixel_values_videos", "input_features")
     language_model: Any = None
+    lm_head: str = "auto"
+    logits_budget_mb: float = 1024.0
+    chunk_size: Optional[int] = None
 
     def __post_init__(self):
         self.epsilon = V.check_positive_number("epsilon", self.epsilon, allow_tensor=False)
@@ -176,6 +213,14 @@ class RobustConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         self.encoder_input_keys = tuple(self.encoder_input_keys)
+        V.check_choice("lm_head", self.lm_head, LM_HEAD_MODES)
+        self.logits_budget_mb = V.check_positive_number("logits_budget_mb", self.logits_budget_mb, allow_tensor=False)
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool)
+            or not isinstance(self.chunk_size, numbers.Integral)
+            or self.chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
 
     def replace(self, **changes) -> RobustConfig:
         """A copy with some fields changed (validated again)."""
@@ -192,7 +237,10 @@ class RobustOutput:
 
     ``ce_clean``, ``ce_adv`` and ``consistency`` (already multiplied by ``lam``; 0 when disabled) are
     normalized like ``loss``: ``loss == ce_clean + ce_adv + consistency``. ``logits`` are the clean
-    logits ``[B, L, V]``; ``delta`` the final perturbation and ``mask`` the modality mask ``[B, L]``.
+    logits of the answer rows ``[rows, V]`` (row-major over ``[B, L]``, shifted: the row at t - 1
+    predicts the answer token at t), only with ``return_logits=True`` on the answer-row path; no
+    ``[B, L, V]`` tensor is kept. ``delta`` is the final perturbation and ``mask`` the modality mask
+    ``[B, L]``.
     """
 
     loss: Tensor
@@ -208,161 +256,59 @@ class RobustOutput:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model plumbing
+# Batch parsing
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module under a ``DistributedDataParallel`` wrapper (the attack forwards bypass DDP)."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while isinstance(model, DistributedDataParallel):
-        model = model.module
-    if isinstance(model, DataParallel):
-        raise NotImplementedError(
-            "modkern's robust objective does not support torch.nn.DataParallel; use one process per GPU "
-            "(torchrun / accelerate launch, i.e. DistributedDataParallel)"
-        )
-    return model
+def shift_labels(labels: Tensor) -> Tensor:
+    """``labels[:, 1:]`` padded with -100 at the end: row t of the logits predicts token t + 1."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def find_language_model(model: nn.Module, spec=None) -> nn.Module:
-    """The module that receives the merged ``inputs_embeds`` (see ``RobustConfig.language_model``)."""
-    base = unwrap_model(model)
-    if isinstance(spec, nn.Module):
-        return spec
-    if isinstance(spec, str):
-        mod = base
-        for part in spec.split("."):
-            if not hasattr(mod, part):
-                raise ValueError(f"language_model={spec!r}: the model has no attribute path {spec!r}")
-            mod = getattr(mod, part)
-        if not isinstance(mod, nn.Module):
-            raise TypeError(f"language_model={spec!r} is a {type(mod).__name__}, not an nn.Module")
-        return mod
-    if spec is not None:
-        raise TypeError(f"language_model must be None, a module or a dotted path, got {type(spec).__name__}")
-    if hasattr(base, "get_base_model"):  # PEFT
-        base = base.get_base_model()
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    if isinstance(decoder, nn.Module) and decoder is not base:
-        return decoder
-    inner = getattr(base, "model", None)
-    for candidate in (getattr(inner, "language_model", None), getattr(base, "language_model", None), inner):
-        if isinstance(candidate, nn.Module):
-            return candidate
-    raise ValueError(
-        f"could not find the language model of {type(base).__name__}; pass RobustConfig(language_model=...) "
-        "with the module (or attribute path) that receives inputs_embeds"
+def _shifted_labels(batch: dict) -> Tensor:
+    if batch.get("shift_labels") is not None:
+        return batch["shift_labels"]
+    if batch.get("labels") is not None:
+        return shift_labels(batch["labels"])
+    raise ValueError("batch must contain 'labels' (or 'shift_labels'): the objective is a next-token CE")
+
+
+@dataclass
+class _MicroBatch:
+    """What the objective reads from one batch."""
+
+    input_ids: Tensor
+    labels: Tensor  # [B, L], unshifted (-100 = not an answer token)
+    shifted: Tensor  # [B, L]: the target of logit row t
+    policy: Policy
+    inputs: dict  # the clean forward's model inputs
+    replay_inputs: dict  # the attack / adversarial forwards' inputs (encoder inputs dropped)
+    ref_index: Any
+    attention_mask: Optional[Tensor]
+
+
+def _read_batch(model: nn.Module, batch: dict, config: RobustConfig) -> _MicroBatch:
+    if not isinstance(batch, dict):
+        raise TypeError(f"batch must be a dict of model inputs, got {type(batch).__name__}")
+    input_ids = batch.get("input_ids")
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError("batch['input_ids'] must be a [B, L] tensor (the modality mask is built from it)")
+    shifted = _shifted_labels(batch)
+    labels = batch.get("labels")
+    if batch.get("shift_labels") is not None or labels is None:
+        labels = F.pad(shifted[:, :-1], (1, 0), value=IGNORE_INDEX)
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+    token_ids = config.token_ids if config.token_ids is not None else infer_token_ids(model)
+    policy = _sample_policies(batch.get("sample_kind"), input_ids.shape[0], config)
+    _check_targets(policy, token_ids)
+    inputs = prepare_inputs(model, batch)
+    replay_inputs = dict(inputs)
+    if config.reuse_encoder_outputs:
+        for key in config.encoder_input_keys:
+            replay_inputs.pop(key, None)
+    return _MicroBatch(
+        input_ids, labels, shifted, policy, inputs, replay_inputs, batch.get("ref_index"), batch.get("attention_mask")
     )
-
-
-def infer_token_ids(model: nn.Module) -> dict:
-    """``{modality: placeholder id}`` read from the model config (``image_token_id`` etc.)."""
-    config = getattr(unwrap_model(model), "config", None)
-    out = {}
-    for name in ("image", "video", "audio"):
-        for attr in (f"{name}_token_id", f"{name}_token_index"):
-            value = getattr(config, attr, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                out[name] = value
-                break
-    return out
-
-
-MARKER_ATTRS = ("vision_start_token_id", "vision_end_token_id", "audio_start_token_id", "audio_end_token_id")
-
-
-def infer_exclude_ids(model: nn.Module) -> tuple:
-    """Modality start / end marker ids from the model config (Qwen-VL's ``<|vision_start|>`` etc.)."""
-    config = getattr(unwrap_model(model), "config", None)
-    ids = (getattr(config, attr, None) for attr in MARKER_ATTRS)
-    return tuple(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
-
-
-class EmbeddingInjector:
-    """Forward pre-hook on the language model: records the clean call, replays it perturbed.
-
-    Use as a context manager (the hook is removed on exit, also on exceptions). While
-    ``set_perturbation`` has not been called, a call passes through and its arguments are
-    recorded (``input_ids`` are embedded first when the module got no ``inputs_embeds``, as a plain
-    causal LM's decoder does). Afterwards every call is replaced by the recorded one (tensors
-    detached) with ``inputs_embeds = perturb(x0.detach(), delta, mask)``.
-    """
-
-    def __init__(self, language_model: nn.Module, backend: str = "auto"):
-        self.module = language_model
-        self.backend = backend
-        self.handle = None
-        self.captured: Optional[dict] = None
-        self.calls = 0
-        self._delta = None
-        self._mask = None
-        self._signature = None
-
-    # context manager ------------------------------------------------------------------------
-    def __enter__(self):
-        self.handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
-
-    def remove(self):
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-        self.captured = None
-        self._delta = self._mask = None
-
-    # state ----------------------------------------------------------------------------------
-    @property
-    def x0(self) -> Tensor:
-        if self.captured is None:
-            raise RuntimeError("the language model was not called during the clean forward")
-        return self.captured["inputs_embeds"]
-
-    def set_perturbation(self, delta: Tensor, mask: Tensor):
-        self._delta, self._mask = delta, mask
-        self.calls = 0
-
-    # hook -----------------------------------------------------------------------------------
-    def _as_kwargs(self, module, args, kwargs):
-        if not args:
-            return dict(kwargs)
-        if self._signature is None:
-            self._signature = inspect.signature(module.forward)
-        bound = self._signature.bind_partial(*args, **kwargs)
-        out = dict(bound.arguments)
-        for name, param in self._signature.parameters.items():  # flatten **kwargs
-            if param.kind == inspect.Parameter.VAR_KEYWORD and name in out:
-                out.update(out.pop(name))
-        return out
-
-    def _hook(self, module, args, kwargs):
-        from modkern import perturb
-
-        self.calls += 1
-        kwargs = self._as_kwargs(module, args, kwargs)
-        if self._delta is None:
-            if self.calls > 1:
-                raise RuntimeError(
-                    "the language model was called more than once in one forward; modkern's embedding hook "
-                    "needs exactly one call (pass RobustConfig(language_model=...) to pick another module)"
-                )
-            if kwargs.get("inputs_embeds") is None:
-                input_ids = kwargs.get("input_ids")
-                if input_ids is None:
-                    raise RuntimeError("the language model received neither inputs_embeds nor input_ids")
-                kwargs["inputs_embeds"] = module.get_input_embeddings()(input_ids)
-                kwargs["input_ids"] = None
-            self.captured = kwargs
-            return (), kwargs
-        replay = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in self.captured.items()}
-        replay["inputs_embeds"] = perturb(replay["inputs_embeds"], self._delta, self._mask, backend=self.backend)
-        if "input_ids" in replay:
-            replay["input_ids"] = None
-        return (), replay
 
 
 def _as_selector(target) -> Union[str, tuple]:
@@ -409,11 +355,6 @@ def _check_targets(policy: Policy, token_ids: dict):
             )
 
 
-def shift_labels(labels: Tensor) -> Tensor:
-    """``labels[:, 1:]`` padded with -100 at the end: row t of the logits predicts token t + 1."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
 def _attack_grad(loss: Tensor, delta: Tensor):
     try:
         return torch.autograd.grad(loss, delta)
@@ -426,29 +367,6 @@ def _attack_grad(loss: Tensor, delta: Tensor):
                 "TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': False})"
             ) from exc
         raise
-
-
-def _answer_rows(shifted: Tensor) -> tuple[Tensor, Tensor]:
-    """Flat indices of the answer rows of ``shifted [B, L]`` and their target ids.
-
-    One host sync (``nonzero``) per micro-batch, shared by every CE of the objective.
-    """
-    flat = shifted.reshape(-1)
-    index = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-    return index, flat.index_select(0, index)
-
-
-def _ce_sum(logits: Tensor, answers: tuple[Tensor, Tensor]) -> Tensor:
-    """Token-sum next-token CE over the answer rows, in fp32.
-
-    Only the answer rows are gathered and upcast: the fp32 temporaries (and the log-softmax saved
-    for backward) are ``[answer tokens, V]`` instead of ``[B * L, V]`` - at V = 152064 and
-    18 x 1000 tokens that is 11 GB per CE for the full upcast, a small fraction of it here. The
-    value equals ``F.cross_entropy(logits.float(), shifted, ignore_index=-100, reduction="sum")``.
-    """
-    index, targets = answers
-    rows = logits.reshape(-1, logits.shape[-1]).index_select(0, index)
-    return F.cross_entropy(rows.float(), targets, reduction="sum")
 
 
 def row_ref_index(rows: Tensor, ref_index: Tensor) -> Tensor:
@@ -505,65 +423,219 @@ def _normalizer(num_items_in_batch, rows: Tensor):
     return mean_divisor(num_items_in_batch, rows, rows.numel(), rows.device, torch.float32)
 
 
-def _get_logits(output) -> Tensor:
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, dict):
-        logits = output.get("logits")
-    if logits is None:
-        raise RuntimeError(
-            "the model's forward returned no logits. modkern's robust objective needs the full logits of the "
-            "clean and perturbed branches; a patched forward that fuses the LM head into the loss (Liger's "
-            "fused linear cross entropy, e.g. use_liger_kernel=True / apply_liger_kernel_to_*(fused_linear_"
-            "cross_entropy=True), or TRL's fused LM head) returns none. Disable that fusion for this model."
-        )
-    return logits
+# ----------------------------------------------------------------------------------------------
+# The answer rows and the forwards that compute them
 
 
-def _prepare_inputs(model: nn.Module, batch: dict) -> dict:
-    inputs = {k: v for k, v in batch.items() if k not in CONSUMED_KEYS}
-    base = unwrap_model(model)
+@dataclass
+class _AnswerRows:
+    """The rows every term of the objective reads, and what the token sums are divided by.
+
+    ``index [n]``: flat positions into ``[B * L]`` of the shifted answer rows (one host sync per
+    micro-batch, ``nonzero``); ``targets [n]``: their next tokens; ``chunked``: whether the LM head
+    runs through the chunked fused-linear path.
+    """
+
+    mask: Tensor  # [B, L] bool
+    index: Tensor
+    targets: Tensor
+    denom: Any
+    attack_denom: Any
+    chunked: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.mask.numel()
+
+    def ref_rows(self, ref_index) -> Optional[Tensor]:
+        """Row-level ``ref_index`` over the answer rows: the k-th answer row of a copy -> the k-th
+        answer row of its clean sample (see :func:`row_ref_index`); None without copies."""
+        if ref_index is None:
+            return None
+        device = self.mask.device
+        full = row_ref_index(self.mask, _normalize_ref_index(ref_index, self.mask.shape[0], device))
+        position = torch.zeros(self.tokens, dtype=torch.long, device=device)
+        position[self.index] = torch.arange(self.index.numel(), device=device)
+        return position[full[self.index]]
+
+
+def _answer_rows(shifted: Tensor, num_items_in_batch, config: RobustConfig, model, head: nn.Module) -> _AnswerRows:
+    mask = shifted != IGNORE_INDEX
+    flat = shifted.reshape(-1)
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    denom = _normalizer(num_items_in_batch, mask)
+    attack_denom = denom if config.attack_normalization == "num_items" else _normalizer(None, mask)
+    chunked = _use_chunked_head(config, index.numel(), vocab_size(head), model, head)
+    return _AnswerRows(mask, index, flat.index_select(0, index), denom, attack_denom, chunked)
+
+
+def _use_chunked_head(config: RobustConfig, rows: int, vocab: int, model, head) -> bool:
+    if config.lm_head == "rows":
+        return False
+    if config.lm_head == "chunked":
+        linear_head_weights(model, head)  # a clear error when the head cannot be chunked
+        return True
+    if rows * vocab * 4 <= config.logits_budget_mb * 2**20:
+        return False
     try:
-        params = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    # Qwen2-VL style M-RoPE needs mm_token_type_ids; build it from input_ids when the collator did not.
-    if (
-        "mm_token_type_ids" in params
-        and inputs.get("mm_token_type_ids") is None
-        and (inputs.get("image_grid_thw") is not None or inputs.get("video_grid_thw") is not None)
-        and inputs.get("input_ids") is not None
-    ):
-        ids = inputs["input_ids"]
-        token_ids = infer_token_ids(base)
-        types = torch.zeros_like(ids, dtype=torch.int32)
-        for code, name in ((1, "image"), (2, "video")):
-            if name in token_ids:
-                types = types.masked_fill(ids == token_ids[name], code)
-        inputs["mm_token_type_ids"] = types
-    if "use_cache" in params or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        inputs.setdefault("use_cache", False)
-    return inputs
+        linear_head_weights(model, head)
+    except ValueError as exc:
+        warnings.warn(
+            f"the answer rows' logits ({rows} x {vocab}) exceed logits_budget_mb={config.logits_budget_mb:g} but the "
+            f"chunked LM-head path cannot run: {exc}",
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
-class _FrozenParams:
-    """Temporarily ``requires_grad_(False)`` on the trainable parameters; restored on exit."""
+@dataclass
+class _Branch:
+    """One forward's answer rows: ``logits [n, V]`` (answer-row path) or ``hidden [n, H]`` (chunked)."""
 
-    def __init__(self, module: nn.Module, enabled: bool):
-        self.params = [p for p in module.parameters() if p.requires_grad] if enabled else []
+    logits: Optional[Tensor] = None
+    hidden: Optional[Tensor] = None
+
+
+class _Forwards(contextlib.ExitStack):
+    """The objective's forwards, with both hooks: the perturbation in, the answer rows out."""
+
+    def __init__(self, model: nn.Module, config: RobustConfig, head: nn.Module):
+        super().__init__()
+        self.model, self.base, self.config = model, unwrap_model(model), config
+        self.injector = EmbeddingInjector(find_language_model(model, config.language_model), backend=config.backend)
+        self.head = AnswerRowHead(head)
+        self.rows: Optional[_AnswerRows] = None
 
     def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
+        super().__enter__()
+        self.enter_context(self.injector)
+        self.enter_context(self.head)
         return self
 
-    def __exit__(self, *exc):
-        for p in self.params:
-            p.requires_grad_(True)
-        return False
+    def _run(self, module: nn.Module, inputs: dict) -> _Branch:
+        self.head.expect(self.rows.index, self.rows.tokens, keep_hidden=self.rows.chunked)
+        output = module(**inputs)
+        if self.rows.chunked:
+            return _Branch(hidden=self.head.rows_hidden())
+        return _Branch(logits=self.head.logits(output))
+
+    def clean(self, inputs: dict) -> _Branch:
+        """The clean forward, through a DDP wrapper when there is one (its graph covers every parameter)."""
+        branch = self._run(self.model, inputs)
+        if tuple(self.x0.shape[:2]) != tuple(self.rows.mask.shape):
+            raise RuntimeError(
+                f"the language model received embeddings of shape {tuple(self.x0.shape)} but input_ids has shape "
+                f"{tuple(self.rows.mask.shape)}; modkern needs one embedding per input_id (expanded placeholders)"
+            )
+        return branch
+
+    @property
+    def x0(self) -> Tensor:
+        return self.injector.x0
+
+    def perturbed(self, inputs: dict, delta: Tensor, mask: Tensor) -> _Branch:
+        """A forward of the clean call replayed with ``inputs_embeds = perturb(x0, delta, mask)``."""
+        self.injector.set_perturbation(delta, mask)
+        return self._run(self.base, inputs)
+
+    def head_weights(self):
+        return linear_head_weights(self.model, self.head.module)
+
+    def ce_sum(self, branch: _Branch) -> Tensor:
+        """Token-sum next-token CE of the answer rows, in fp32 (fp64 for a fp64 model)."""
+        if branch.logits is not None:
+            logits = branch.logits
+            targets = self.rows.targets.to(logits.device)
+            return F.cross_entropy(logits.to(accumulation_dtype(logits)), targets, reduction="sum")
+        weight, bias = self.head_weights()
+        _, ce = linear_losses(branch.hidden, weight, bias, targets=self.rows.targets, **self._chunking())
+        return ce.sum()
+
+    def _chunking(self) -> dict:
+        return dict(chunk_size=self.config.chunk_size, backend=self.config.backend)
 
 
 # ----------------------------------------------------------------------------------------------
-# The objective
+# The objective: clean pass, attack, adversarial pass, consistency
+
+
+def _modality_mask(fw: _Forwards, mb: _MicroBatch, model: nn.Module, config: RobustConfig) -> Tensor:
+    device = fw.x0.device
+    return modality_mask(
+        mb.input_ids.to(device),
+        perturb=mb.policy,
+        token_ids=config.token_ids if config.token_ids is not None else infer_token_ids(model),
+        labels=mb.labels.to(device),
+        attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(device),
+        exclude_ids=config.exclude_ids if config.exclude_ids is not None else infer_exclude_ids(model),
+    )
+
+
+def _attack(fw: _Forwards, mb: _MicroBatch, mask: Tensor, config: RobustConfig) -> Tensor:
+    """K PGD steps on delta; the gradient is taken w.r.t. delta only (``autograd.grad``).
+
+    Every rank runs the K forwards whatever its data (an empty mask gives a zero step), so that
+    FSDP / ZeRO-3 parameter all-gathers pair up across ranks.
+    """
+    init_norm = "zero" if config.init == "zero" else ("linf" if config.norm in ("linf", None) else "l2")
+    delta = init_delta(fw.x0, mask, epsilon=config.epsilon, norm=init_norm, dtype=torch.float32)
+    with FrozenParams(fw.base, config.freeze_params_during_attack):
+        for _ in range(config.steps):
+            delta.requires_grad_(True)
+            attack_loss = fw.ce_sum(fw.perturbed(mb.replay_inputs, delta, mask)) / fw.rows.attack_denom
+            (grad,) = _attack_grad(attack_loss, delta)
+            del attack_loss
+            delta = delta.detach()
+            step = dict(step=config.step, norm=config.norm, inplace=True, backend=config.backend)
+            masked_adv_step(delta, grad, mask, alpha=config.alpha, epsilon=config.epsilon, **step)
+    return delta.detach()
+
+
+def _adversarial_terms(fw: _Forwards, mb: _MicroBatch, clean: _Branch, adv: _Branch, config: RobustConfig):
+    """Token sums ``(CE_adv, D(clean.detach() || adv))`` over the answer rows (D None when disabled).
+
+    Copies compare their k-th answer row with the k-th answer row of their clean sample
+    (``ref_index``). On the chunked path both come from one pass over the logits chunks.
+    """
+    if not config.uses_divergence:
+        return fw.ce_sum(adv), None
+    ref_rows = fw.rows.ref_rows(mb.ref_index)
+    options = dict(temperature=config.temperature, ref_index=ref_rows, backend=config.backend)
+    if adv.logits is not None:
+        p, q = clean.logits.detach(), adv.logits
+        if config.divergence == "kl":
+            div = fused_kl(p, q, direction=config.kl_direction, reduction="sum", **options)
+        else:
+            div = fused_js(p, q, beta=config.beta, reduction="sum", **options)
+        return fw.ce_sum(adv), div
+    weight, bias = fw.head_weights()
+    div, ce = linear_losses(
+        adv.hidden,
+        weight,
+        bias,
+        p_hidden=clean.hidden.detach(),
+        divergence=config.divergence,
+        direction=config.kl_direction,
+        beta=config.beta,
+        targets=fw.rows.targets,
+        detach_p_logits=True,
+        chunk_size=config.chunk_size,
+        **options,
+    )
+    return ce.sum(), div.sum()
+
+
+def _check_call(config, batch) -> RobustConfig:
+    config = RobustConfig() if config is None else config
+    if not isinstance(config, RobustConfig):
+        raise TypeError(f"config must be a RobustConfig, got {type(config).__name__}")
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            "robust_loss needs autograd (the attack differentiates with respect to the perturbation); "
+            "it was called under torch.no_grad() / inference_mode. For evaluation use modkern.robust.clean_loss."
+        )
+    return config
 
 
 def robust_loss(
@@ -572,7 +644,7 @@ def robust_loss(
     config: Optional[RobustConfig] = None,
     num_items_in_batch=None,
     *,
-    return_logits: bool = True,
+    return_logits: bool = False,
 ) -> RobustOutput:
     """The robust objective of SPEC §2 on one micro-batch; returns the total loss and its parts.
 
@@ -587,13 +659,14 @@ def robust_loss(
         num_items_in_batch: total answer tokens of the accumulated batch (Hugging Face's
             ``num_items_in_batch``); every term is a token sum divided by it. None divides by this
             micro-batch's answer tokens.
-        return_logits: keep the clean logits in the output.
+        return_logits: keep the clean logits of the answer rows (``[rows, V]``) in the output.
 
     Returns:
         :class:`RobustOutput`; call ``out.loss.backward()`` once.
 
     No parameter gradient accumulates before that backward: the attack uses
-    ``torch.autograd.grad`` with respect to the perturbation only.
+    ``torch.autograd.grad`` with respect to the perturbation only. No forward computes logits
+    outside the answer rows.
 
     Example::
 
@@ -601,148 +674,44 @@ def robust_loss(
         >>> out = robust_loss(model, batch, RobustConfig(epsilon=1e-3, steps=2, lam=0.01))
         >>> out.loss.backward()
     """
-    from modkern import init_delta, masked_adv_step, modality_mask
+    config = _check_call(config, batch)
+    mb = _read_batch(model, batch, config)
+    head = find_lm_head(model)
+    with _Forwards(model, config, head) as fw:
+        fw.rows = _answer_rows(mb.shifted, num_items_in_batch, config, model, head)
+        clean = fw.clean(mb.inputs)
+        ce_clean = fw.ce_sum(clean)
+        mask = _modality_mask(fw, mb, model, config)
+        delta = _attack(fw, mb, mask, config)
+        adv = fw.perturbed(mb.replay_inputs, delta, mask)
+        ce_adv, div = _adversarial_terms(fw, mb, clean, adv, config)
 
-    config = RobustConfig() if config is None else config
-    if not isinstance(config, RobustConfig):
-        raise TypeError(f"config must be a RobustConfig, got {type(config).__name__}")
-    if not torch.is_grad_enabled():
-        raise RuntimeError(
-            "robust_loss needs autograd (the attack differentiates with respect to the perturbation); "
-            "it was called under torch.no_grad() / inference_mode. For evaluation use modkern.robust.clean_loss."
-        )
-    if not isinstance(batch, dict):
-        raise TypeError(f"batch must be a dict of model inputs, got {type(batch).__name__}")
-    input_ids = batch.get("input_ids")
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-        raise ValueError("batch['input_ids'] must be a [B, L] tensor (the modality mask is built from it)")
-    if batch.get("shift_labels") is not None:
-        shifted = batch["shift_labels"]
-        labels = F.pad(shifted[:, :-1], (1, 0), value=IGNORE_INDEX)
-    elif batch.get("labels") is not None:
-        labels = batch["labels"]
-        shifted = shift_labels(labels)
-    else:
-        raise ValueError("batch must contain 'labels' (or 'shift_labels'): the objective is a next-token CE")
-    if labels.shape != input_ids.shape:
-        raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
-
-    base = unwrap_model(model)
-    lm = find_language_model(model, config.language_model)
-    token_ids = config.token_ids if config.token_ids is not None else infer_token_ids(base)
-    exclude_ids = config.exclude_ids if config.exclude_ids is not None else infer_exclude_ids(base)
-    batch_size = input_ids.shape[0]
-    policy = _sample_policies(batch.get("sample_kind"), batch_size, config)
-    _check_targets(policy, token_ids)
-    inputs = _prepare_inputs(model, batch)
-    replay_inputs = dict(inputs)
-    if config.reuse_encoder_outputs:
-        for key in config.encoder_input_keys:
-            replay_inputs.pop(key, None)
-
-    with EmbeddingInjector(lm, backend=config.backend) as injector:
-        # clean branch (through the DDP wrapper when there is one: its graph covers every parameter)
-        logits_c = _get_logits(model(**inputs))
-        x0 = injector.x0
-        if tuple(x0.shape[:2]) != tuple(input_ids.shape):
-            raise RuntimeError(
-                f"the language model received embeddings of shape {tuple(x0.shape)} but input_ids has shape "
-                f"{tuple(input_ids.shape)}; modkern needs one embedding per input_id (expanded placeholders)"
-            )
-        device = logits_c.device
-        shifted = shifted.to(device)
-        rows = shifted != IGNORE_INDEX
-        answers = _answer_rows(shifted)
-        denom = _normalizer(num_items_in_batch, rows)
-        ce_clean = _ce_sum(logits_c, answers) / denom
-
-        attention_mask = batch.get("attention_mask")
-        mask = modality_mask(
-            input_ids.to(x0.device),
-            perturb=policy,
-            token_ids=token_ids,
-            labels=labels.to(x0.device),
-            attention_mask=None if attention_mask is None else attention_mask.to(x0.device),
-            exclude_ids=exclude_ids,
-        )
-        init_norm = "zero" if config.init == "zero" else ("linf" if config.norm in ("linf", None) else "l2")
-        delta = init_delta(x0, mask, epsilon=config.epsilon, norm=init_norm, dtype=torch.float32)
-
-        # attack: gradient w.r.t. delta only
-        attack_denom = denom if config.attack_normalization == "num_items" else _normalizer(None, rows)
-        if config.steps and bool(mask.any()):
-            with _FrozenParams(base, config.freeze_params_during_attack):
-                for _ in range(config.steps):
-                    delta.requires_grad_(True)
-                    injector.set_perturbation(delta, mask)
-                    attack_logits = _get_logits(base(**replay_inputs))
-                    attack_loss = _ce_sum(attack_logits, answers) / attack_denom
-                    (grad,) = _attack_grad(attack_loss, delta)
-                    del attack_logits, attack_loss
-                    delta = delta.detach()
-                    masked_adv_step(
-                        delta,
-                        grad,
-                        mask,
-                        alpha=config.alpha,
-                        epsilon=config.epsilon,
-                        step=config.step,
-                        norm=config.norm,
-                        inplace=True,
-                        backend=config.backend,
-                    )
-
-        # adversarial branch
-        delta = delta.detach()
-        injector.set_perturbation(delta, mask)
-        logits_a = _get_logits(base(**replay_inputs))
-        ce_adv = _ce_sum(logits_a, answers) / denom
-
-    if config.uses_divergence:
-        vocab = logits_a.shape[-1]
-        ref = batch.get("ref_index")
-        row_ref = None
-        if ref is not None:
-            row_ref = row_ref_index(rows, _normalize_ref_index(ref, batch_size, device))
-        p = logits_c.detach().reshape(-1, vocab)
-        q = logits_a.reshape(-1, vocab)
-        common = dict(
-            temperature=config.temperature,
-            mask=rows.reshape(-1),
-            ref_index=row_ref,
-            reduction="sum",
-            backend=config.backend,
-        )
-        if config.divergence == "kl":
-            div = fused_kl(p, q, direction=config.kl_direction, **common)
-        else:
-            div = fused_js(p, q, beta=config.beta, **common)
-        consistency = config.lam * div / denom
-    else:
-        consistency = logits_a.new_zeros((), dtype=torch.float32)
-
-    loss = ce_clean + ce_adv + consistency
+    denom = fw.rows.denom
+    consistency = config.lam * div / denom if div is not None else ce_adv.new_zeros(())
+    ce_clean, ce_adv = ce_clean / denom, ce_adv / denom
     return RobustOutput(
-        loss=loss,
+        loss=ce_clean + ce_adv + consistency,
         ce_clean=ce_clean.detach(),
         ce_adv=ce_adv.detach(),
         consistency=consistency.detach(),
-        logits=logits_c if return_logits else None,
+        logits=clean.logits if return_logits else None,
         delta=delta,
         mask=mask,
     )
 
 
 def clean_loss(model: nn.Module, batch: dict, num_items_in_batch=None):
-    """The plain next-token CE (same normalization as :func:`robust_loss`) and the model output."""
-    if batch.get("shift_labels") is not None:
-        shifted = batch["shift_labels"]
-    elif batch.get("labels") is not None:
-        shifted = shift_labels(batch["labels"])
-    else:
-        raise ValueError("batch must contain 'labels' (or 'shift_labels')")
-    output = model(**_prepare_inputs(model, batch))
-    logits = _get_logits(output)
+    """The plain next-token CE (same normalization as :func:`robust_loss`) and the model output.
+
+    For evaluation: the model's own forward, full logits included (what ``Trainer.prediction_step``
+    hands to metrics).
+    """
+    shifted = _shifted_labels(batch)
+    output = model(**prepare_inputs(model, batch))
+    logits = get_logits(output)
     shifted = shifted.to(logits.device)
     rows = shifted != IGNORE_INDEX
-    return _ce_sum(logits, _answer_rows(shifted)) / _normalizer(num_items_in_batch, rows), output
+    vocab = logits.shape[-1]
+    answers = logits.reshape(-1, vocab)[rows.reshape(-1)]
+    ce = F.cross_entropy(answers.to(accumulation_dtype(answers)), shifted[rows], reduction="sum")
+    return ce / _normalizer(num_items_in_batch, rows), output

@@ -3,7 +3,8 @@
 AdamW, linear warm-up then cosine / linear decay (or constant), gradient accumulation with exact
 normalization (every micro-batch's loss is a token sum divided by the answer tokens of the whole
 accumulated batch, as Hugging Face's ``num_items_in_batch``), bf16 autocast on CUDA, gradient
-clipping, a tqdm progress bar, periodic evaluation and checkpoints.
+clipping, progress (a tqdm bar on a terminal, plain log lines in a file or pipe), periodic
+evaluation and checkpoints.
 
 Example::
 
@@ -24,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from modkern.robust import IGNORE_INDEX, RobustConfig, _prepare_inputs, clean_loss, robust_loss, shift_labels
+from modkern.robust import IGNORE_INDEX, RobustConfig, clean_loss, prepare_inputs, robust_loss, shift_labels
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "sgd")
@@ -52,7 +54,8 @@ class TrainConfig:
     (``"fp16"`` on CUDA adds a dynamic loss scaler for the parameter gradients; the attack's
     gradient w.r.t. the perturbation is not loss-scaled, so prefer bf16), ``"no"`` fp32;
     ``eval_every`` / ``save_every`` in optimizer steps (0: only at the end, when an evaluation
-    function / ``save_dir`` is given); ``device`` ``"auto"`` picks CUDA when available.
+    function / ``save_dir`` is given); ``device`` ``"auto"`` picks CUDA when available; ``progress``
+    shows :class:`Progress` on stderr (a bar on a terminal, plain lines otherwise).
     """
 
     steps: int = 200
@@ -154,6 +157,45 @@ def count_answer_tokens(batch: dict) -> int:
     return int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
 
 
+class Progress:
+    """Progress of the loop on ``stream`` (default ``sys.stderr``).
+
+    On a terminal (or in a notebook) a tqdm bar; anywhere else - a log file, a pipe, CI output - one
+    plain line every ``total // lines`` steps and at the end, so a log never fills with a redrawn
+    carriage-return bar.
+    """
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, stream=None, lines: int = 10):
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.stream = sys.stderr if stream is None else stream
+        self.every = max(1, total // max(1, lines))
+        self.start = time.perf_counter()
+        self.bar = None
+        if enabled and _interactive(self.stream):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True, leave=False)
+
+    def update(self, step: int, loss: float) -> None:
+        """Step ``step`` (1-based) is done with loss ``loss``."""
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+        elif self.enabled and (step % self.every == 0 or step == self.total):
+            line = f"{self.desc}: step {step}/{self.total}, loss {loss:.4f}, {time.perf_counter() - self.start:.1f} s"
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _interactive(stream) -> bool:
+    """A terminal, or a Jupyter kernel (tqdm draws a widget there)."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) or "ipykernel" in sys.modules
+
+
 def _cycle(data: Iterable):
     while True:
         empty = True
@@ -184,8 +226,6 @@ def train(
     ``config.save_dir`` every ``save_every`` steps and at the end; ``extra_state`` is stored with
     them.
     """
-    from tqdm.auto import tqdm
-
     config = TrainConfig() if config is None else config
     device = resolve_device(config.device)
     if config.seed is not None:
@@ -219,7 +259,7 @@ def train(
             model.train()
         result.evals.append({"step": step, **metrics})
 
-    bar = tqdm(total=config.steps, desc=desc, disable=not config.progress, dynamic_ncols=True, leave=False)
+    bar = Progress(config.steps, desc, enabled=config.progress)
     try:
         for step in range(1, config.steps + 1):
             micro = [to_device(next(batches), device) for _ in range(config.grad_accum)]
@@ -253,8 +293,7 @@ def train(
                 if grad_norm is not None:
                     entry["grad_norm"] = grad_norm
                 result.history.append(entry)
-            bar.update(1)
-            bar.set_postfix(loss=f"{totals['loss']:.3f}")
+            bar.update(step, totals["loss"])
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
                 run_eval(step)
             if config.save_dir and config.save_every and step % config.save_every == 0 and step != config.steps:
@@ -362,7 +401,7 @@ def load_checkpoint(path, model: Optional[nn.Module] = None, map_location="cpu")
 @torch.no_grad()
 def answer_correct(model: nn.Module, batch: dict) -> Tensor:
     """Per-sample bool ``[B]``: every answer token is the argmax of its (teacher-forced) logits."""
-    inputs = _prepare_inputs(model, {k: v for k, v in batch.items() if k != "tags"})
+    inputs = prepare_inputs(model, {k: v for k, v in batch.items() if k != "tags"})
     logits = model(**inputs).logits
     target = shift_labels(batch["labels"]).to(logits.device)
     rows = target != IGNORE_INDEX

@@ -6,10 +6,14 @@ import torch.nn.functional as F
 from tiny_models import KINDS, make_batch
 
 import modkern
+import modkern.robust
 from modkern.robust import (
+    AnswerRowHead,
     EmbeddingInjector,
     RobustConfig,
     find_language_model,
+    get_logits,
+    prepare_inputs,
     robust_loss,
     row_ref_index,
     shift_labels,
@@ -47,6 +51,12 @@ def record_lm_inputs(model):
 def manual_ce_sum(logits, labels):
     shifted = shift_labels(labels)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), reduction="sum")
+
+
+def full_logits(model, batch):
+    """The model's own forward: logits at every position [B, L, V] (what the objective never builds)."""
+    with torch.no_grad():
+        return model(**prepare_inputs(model, batch)).logits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,7 +114,7 @@ def test_parts_sum_and_no_parameter_grad_before_backward(models, name):
     model.zero_grad(set_to_none=True)
     kinds = None if name == "llama" else [KINDS[i % 3] for i in range(4)]
     batch = make_batch(info, 4, seed=1, kinds=kinds)
-    out = robust_loss(model, batch, RobustConfig(lam=0.5))
+    out = robust_loss(model, batch, RobustConfig(lam=0.5), return_logits=True)
     # the attack used autograd.grad w.r.t. delta only: nothing accumulated, requires_grad restored
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
@@ -112,8 +122,15 @@ def test_parts_sum_and_no_parameter_grad_before_backward(models, name):
     assert torch.isfinite(out.loss)
     torch.testing.assert_close(out.loss.detach(), out.ce_clean + out.ce_adv + out.consistency)
     # the clean CE is the token sum over the answer tokens divided by their count
-    n = (shift_labels(batch["labels"]) != -100).sum()
-    torch.testing.assert_close(out.ce_clean, manual_ce_sum(out.logits.detach(), batch["labels"]) / n)
+    shifted = shift_labels(batch["labels"])
+    n = (shifted != -100).sum()
+    full = full_logits(model, batch)
+    torch.testing.assert_close(out.ce_clean, manual_ce_sum(full, batch["labels"]) / n)
+    # the returned logits are the answer rows' only, equal to the full logits there
+    assert out.logits.shape == (int(n), full.shape[-1])
+    torch.testing.assert_close(out.logits.detach(), full[shifted != -100])
+    assert robust_loss(model, batch, RobustConfig(lam=0.5)).logits is None
+    model.zero_grad(set_to_none=True)
     assert out.ce_adv > 0 and out.consistency >= 0
     out.loss.backward()
     assert sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None) > 0
@@ -176,7 +193,7 @@ def test_perturbation_reaches_exactly_the_masked_positions(models, name, monkeyp
         grads.append(grad.detach().clone())
         return real_step(delta, grad, mask, **kw)
 
-    monkeypatch.setattr(modkern, "masked_adv_step", spy)
+    monkeypatch.setattr(modkern.robust, "masked_adv_step", spy)
     seen, handle = record_lm_inputs(model)
     try:
         cfg = RobustConfig(steps=2, epsilon=0.05, alpha=10.0)
@@ -252,7 +269,8 @@ def test_consistency_with_heuristic_copies_uses_aligned_answer_rows(models, dive
     out = robust_loss(model, batch, cfg, num_items_in_batch=11)
     # delta = 0: adversarial logits == clean logits; a clean sample compares with itself (0) and a copy
     # with its clean sample's answer rows
-    logits = out.logits.detach().double()
+    full = full_logits(model, batch)
+    logits = full.double()
     shifted = shift_labels(batch["labels"])
     total = 0.0
     for b, r in enumerate(batch["ref_index"].tolist()):
@@ -267,28 +285,7 @@ def test_consistency_with_heuristic_copies_uses_aligned_answer_rows(models, dive
     assert total > 0
     torch.testing.assert_close(out.consistency.double(), lam * total / 11, rtol=1e-4, atol=1e-7)
     # num_items_in_batch is the divisor of every term
-    torch.testing.assert_close(out.ce_clean * 11, manual_ce_sum(out.logits.detach(), batch["labels"]))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_ce_over_answer_rows_equals_full_upcast_ce(dtype):
-    # the objective gathers the answer rows before the fp32 upcast: same value and gradient as the
-    # usual full-vocabulary, full-sequence CE with ignore_index (HF's loss), also with no answer row
-    from modkern.robust import _answer_rows, _ce_sum
-
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 7, 37, generator=gen).to(dtype).requires_grad_(True)
-    shifted = torch.randint(0, 37, (3, 7), generator=gen)
-    shifted[0, :4] = -100
-    shifted[2] = -100
-    for labels in (shifted, torch.full_like(shifted, -100)):
-        ours = _ce_sum(logits, _answer_rows(labels))
-        full = F.cross_entropy(logits.reshape(-1, 37).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
-        torch.testing.assert_close(ours, full, rtol=1e-6, atol=0)
-        (g_ours,) = torch.autograd.grad(ours, logits)
-        (g_full,) = torch.autograd.grad(full, logits)
-        torch.testing.assert_close(g_ours, g_full, rtol=1e-6, atol=0)
-    assert float(_ce_sum(logits, _answer_rows(shifted)).detach()) > 0
+    torch.testing.assert_close(out.ce_clean * 11, manual_ce_sum(full, batch["labels"]))
 
 
 def test_row_ref_index():
@@ -321,10 +318,10 @@ def test_hook_removed_after_an_exception(models, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("attack failed")
 
-    monkeypatch.setattr(modkern, "masked_adv_step", boom)
+    monkeypatch.setattr(modkern.robust, "masked_adv_step", boom)
     with pytest.raises(RuntimeError, match="attack failed"):
         robust_loss(model, batch, RobustConfig())
-    assert no_hooks(model)
+    assert no_hooks(model) and not model.get_output_embeddings()._forward_pre_hooks
     assert all(p.requires_grad for p in model.parameters())
     # an exception in the clean forward (wrong number of image features)
     bad = dict(batch, pixel_values=batch["pixel_values"][:1])
@@ -355,9 +352,20 @@ class _NoLogits(torch.nn.Module):
     def get_decoder(self):
         return self.inner.get_decoder()
 
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
     def forward(self, **kw):
         out = self.inner(**kw)
         return {"loss": out.logits.sum() * 0}
+
+
+class _FusedHead(_NoLogits):
+    """Stands in for a forward that applies the LM head's weight itself (TRL-style fused head)."""
+
+    def forward(self, **kw):
+        hidden = self.inner.model(**kw).last_hidden_state
+        return {"logits": F.linear(hidden, self.inner.get_output_embeddings().weight)}
 
 
 def test_bad_inputs_give_clear_errors(models):
@@ -366,6 +374,9 @@ def test_bad_inputs_give_clear_errors(models):
     with pytest.raises(RuntimeError, match="no logits.*Liger"):
         robust_loss(_NoLogits(model), batch, RobustConfig())
     assert no_hooks(model)
+    with pytest.raises(RuntimeError, match="did not call its LM head.*Liger"):
+        robust_loss(_FusedHead(model), batch, RobustConfig())
+    assert no_hooks(model) and not model.get_output_embeddings()._forward_pre_hooks
     with pytest.raises(ValueError, match="labels"):
         robust_loss(model, {k: v for k, v in batch.items() if k != "labels"}, RobustConfig())
     with pytest.raises(ValueError, match="input_ids"):
@@ -415,3 +426,120 @@ def test_reentrant_checkpointing_gets_a_clear_error():
     # the non-reentrant variant (transformers 5's default) works
     model.activation_checkpointing_enable({"use_reentrant": False})
     assert torch.isfinite(robust_loss(model, batch, RobustConfig()).loss)
+
+
+# ------------------------------------------------------------------------------------------------
+# logits only at the answer rows: equivalence with the full-logit objective, the chunked head path
+
+
+class FullLogitsHead(AnswerRowHead):
+    """The previous computation, as a test double: the LM head runs on every position ([B, L, V]
+    logits) and the answer rows are gathered from them afterwards."""
+
+    def _hook(self, module, args, kwargs):
+        self.calls += 1
+
+    def logits(self, output):
+        full = get_logits(output)
+        assert full.shape[:-1].numel() == self.tokens
+        return full.reshape(-1, full.shape[-1]).index_select(0, self.index)
+
+
+def loss_and_grads(model, batch, cfg, num_items=None):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # the same random start for every variant
+    out = robust_loss(model, batch, cfg, num_items_in_batch=num_items)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out, grads
+
+
+def assert_same_objective(a, b):
+    out_a, grads_a = a
+    out_b, grads_b = b
+    for part in ("loss", "ce_clean", "ce_adv", "consistency"):
+        torch.testing.assert_close(getattr(out_a, part).detach(), getattr(out_b, part).detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out_a.delta, out_b.delta, rtol=1e-4, atol=1e-7)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        # elementwise, with an absolute floor far below the entries that matter (fp32 sums)
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=2e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "js"])
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "llama"])
+def test_answer_rows_and_chunked_head_equal_the_full_logit_objective(models, name, divergence, monkeypatch):
+    model, info = models[name]
+    kinds = None if name == "llama" else ["image_heavy", "text_heavy", "image_heavy"]
+    batch = make_batch(info, 3, seed=8, kinds=kinds, answer_lens=[2, 3, 1], copies=((0, 7), (1, 2)))
+    cfg = RobustConfig(lam=0.5, divergence=divergence, steps=2, epsilon=0.05, alpha=1.0, lm_head="rows")
+    rows = loss_and_grads(model, batch, cfg, num_items=13)
+    assert float(rows[0].consistency) > 0
+    with monkeypatch.context() as patch:
+        patch.setattr(modkern.robust, "AnswerRowHead", FullLogitsHead)
+        full = loss_and_grads(model, batch, cfg, num_items=13)
+    assert_same_objective(rows, full)
+    for chunk_size in (1, 2, None):
+        chunked = loss_and_grads(model, batch, cfg.replace(lm_head="chunked", chunk_size=chunk_size), num_items=13)
+        assert_same_objective(chunked, full)
+
+
+def head_batch_sizes(model):
+    """Record the leading shape of each LM head output (one entry per call)."""
+    sizes = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: sizes.append(out.shape[:-1]))
+    return sizes, handle
+
+
+def test_the_lm_head_sees_only_the_answer_rows(models):
+    model, info = models["llava"]
+    batch = make_batch(info, 3, seed=9, kinds=["image_heavy", "text_heavy", "vqa"])
+    n = int((shift_labels(batch["labels"]) != -100).sum())
+    sizes, handle = head_batch_sizes(model)
+    try:
+        robust_loss(model, batch, RobustConfig(steps=2, lm_head="rows"))
+        assert sizes == [(n,)] * 4  # clean, 2 attack steps, adversarial: [n, V] logits, never [B, L, V]
+        sizes.clear()
+        # auto: the rows' fp32 logits over the budget -> the chunked path, the head gets an empty batch
+        robust_loss(model, batch, RobustConfig(steps=2, logits_budget_mb=1e-6))
+        assert sizes == [(0,)] * 4
+    finally:
+        handle.remove()
+
+
+def test_every_forward_runs_whatever_the_data(models):
+    """Collective safety: an empty modality mask and no answer rows still run clean + K + adversarial."""
+    model, info = models["llava"]
+    batch = make_batch(info, 2, seed=10, kinds=["vqa", "vqa"])
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    sizes, handle = head_batch_sizes(model)
+    seen, lm_handle = record_lm_inputs(model)
+    try:
+        out = robust_loss(model, batch, RobustConfig(steps=3, lam=0.5), num_items_in_batch=torch.tensor(5))
+    finally:
+        handle.remove()
+        lm_handle.remove()
+    assert sizes == [(0,)] * 5 and len(seen) == 5
+    assert not out.mask.any() and float(out.loss.detach()) == 0.0
+    out.loss.backward()  # a graph to back-propagate through on every rank
+    model.zero_grad(set_to_none=True)
+
+
+def test_chunked_head_refuses_what_it_cannot_compute(models):
+    model, info = models["llava"]
+    batch = make_batch(info, 2, seed=11, kinds=["image_heavy", "text_heavy"])
+    model.config.text_config.final_logit_softcapping = 30.0
+    try:
+        with pytest.raises(ValueError, match="final_logit_softcapping.*lm_head='rows'"):
+            robust_loss(model, batch, RobustConfig(lm_head="chunked"))
+        with pytest.warns(UserWarning, match="chunked LM-head path cannot run"):
+            out = robust_loss(model, batch, RobustConfig(logits_budget_mb=1e-6))  # auto falls back to rows
+        assert torch.isfinite(out.loss)
+    finally:
+        model.config.text_config.final_logit_softcapping = None
+    assert no_hooks(model) and not model.get_output_embeddings()._forward_pre_hooks
+    with pytest.raises(ValueError, match="lm_head"):
+        RobustConfig(lm_head="full")
+    with pytest.raises(ValueError, match="chunk_size"):
+        RobustConfig(chunk_size=0)
