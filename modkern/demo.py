@@ -30,14 +30,17 @@ from modkern.robust import RobustConfig
 from modkern.train import TrainConfig, _jsonable, answer_correct, resolve_device, train
 
 TOKENIZER_FILE = "modkern_tokenizer.json"
+# (evaluation set, column title). Two columns have no interference (the baselines of their item
+# kind); the others add one interfering input to the same items.
 EVAL_COLUMNS = (
-    ("clean", "clean"),
-    ("misleading_text", "misleading text"),
-    ("unrelated_text", "unrelated text"),
-    ("text_clean", "text-heavy"),
-    ("text_swapped_image", "+ swapped image"),
-    ("text_blank_image", "+ black image"),
+    ("clean", "image-heavy: no interference"),
+    ("misleading_text", "image-heavy: misleading text"),
+    ("unrelated_text", "image-heavy: unrelated text"),
+    ("text_clean", "text-heavy: no interference"),
+    ("text_swapped_image", "text-heavy: swapped image"),
+    ("text_blank_image", "text-heavy: black image"),
 )
+INTERFERENCE_FREE = ("clean", "text_clean")
 METHODS = (
     ("sft", "(a) SFT"),
     ("sft_aug", "(b) SFT + heuristic aug."),
@@ -175,19 +178,35 @@ def evaluate(model, eval_sets: dict, bundle: ModelBundle, device, batch_size: in
 # --- report ----------------------------------------------------------------------------------------
 
 
-def format_table(results: dict) -> str:
-    """A Markdown table: one row per method, one column per evaluation set (accuracy in %)."""
+def chance_level(task: InterferenceTask) -> float:
+    """Accuracy of a random guess: every answer is one of the task's colours, classes balanced."""
+    return 1.0 / len(task.colours)
+
+
+def format_table(results: dict, chance: Optional[float] = None) -> str:
+    """A Markdown table: one row per method, one column per evaluation set (accuracy in %), and a
+    last row with the chance level when ``chance`` is given."""
     labels = dict(METHODS)
     header = "| method | " + " | ".join(title for _, title in EVAL_COLUMNS) + " | train s |"
     lines = [header, "|" + "---|" * (len(EVAL_COLUMNS) + 2)]
     for method, res in results.items():
         cells = [f"{100 * res['accuracy'][key]:.1f}" for key, _ in EVAL_COLUMNS]
         lines.append(f"| {labels[method]} | " + " | ".join(cells) + f" | {res['train_seconds']:.0f} |")
+    if chance is not None:
+        cells = [f"{100 * chance:.1f}"] * len(EVAL_COLUMNS)
+        lines.append("| chance (a random colour) | " + " | ".join(cells) + " | - |")
     return "\n".join(lines)
 
 
-def plot_results(results: dict, path: str) -> str:
-    """Grouped bar chart of the accuracies, written with matplotlib's Agg backend."""
+def format_method_line(method: str, seconds: float, accuracy: dict) -> str:
+    """One method's result, with the same method and column names as the table."""
+    cells = ", ".join(f"{title} {100 * accuracy[key]:.1f}%" for key, title in EVAL_COLUMNS)
+    return f"{dict(METHODS)[method]}: {seconds:.1f} s; {cells}"
+
+
+def plot_results(results: dict, path: str, chance: Optional[float] = None) -> str:
+    """Grouped bar chart of the accuracies (values on the bars, the chance level as a dashed line),
+    written with matplotlib's Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,18 +215,21 @@ def plot_results(results: dict, path: str) -> str:
     labels = dict(METHODS)
     n = len(results)
     width = 0.8 / max(n, 1)
-    fig, ax = plt.subplots(figsize=(10, 4.6))
+    fig, ax = plt.subplots(figsize=(11, 5))
     xs = range(len(EVAL_COLUMNS))
     for j, (method, res) in enumerate(results.items()):
         vals = [100 * res["accuracy"][key] for key, _ in EVAL_COLUMNS]
-        ax.bar([x + (j - (n - 1) / 2) * width for x in xs], vals, width, label=labels[method])
+        bars = ax.bar([x + (j - (n - 1) / 2) * width for x in xs], vals, width, label=labels[method])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+    if chance is not None:
+        ax.axhline(100 * chance, color="black", lw=0.8, ls="--", label=f"chance ({100 * chance:.0f}%)")
     ax.set_xticks(list(xs))
-    ax.set_xticklabels([title for _, title in EVAL_COLUMNS])
+    ax.set_xticklabels([title.replace(": ", ":\n") for _, title in EVAL_COLUMNS], fontsize=8)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 110)
     ax.axvline(2.5, color="grey", lw=0.8, ls=":")
-    ax.set_title("image-heavy items (left) / text-heavy items (right)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=n, fontsize=8, frameon=False)
+    ax.set_title("image-heavy items (left: the image decides) / text-heavy items (right: the note decides)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=n + 1, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -283,14 +305,13 @@ def run_demo(cfg: Optional[DemoConfig] = None, log=print) -> dict:
             "history": res.history,
             "checkpoint": res.checkpoint,
         }
-        log(
-            f"{dict(METHODS)[method]}: {res.seconds:.1f} s, "
-            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accuracy.items())
-        )
+        log(format_method_line(method, res.seconds, accuracy))
 
-    table = format_table(results)
+    chance = chance_level(task)
+    table = format_table(results, chance)
     out = {
         "table": table,
+        "chance": chance,
         "results": results,
         "config": _jsonable(cfg),
         "device": str(device),
@@ -299,7 +320,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, log=print) -> dict:
     }
     json_path = os.path.join(cfg.out, "results.json")
     png_path = os.path.join(cfg.out, "results.png")
-    plot_results(results, png_path)
+    plot_results(results, png_path, chance)
     out["wall_seconds"] = time.perf_counter() - start
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=2)
@@ -307,9 +328,11 @@ def run_demo(cfg: Optional[DemoConfig] = None, log=print) -> dict:
     log(f"Accuracy (%) on {task.config.eval_size} items per column:")
     log(table)
     log(
-        "clean / misleading text / unrelated text: image-heavy items (the image decides) with an agreeing "
-        "caption, a caption naming another colour, an unrelated fact naming another colour; text-heavy: "
-        "the note decides, with a matching, a swapped (other colour) or a black image."
+        "image-heavy items: the image decides; no interference = a caption that agrees with it, misleading "
+        "text = a caption naming another colour, unrelated text = an unrelated fact naming another colour. "
+        "text-heavy items: the note decides; no interference = an image of the same colour, then a swapped "
+        f"(other colour) or a black image. Chance (a random colour of {len(task.colours)}): {100 * chance:.0f}%; "
+        "below it on misleading text or a swapped image, a model follows the interfering input."
     )
     log(f"\nwrote {json_path} and {png_path} ({out['wall_seconds']:.0f} s in all)")
     return out

@@ -1,6 +1,8 @@
 """The main job (`modkern train`) end to end in --quick mode, and the CLI around it."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -11,11 +13,18 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["train", "--quick", "--out", str(out), "--no-progress", "--seed", "1"]) == 0
     printed = capsys.readouterr().out
-    # the table: a header with every evaluation column and one row per method
-    assert "| method | clean | misleading text | unrelated text |" in printed
+    # the table: a header with every evaluation column, one row per method, the chance level
+    assert "| method | image-heavy: no interference | image-heavy: misleading text |" in printed
     for _, label in demo.METHODS:
         assert f"| {label} |" in printed
+    assert "| chance (a random colour) | 25.0 | 25.0 |" in printed
+    # the per-method lines use the table's method and column names
+    for _, label in demo.METHODS:
+        line = next(line for line in printed.splitlines() if line.startswith(f"{label}: "))
+        for _, title in demo.EVAL_COLUMNS:
+            assert f" {title} " in line, (title, line)
     results = json.loads((out / "results.json").read_text())
+    assert results["chance"] == 0.25
     assert set(results["results"]) == {"sft", "sft_aug", "modkern"}
     for res in results["results"].values():
         assert set(res["accuracy"]) == {key for key, _ in demo.EVAL_COLUMNS}
@@ -62,3 +71,38 @@ def test_selfcheck_torch_backend(capsys):
     for op in ("fused_js", "fused_kl", "masked_adv_step", "perturb", "modality_mask", "init_delta"):
         assert op in printed
     assert "MISMATCH" not in printed and "ERROR" not in printed
+
+
+def test_columns_say_which_are_interference_free():
+    titles = dict(demo.EVAL_COLUMNS)
+    assert [titles[k] for k in demo.INTERFERENCE_FREE] == [
+        "image-heavy: no interference",
+        "text-heavy: no interference",
+    ]
+    assert all(t.startswith(("image-heavy: ", "text-heavy: ")) for t in titles.values())
+
+
+def test_readme_demo_table_has_the_demo_headers():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    header = demo.format_table({}).splitlines()[0]
+    assert header in readme
+    table = readme[readme.index(header) :].split("\n\n")[0].splitlines()
+    for _, label in demo.METHODS:
+        assert any(row.startswith(f"| {label} |") for row in table), label
+    assert any(re.match(r"\| chance \(a random colour\) \| 25\.0 \|", row) for row in table)
+
+
+def test_plot_has_value_labels_and_chance_line(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k)))
+    acc = {key: 0.5 + 0.05 * i for i, (key, _) in enumerate(demo.EVAL_COLUMNS)}
+    results = {m: {"accuracy": acc, "train_seconds": 1.0} for m, _ in demo.METHODS}
+    demo.plot_results(results, str(tmp_path / "r.png"), chance=0.25)
+    (ax,) = figures[0].axes
+    labels = [t.get_text() for t in ax.texts]
+    assert len(labels) == len(demo.METHODS) * len(demo.EVAL_COLUMNS)
+    assert labels[: len(demo.EVAL_COLUMNS)] == [f"{100 * v:.0f}" for v in acc.values()]
+    assert any("chance (25%)" in t.get_text() for t in ax.get_legend().get_texts())

@@ -152,3 +152,36 @@ def test_precision_resolution():
     model, collate = _setup()
     result = train(model, _batches(collate, 1), TrainConfig(steps=1, progress=False, mixed_precision="bf16"))
     assert math.isfinite(result.history[-1]["loss"])
+
+
+def test_progress_in_a_file_is_plain_lines(capsys):
+    # stderr is not a terminal here (as in a log file or a pipe): periodic lines, no redrawn bar
+    model, collate = _setup()
+    batches = _batches(collate, 1)
+    train(model, batches, TrainConfig(steps=20, warmup_steps=1, progress=True), desc="(a) SFT")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("(a) SFT: step ")]
+    assert [line.split()[3] for line in lines] == [f"{s}/20," for s in range(2, 21, 2)]
+    assert all(", loss " in line and line.endswith(" s") for line in lines)
+
+
+def test_progress_on_a_terminal_is_a_bar():
+    import io
+
+    from modkern.train import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    bar = Progress(5, "run", stream=tty)
+    for step in range(1, 6):
+        bar.update(step, 1.0)
+    bar.close()
+    assert "\r" in tty.getvalue() and "run: step" not in tty.getvalue()
+    quiet = io.StringIO()
+    off = Progress(5, "run", enabled=False, stream=quiet)
+    off.update(5, 1.0)
+    assert quiet.getvalue() == ""
