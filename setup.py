@@ -5,7 +5,8 @@ sub-package ``modkern.kernels`` (never as a top-level ``kernels`` module: the Hu
 package of that name owns it). The CUDA C++ extension ``modkern._C`` (``csrc/``) is built only
 where a CUDA build of torch and ``nvcc`` are present; ``MODKERN_BUILD_CUDA=0/1`` overrides the
 detection. Without it the install is pure Python and ``backend="auto"`` falls back to Triton or
-PyTorch.
+PyTorch. ``triton`` is an extra (``.[triton]``, included in ``.[test]``): torch's CUDA builds
+bring it anyway, and on a CPU it only serves the test suite's interpreter.
 
 GPU build (needs torch importable in the build environment)::
 
@@ -68,6 +69,9 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+# Triton wheels exist for Linux only; elsewhere the Triton backend is unavailable and its tests skip.
+TRITON = "triton>=3.6; platform_system == 'Linux'"
+
 setup(
     name="modkern",
     version="0.1.0",
@@ -77,14 +81,17 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["modkern", "modkern.*"]) + ["modkern.kernels"],
     package_dir={"modkern": "modkern", "modkern.kernels": "kernels"},
+    # triton is not required: it runs kernels only on a GPU (torch's CUDA builds already depend on it)
+    # and in the test suite's interpreter; `import modkern` and the CPU paths work without it.
     install_requires=[
         "torch>=2.6",
         "numpy",
         "tqdm",
-        "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
+        "triton": [TRITON],
         "test": [
+            TRITON,
             "pytest>=8",
             "pytest-benchmark>=4",
             "transformers>=5,<6",
@@ -95,7 +102,7 @@ setup(
         "hf": ["transformers>=5,<6", "accelerate"],
         "demo": ["transformers>=5,<6", "matplotlib"],
         "liger": ["liger-kernel"],
-        "bench": ["pytest>=8", "pytest-benchmark>=4", "transformers>=5,<6", "matplotlib", "liger-kernel"],
+        "bench": [TRITON, "pytest>=8", "pytest-benchmark>=4", "transformers>=5,<6", "matplotlib", "liger-kernel"],
         "dev": ["ruff"],
     },
     entry_points={"console_scripts": ["modkern=modkern.cli:main"]},

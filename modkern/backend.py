@@ -122,7 +122,10 @@ def resolve_backend(backend: str, device: torch.device, op: str = "") -> str:
             return "torch"
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError("backend='triton' requested but the 'triton' package is not installed")
+            raise RuntimeError(
+                "backend='triton' requested but the 'triton' package is not installed: "
+                "pip install 'modkern[triton]' (Linux; torch's CUDA builds include it), or use backend='torch'"
+            )
         if device.type != "cuda" and not triton_interpret():
             raise RuntimeError(
                 f"backend='triton' needs CUDA tensors (got device {device}); on CPU set "
