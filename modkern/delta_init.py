@@ -46,8 +46,10 @@ def init_delta(
     Args:
         shape_or_like: ``[B, L, H]`` shape, or a tensor (e.g. the embeddings) whose shape and device
             are used (not its dtype).
-        mask: ``[B, L]`` bool or 0/1 numbers (nonzero selects a token).
-        epsilon: radius > 0, a number or a 0-dim tensor on the device.
+        mask: ``[B, L]`` bool or 0/1 numbers (other values: ``ValueError`` on CPU; on a GPU, where
+            they are not read, nonzero selects).
+        epsilon: radius > 0, a number or a 0-dim tensor on the device (a tensor is checked on CPU;
+            on a GPU, without a host sync, a value <= 0 or non-finite makes the start NaN).
         norm: ``"linf"``, ``"l2"`` or ``"zero"``.
         dtype: floating dtype of the result (fp32 by default: PGD state is kept in fp32).
         generator: ``torch.Generator`` on the device, for reproducible starts.

@@ -83,7 +83,8 @@ def perturb(embeds: Tensor, delta: Tensor, mask: Tensor, *, backend: str = "auto
     Args:
         embeds: ``[..., H]`` float embeddings (e.g. ``[B, L, H]`` bf16 merged input embeddings).
         delta: float perturbation of the same shape (fp32 or the model dtype).
-        mask: ``embeds.shape[:-1]`` bool or 0/1 numbers (nonzero selects a token).
+        mask: ``embeds.shape[:-1]`` bool or 0/1 numbers (other values: ``ValueError`` on CPU; on a
+            GPU, where they are not read, nonzero selects).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see ``modkern.backend``).
 
     Gradients: to ``delta`` (the incoming gradient on masked tokens, in ``delta``'s dtype) and to
