@@ -69,6 +69,17 @@ def _ce_grad(logits: Tensor, targets: Tensor, grad_rows: Tensor) -> Tensor:
     return grad.mul_((grad_rows * keep).unsqueeze(1))
 
 
+def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """``a @ b`` with the product accumulated *and returned* in ``acc`` (fp32 for 16-bit inputs), so
+    that summing chunk and branch contributions (which nearly cancel for symmetric divergences)
+    does not round each of them to 16 bits first."""
+    if a.dtype == acc:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=acc)
+    return a.to(acc) @ b.to(acc)
+
+
 @dataclass(frozen=True)
 class _Chunk:
     """Rows ``[start, stop)`` of Q and the P rows they are compared with."""
@@ -193,15 +204,15 @@ def linear_losses_bwd(
         for d, h in ((d_q, q_h), (d_p if p_logit_grad else None, p_h)):
             if d is None or d.numel() == 0:
                 continue
-            d = d.to(weight.dtype)
-            if need_grad_weight:
-                grad_w.add_(d.t() @ h)
             if need_grad_bias:
                 grad_b.add_(d.sum(0, dtype=acc))
+            d = d.to(weight.dtype)
+            if need_grad_weight:
+                grad_w.add_(_mm(d.t(), h, acc))
             if h is q_h and need_grad_q:
                 grad_q[chunk.start : chunk.stop] = d @ weight
             elif h is p_h and need_grad_p:
-                grad_p.index_add_(0, chunk.p_rows, (d @ weight).to(acc))
+                grad_p.index_add_(0, chunk.p_rows, _mm(d, weight, acc))
     return (
         grad_q,
         grad_p.to(p_hidden.dtype) if need_grad_p else grad_p,
