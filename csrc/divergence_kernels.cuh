@@ -67,11 +67,14 @@ struct Terms {
 };
 
 template <int KIND>
-__device__ __forceinline__ Terms row_terms(float a, float b, float lse_a, float lse_b, float log_beta,
-                                           float log_1mbeta) {
+__device__ __forceinline__ Terms row_terms(float a, float b, float sh_a, float ls_a, float sh_b, float ls_b,
+                                           float log_beta, float log_1mbeta) {
+  // lse = shift + ls kept apart: a - shift is exact and ls is O(1), so log P keeps full precision
+  // near the top entries (forming shift + ls ~ 20 first rounds at ulp(20) ~ 2e-6; see
+  // kernels/divergence.py _lse_finish).
   Terms t;
-  t.lp = a - lse_a;
-  t.lq = b - lse_b;
+  t.lp = (a - sh_a) - ls_a;
+  t.lq = (b - sh_b) - ls_b;
   t.P = __expf(t.lp);
   t.Q = __expf(t.lq);
   if constexpr (KIND == kJS) {
@@ -123,6 +126,9 @@ __device__ __forceinline__ void lse_update(float& m, float& s, const float (&x)[
 }
 
 __device__ __forceinline__ float lse_finish(float m, float s) { return m == neg_inf() ? m : m + __logf(s); }
+// The same log-sum-exp as (shift, log-sum): lse = lse_shift(m) + lse_logsum(m, s).
+__device__ __forceinline__ float lse_shift(float m) { return m == neg_inf() ? 0.f : m; }
+__device__ __forceinline__ float lse_logsum(float m, float s) { return m == neg_inf() ? neg_inf() : __logf(s); }
 
 // Calls f(i, pack_a, pack_b) for the packs i = threadIdx.x + k * blockDim.x < n of two rows, with
 // UNROLL pairs of loads issued before any use (memory-level parallelism).
@@ -222,6 +228,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams prm
     block_cluster_reduce<4, LseOp<4>>(st, warp_buf4, slot_lse, csize);
     const float lse_a = lse_finish(st[0], st[1]);
     const float lse_b = lse_finish(st[2], st[3]);
+    const float sh_a = lse_shift(st[0]), ls_a = lse_logsum(st[0], st[1]);
+    const float sh_b = lse_shift(st[2]), ls_b = lse_logsum(st[2], st[3]);
 
     // pass 2: S_P = sum P (lp - xp), S_Q = sum Q (lq - xq); gradients free of them when fused.
     const T* src_a = CACHED ? sa : pa;
@@ -232,8 +240,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams prm
       Pack<T, VEC> g1, g2;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const Terms t = row_terms<KIND>(to_float(ra.e[e]) * inv_t, to_float(rb.e[e]) * inv_t, lse_a, lse_b,
-                                        prm.log_beta, prm.log_1mbeta);
+        const Terms t = row_terms<KIND>(to_float(ra.e[e]) * inv_t, to_float(rb.e[e]) * inv_t, sh_a, ls_a, sh_b,
+                                          ls_b, prm.log_beta, prm.log_1mbeta);
         sums[0] += t.P == 0.f ? 0.f : t.P * (t.lp - t.xp);
         sums[1] += t.Q == 0.f ? 0.f : t.Q * (t.lq - t.xq);
         if (fused) {
@@ -282,8 +290,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams prm
         Pack<T, VEC> g1, g2;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const Terms t = row_terms<KIND>(to_float(ra.e[e]) * inv_t, to_float(rb.e[e]) * inv_t, lse_a, lse_b,
-                                          prm.log_beta, prm.log_1mbeta);
+          const Terms t = row_terms<KIND>(to_float(ra.e[e]) * inv_t, to_float(rb.e[e]) * inv_t, sh_a, ls_a, sh_b,
+                                          ls_b, prm.log_beta, prm.log_1mbeta);
           g1.e[e] = from_float<T>(grad_a<KIND>(t, s_p, beta) * inv_t);
           g2.e[e] = from_float<T>(grad_b<KIND>(t, s_q, beta) * inv_t);
         }
@@ -401,7 +409,7 @@ __global__ void __launch_bounds__(kBwdThreads) grad_p_shared_kernel(const GradPP
         unpack<T, VEC>(rb[u], inv_t, b);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const Terms t = row_terms<KIND>(a[u][e], b[e], lse_a, lse_b, prm.log_beta, prm.log_1mbeta);
+          const Terms t = row_terms<KIND>(a[u][e], b[e], lse_a, 0.f, lse_b, 0.f, prm.log_beta, prm.log_1mbeta);
           acc[u][e] = fmaf(w, grad_a<KIND>(t, s_p, prm.beta), acc[u][e]);
         }
       }

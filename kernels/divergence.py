@@ -3,8 +3,8 @@
 Same contract as ``modkern.torch_backend.divergence`` (its docstring has the table of losses and
 gradients). Per compared row r, with ``a = p[ref[r]] / T`` and ``b = q[r] / T``:
 
-    pass 1  online max / sum-exp per lane of a and b            -> lse_a, lse_b
-    pass 2  logP = a - lse_a, logQ = b - lse_b, P, Q, (log M)   -> S_P, S_Q, loss
+    pass 1  online max / sum-exp per lane of a and b (one exp per element) -> (shift, ls) per row
+    pass 2  logP = (a - shift_a) - ls_a, logQ likewise, P, Q, (log M)      -> S_P, S_Q, loss
     pass 3  the gradient(s) of the row's loss, times 1/T        -> grad_p[r], grad_q[r]
 
 Pass 3 is folded into pass 2 when every requested gradient is free of the row sums (forward KL
@@ -29,10 +29,16 @@ run the PyTorch backend (these kernels accumulate in fp32).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # the fast log2 (PTX lg2.approx) of the compiled kernels; the interpreter has no libdevice
+    from triton.language.extra.cuda import libdevice as _libdevice
+except ImportError:  # pragma: no cover - depends on the triton build
+    _libdevice = None
 
 from modkern.backend import DIVERGENCE_KIND_IDS as KIND_IDS
 from modkern.backend import KERNEL_DTYPES, accumulation_dtype, saved_grad_dtype
@@ -43,6 +49,14 @@ SUPPORTED_DTYPES = KERNEL_DTYPES
 # Widest block of the vocabulary one program handles per loop iteration. Rows wider than this
 # loop; tests lower it to exercise many iterations.
 BLOCK_V_MAX = 4096
+
+
+# Compiled kernels take log through lg2.approx (libdevice fast_log2f); the interpreter (numpy) and
+# triton builds without libdevice use tl.log2. See _fast_log for the accuracy argument.
+_FAST_LOG = tl.constexpr(
+    os.environ.get("TRITON_INTERPRET", "0") != "1" and _libdevice is not None and hasattr(_libdevice, "fast_log2f")
+)
+_LN2 = tl.constexpr(math.log(2.0))
 
 
 def _block_v(vocab: int) -> int:
@@ -56,41 +70,61 @@ def _num_warps(block: int) -> int:
 @triton.jit
 def _load_row(base, offs, limit, inv_t):
     # Lanes at or past ``limit`` read -inf (probability exactly 0). ``limit`` is V for an active
-    # row and 0 for a masked-out row, which then reads nothing.
+    # row; masked-out rows do not run the loops at all.
     x = tl.load(base + offs, mask=offs < limit, other=float("-inf"))
     return x.to(tl.float32) * inv_t
 
 
 @triton.jit
+def _fast_log(x):
+    # ln x for x in [1, 2] (the only per-element log: log M's log(1 + e), e in [0, 1]). Compiled:
+    # lg2.approx.ftz.f32 (one MUFU op; max absolute error ~2^-22 in log2 on [0.5, 2], i.e. < 2e-7
+    # in ln) times ln 2 - next to the precise logf's ~60 instructions. log M then carries < 4e-7
+    # absolute error (the exp2 feeding it adds at most 2^-22 relative on e <= 1), far below the
+    # ~1e-6 that fp32 rounding of the logits themselves puts into log P near the top entries.
+    if _FAST_LOG:
+        return _libdevice.fast_log2f(x) * _LN2
+    else:
+        return tl.log2(x) * _LN2
+
+
+@triton.jit
 def _online_lse_update(m, s, x):
-    # Per-lane online log-sum-exp: rescale the running sum when the running max grows.
-    # A lane that has only seen -inf keeps m = -inf, s = 0 (the shift is taken as 0 then).
-    m_new = tl.maximum(m, x)
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - shift) + tl.exp(x - shift)
-    return m_new, s
+    # Per-lane online log-sum-exp with ONE exp per element: exp(lo - hi) rescales whichever of
+    # the running sum (when x raises the max) and the new term (otherwise) sits below the max.
+    # A lane that has only seen -inf keeps m = -inf, s = 0 (exp(-inf - 0) = 0).
+    hi = tl.maximum(m, x)
+    lo = tl.minimum(m, x)
+    e = tl.exp(lo - tl.where(hi == float("-inf"), 0.0, hi))
+    s = tl.where(x > m, s * e + 1.0, s + e)
+    return hi, s
 
 
 @triton.jit
 def _lse_finish(m, s):
+    # The row's log-sum-exp as (shift, log-sum): lse = shift + ls. Kept apart so that
+    # log P = (a - shift) - ls: a - shift is exact (Sterbenz) and ls is O(1) with full relative
+    # precision. Forming shift + ls first (~20 for peaked logits) rounds at ulp(20) ~ 2e-6, the
+    # error that made the kernels' fp32 gradients ~4x less accurate than the torch backend's
+    # (whose log_softmax subtracts the max first).
     mx = tl.max(m, 0)
     shift = tl.where(mx == float("-inf"), 0.0, mx)
-    return mx + tl.log(tl.sum(s * tl.exp(m - shift), 0))
+    return shift, tl.log(tl.sum(s * tl.exp(m - shift), 0))
 
 
 @triton.jit
 def _logaddexp(x, y):
     mx = tl.maximum(x, y)
     mn = tl.minimum(x, y)
-    return mx + tl.log(1.0 + tl.exp(mn - mx))
+    return mx + _fast_log(1.0 + tl.exp(mn - mx))
 
 
 @triton.jit
-def _row_terms(a, b, lse_a, lse_b, log_beta, log_1mbeta, KIND: tl.constexpr):
+def _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, log_beta, log_1mbeta, KIND: tl.constexpr):
     # log-probabilities, probabilities, and what each side's log is compared against:
     # JS compares both with log M; KL(P||Q) compares log P with log Q and vice versa.
-    lp = a - lse_a
-    lq = b - lse_b
+    lp = (a - sh_a) - ls_a
+    lq = (b - sh_b) - ls_b
     prob_p = tl.exp(lp)
     prob_q = tl.exp(lq)
     if KIND == 0:
@@ -172,6 +206,7 @@ def _divergence_fwd_kernel(
         active = tl.load(mask_ptr + row) != 0
     else:
         active = row >= 0
+    # masked-out rows run none of the passes below: nothing read
     limit = tl.where(active, V, 0)
     p_base = p_ptr + p_row * stride_p
     q_base = q_ptr + row * stride_q
@@ -182,31 +217,29 @@ def _divergence_fwd_kernel(
     m_b = tl.full([BLOCK], float("-inf"), tl.float32)
     s_a = tl.zeros([BLOCK], tl.float32)
     s_b = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, V, BLOCK):
+    for start in range(0, limit, BLOCK):
         offs = start + lanes
         m_a, s_a = _online_lse_update(m_a, s_a, _load_row(p_base, offs, limit, inv_t))
         m_b, s_b = _online_lse_update(m_b, s_b, _load_row(q_base, offs, limit, inv_t))
-    lse_a = _lse_finish(m_a, s_a)
-    lse_b = _lse_finish(m_b, s_b)
+    sh_a, ls_a = _lse_finish(m_a, s_a)
+    sh_b, ls_b = _lse_finish(m_b, s_b)
 
     # pass 2: S_P = sum P (logP - xp), S_Q = sum Q (logQ - xq); gradients free of them, if fused.
     acc_p = tl.zeros([BLOCK], tl.float32)
     acc_q = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, V, BLOCK):
+    for start in range(0, limit, BLOCK):
         offs = start + lanes
         a = _load_row(p_base, offs, limit, inv_t)
         b = _load_row(q_base, offs, limit, inv_t)
-        lp, lq, prob_p, prob_q, xp, xq = _row_terms(a, b, lse_a, lse_b, log_beta, log_1mbeta, KIND)
+        lp, lq, prob_p, prob_q, xp, xq = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, log_beta, log_1mbeta, KIND)
         acc_p += tl.where(prob_p == 0, 0.0, prob_p * (lp - xp))
         acc_q += tl.where(prob_q == 0, 0.0, prob_q * (lq - xq))
         if FUSED_GRAD:
             if WRITE_GP:
-                g = _grad_a(lp, prob_p, prob_q, xp, 0.0, beta, KIND)
-                g = tl.where(active, g * inv_t, 0.0)
+                g = _grad_a(lp, prob_p, prob_q, xp, 0.0, beta, KIND) * inv_t
                 tl.store(gp_ptr + row * stride_gp + offs, g.to(gp_ptr.dtype.element_ty), mask=offs < V)
             if WRITE_GQ:
-                g = _grad_b(lq, prob_p, prob_q, xq, 0.0, beta, KIND)
-                g = tl.where(active, g * inv_t, 0.0)
+                g = _grad_b(lq, prob_p, prob_q, xq, 0.0, beta, KIND) * inv_t
                 tl.store(gq_ptr + row * stride_gq + offs, g.to(gq_ptr.dtype.element_ty), mask=offs < V)
     s_p = tl.sum(acc_p, 0)
     s_q = tl.sum(acc_q, 0)
@@ -219,26 +252,35 @@ def _divergence_fwd_kernel(
     else:
         loss = s_p + s_q
     tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
-    tl.store(stats_ptr + row * 4 + 0, lse_a)
-    tl.store(stats_ptr + row * 4 + 1, lse_b)
+    tl.store(stats_ptr + row * 4 + 0, sh_a + ls_a)
+    tl.store(stats_ptr + row * 4 + 1, sh_b + ls_b)
     # masked-out rows read nothing (all -inf): their sums are NaN; store 0 (never read)
     tl.store(stats_ptr + row * 4 + 2, tl.where(active, s_p, 0.0))
     tl.store(stats_ptr + row * 4 + 3, tl.where(active, s_q, 0.0))
 
+    # masked-out rows: only zeros into the stored gradients (the op's outputs must be defined);
+    # nothing read. The loop runs V - limit = V elements for them and none for active rows.
+    if WRITE_GP or WRITE_GQ:
+        zeros = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V - limit, BLOCK):
+            offs = start + lanes
+            if WRITE_GP:
+                tl.store(gp_ptr + row * stride_gp + offs, zeros.to(gp_ptr.dtype.element_ty), mask=offs < V)
+            if WRITE_GQ:
+                tl.store(gq_ptr + row * stride_gq + offs, zeros.to(gq_ptr.dtype.element_ty), mask=offs < V)
+
     # pass 3: gradients that need the row sums.
     if not FUSED_GRAD:
-        for start in range(0, V, BLOCK):
+        for start in range(0, limit, BLOCK):
             offs = start + lanes
             a = _load_row(p_base, offs, limit, inv_t)
             b = _load_row(q_base, offs, limit, inv_t)
-            lp, lq, prob_p, prob_q, xp, xq = _row_terms(a, b, lse_a, lse_b, log_beta, log_1mbeta, KIND)
+            lp, lq, prob_p, prob_q, xp, xq = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, log_beta, log_1mbeta, KIND)
             if WRITE_GP:
-                g = _grad_a(lp, prob_p, prob_q, xp, s_p, beta, KIND)
-                g = tl.where(active, g * inv_t, 0.0)
+                g = _grad_a(lp, prob_p, prob_q, xp, s_p, beta, KIND) * inv_t
                 tl.store(gp_ptr + row * stride_gp + offs, g.to(gp_ptr.dtype.element_ty), mask=offs < V)
             if WRITE_GQ:
-                g = _grad_b(lq, prob_p, prob_q, xq, s_q, beta, KIND)
-                g = tl.where(active, g * inv_t, 0.0)
+                g = _grad_b(lq, prob_p, prob_q, xq, s_q, beta, KIND) * inv_t
                 tl.store(gq_ptr + row * stride_gq + offs, g.to(gq_ptr.dtype.element_ty), mask=offs < V)
 
 
@@ -286,7 +328,7 @@ def _divergence_grad_p_shared_kernel(
             lse_a = tl.load(stats_ptr + r * 4 + 0)
             lse_b = tl.load(stats_ptr + r * 4 + 1)
             s_p = tl.load(stats_ptr + r * 4 + 2)
-            lp, lq, prob_p, prob_q, xp, xq = _row_terms(a, b, lse_a, lse_b, log_beta, log_1mbeta, KIND)
+            lp, lq, prob_p, prob_q, xp, xq = _row_terms(a, b, lse_a, 0.0, lse_b, 0.0, log_beta, log_1mbeta, KIND)
             g = _grad_a(lp, prob_p, prob_q, xp, s_p, beta, KIND)
             w = tl.load(grad_rows_ptr + r).to(tl.float32)
             acc += tl.where(active, g * w, 0.0)
@@ -297,13 +339,15 @@ def _divergence_grad_p_shared_kernel(
 def _scale_rows_kernel(
     src_ptr, scale_ptr, mask_ptr, dst_ptr, V, stride_src, stride_dst, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr
 ):
-    # dst[r, :] = src[r, :] * scale[r]  in fp32, stored in dst's dtype (0 on masked-out rows).
+    # dst[r, :] = src[r, :] * scale[r]  in fp32, stored in dst's dtype. Masked-out rows read
+    # nothing (their src is 0) and store 0.
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     scale = tl.load(scale_ptr + row).to(tl.float32)
+    limit = V
     if HAS_MASK:
-        scale = tl.where(tl.load(mask_ptr + row) != 0, scale, 0.0)
-    x = tl.load(src_ptr + row * stride_src + offs, mask=offs < V, other=0.0).to(tl.float32)
+        limit = tl.where(tl.load(mask_ptr + row) != 0, V, 0)
+    x = tl.load(src_ptr + row * stride_src + offs, mask=offs < limit, other=0.0).to(tl.float32)
     tl.store(dst_ptr + row * stride_dst + offs, (x * scale).to(dst_ptr.dtype.element_ty), mask=offs < V)
 
 
