@@ -910,7 +910,9 @@ def diagnose(
         "family": spec.family,
         "modalities": ["text", *spec.modalities],
         "items": {k: int((kinds == KINDS.index(k)).sum()) for k in kinds_present},
-        "clean": {k: {"accuracy": float(clean_correct[kinds == KINDS.index(k)].float().mean())} for k in kinds_present},
+        "clean": {
+            k: {"accuracy": float(clean_correct[kinds == KINDS.index(k)].double().mean())} for k in kinds_present
+        },
         "conditions": {},
         "skipped": skipped,
     }
@@ -921,9 +923,9 @@ def diagnose(
             "description": c.description,
             "applies_to": [k for k in c.kinds if k in kinds_present],
             "items": int(cat["idx"].numel()),
-            "accuracy": float(cat["correct"].float().mean()),
-            "clean_accuracy": float(cat["clean_correct"].float().mean()),
-            "flip_rate": float(cat["flip"].float().mean()),
+            "accuracy": float(cat["correct"].double().mean()),
+            "clean_accuracy": float(cat["clean_correct"].double().mean()),
+            "flip_rate": float(cat["flip"].double().mean()),
             "causal_effect": _stats(cat["effect"]),
             "js": _stats(cat["js"]),
         }

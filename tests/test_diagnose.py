@@ -201,3 +201,13 @@ def test_cli_writes_table_json_and_png(tmp_path, capsys, llava):
         main(["diagnose", "--help"])
     assert exc.value.code == 0
     assert "--max-items" in capsys.readouterr().out
+
+
+def test_qwen2_vl_takes_the_image_conditions():
+    from modkern.tiny import tiny_qwen2_vl
+
+    model, _ = tiny_qwen2_vl(len(TOK) + 4, seed=0)
+    report = diagnose(model, tokenizer=TOK, max_items=2, progress=False, log=None)
+    assert report["family"] == "qwen_vl" and report["attention"]["modalities"] == ["text", "image"]
+    assert list(report["conditions"]) == [n for n, c in CONDITIONS.items() if c.requires == ("image",)]
+    assert all("audio" in reason for reason in report["skipped"].values())
