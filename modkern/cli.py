@@ -71,14 +71,18 @@ def device_name(value: str) -> str:
     return value
 
 
-def checkpoint_dir(value: str) -> str:
-    """``argparse`` type: a local directory holding a Hugging Face checkpoint (``config.json``)."""
-    hint = "give a local Hugging Face LLaVA checkpoint directory, or leave out --model for the built-in tiny LLaVA"
-    if not os.path.isdir(value):
-        raise argparse.ArgumentTypeError(f"{value}: no such directory; {hint}")
-    if not os.path.isfile(os.path.join(value, "config.json")):
-        raise argparse.ArgumentTypeError(f"{value} has no config.json, so it is not a checkpoint; {hint}")
-    return value
+def checkpoint_dir(hint: str):
+    """``argparse`` type: a local directory holding a Hugging Face checkpoint (``config.json``);
+    ``hint`` says what to pass instead."""
+
+    def check(value: str) -> str:
+        if not os.path.isdir(value):
+            raise argparse.ArgumentTypeError(f"{value}: no such directory; {hint}")
+        if not os.path.isfile(os.path.join(value, "config.json")):
+            raise argparse.ArgumentTypeError(f"{value} has no config.json, so it is not a checkpoint; {hint}")
+        return value
+
+    return check
 
 
 def _add_debug(parser):
@@ -103,7 +107,9 @@ def _add_train(sub):
     p.add_argument(
         "--model",
         default=None,
-        type=checkpoint_dir,
+        type=checkpoint_dir(
+            "give a local Hugging Face LLaVA checkpoint directory, or leave out --model for the built-in tiny LLaVA"
+        ),
         help="local Hugging Face LLaVA checkpoint directory (default: a tiny LLaVA with random weights)",
     )
     p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps per method (default 200)")
@@ -281,16 +287,6 @@ def _add_selfcheck(sub):
 # --- diagnose ------------------------------------------------------------------------------------
 
 
-def _diagnose_checkpoint(value: str) -> str:
-    """``argparse`` type of ``diagnose --model``: a local checkpoint directory (``config.json``)."""
-    hint = "give a local Hugging Face checkpoint directory, e.g. runs/demo/checkpoints/sft after `modkern train`"
-    if not os.path.isdir(value):
-        raise argparse.ArgumentTypeError(f"{value}: no such directory; {hint}")
-    if not os.path.isfile(os.path.join(value, "config.json")):
-        raise argparse.ArgumentTypeError(f"{value} has no config.json, so it is not a checkpoint; {hint}")
-    return value
-
-
 def _add_diagnose(sub):
     p = sub.add_parser(
         "diagnose",
@@ -303,7 +299,9 @@ def _add_diagnose(sub):
     p.add_argument(
         "--model",
         required=True,
-        type=_diagnose_checkpoint,
+        type=checkpoint_dir(
+            "give a local Hugging Face checkpoint directory, e.g. runs/demo/checkpoints/sft after `modkern train`"
+        ),
         help="local checkpoint directory: a `modkern train` checkpoint, LLaVA, Qwen2-VL or the Qwen2.5-Omni thinker",
     )
     p.add_argument("--out", default="runs/diagnose", help="output directory (default runs/diagnose)")
