@@ -51,12 +51,15 @@ SUPPORTED_DTYPES = KERNEL_DTYPES
 BLOCK_V_MAX = 4096
 
 
-# Compiled kernels take log through lg2.approx (libdevice fast_log2f); the interpreter (numpy) and
-# triton builds without libdevice use tl.log2. See _fast_log for the accuracy argument.
+# Compiled kernels take log2 through lg2.approx (libdevice fast_log2f); the interpreter (numpy) and
+# triton builds without libdevice use tl.log2. See _fast_log2 for the accuracy argument.
 _FAST_LOG = tl.constexpr(
     os.environ.get("TRITON_INTERPRET", "0") != "1" and _libdevice is not None and hasattr(_libdevice, "fast_log2f")
 )
 _LN2 = tl.constexpr(math.log(2.0))
+_LOG2E = tl.constexpr(1.0 / math.log(2.0))
+# Start of the running max: finite, so exp2(lo - hi) never sees -inf - -inf (no guard per element).
+_M_INIT = tl.constexpr(-3.4028234663852886e38)
 
 
 def _block_v(vocab: int) -> int:
@@ -67,35 +70,45 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
+# exp / log go through exp2 / log2 (one MUFU op each: ex2.approx.ftz, lg2.approx.ftz); tl.exp is
+# ex2.approx without ftz, which adds a denormal fix-up of ~3 instructions per call (a probability
+# below 2^-126 flushes to 0: 0 log 0 = 0). The logits stay in natural units, a = logit / T, as in
+# the torch backend (exact for T = 1 or 0.5): scaling them by log2(e) rounded every element, and
+# JS's log P - log M - S_P (|log P - log M| <= log(1/beta)) lost ~6x precision to it.
+
+
 @triton.jit
-def _load_row(base, offs, limit, inv_t):
+def _load_row(base, offs, limit, scale):
     # Lanes at or past ``limit`` read -inf (probability exactly 0). ``limit`` is V for an active
-    # row; masked-out rows do not run the loops at all.
+    # row; masked-out rows run none of the loops. ``scale`` = 1 / T.
     x = tl.load(base + offs, mask=offs < limit, other=float("-inf"))
-    return x.to(tl.float32) * inv_t
+    return x.to(tl.float32) * scale
 
 
 @triton.jit
-def _fast_log(x):
-    # ln x for x in [1, 2] (the only per-element log: log M's log(1 + e), e in [0, 1]). Compiled:
-    # lg2.approx.ftz.f32 (one MUFU op; max absolute error ~2^-22 in log2 on [0.5, 2], i.e. < 2e-7
-    # in ln) times ln 2 - next to the precise logf's ~60 instructions. log M then carries < 4e-7
-    # absolute error (the exp2 feeding it adds at most 2^-22 relative on e <= 1), far below the
-    # ~1e-6 that fp32 rounding of the logits themselves puts into log P near the top entries.
+def _fast_log2(x):
+    # log2 x for the per-element log M's log(1 + e), e in [0, 1]: x in [1, 2].
+    # Compiled: lg2.approx.ftz.f32, one MUFU op (the precise logf was ~60 instructions), absolute
+    # error ~2^-22 in log2 on [1, 2] (PTX ISA). With e from ex2.approx (relative error ~2^-22),
+    # log M carries < 4e-7 absolute error, below the ~1e-6 that the fp32 rounding of the logits
+    # puts into log P near the top entries. (log M = log(beta P + (1 - beta) Q) from P and Q would
+    # save a MUFU op, but P = exp(log P) carries |log P| x 2^-24 relative error from rounding
+    # log P * log2(e): JS's gradients, whose log P - log M - S_P cancels, came out ~10x less
+    # accurate.) tests/test_divergence.py holds every
+    # backend's fp32 gradients within 1.5e-4 relative L2 error of float64 on peaked rows.
     if _FAST_LOG:
-        return _libdevice.fast_log2f(x) * _LN2
+        return _libdevice.fast_log2f(x)
     else:
-        return tl.log2(x) * _LN2
+        return tl.log2(x)
 
 
 @triton.jit
 def _online_lse_update(m, s, x):
-    # Per-lane online log-sum-exp with ONE exp per element: exp(lo - hi) rescales whichever of
+    # Per-lane online log-sum-exp with ONE exp per element: e^(lo - hi) rescales whichever of
     # the running sum (when x raises the max) and the new term (otherwise) sits below the max.
-    # A lane that has only seen -inf keeps m = -inf, s = 0 (exp(-inf - 0) = 0).
+    # m starts finite (_M_INIT), so a -inf x gives e^-inf = 0 and never -inf - -inf.
     hi = tl.maximum(m, x)
-    lo = tl.minimum(m, x)
-    e = tl.exp(lo - tl.where(hi == float("-inf"), 0.0, hi))
+    e = tl.exp2((tl.minimum(m, x) - hi) * _LOG2E)
     s = tl.where(x > m, s * e + 1.0, s + e)
     return hi, s
 
@@ -104,69 +117,64 @@ def _online_lse_update(m, s, x):
 def _lse_finish(m, s):
     # The row's log-sum-exp as (shift, log-sum): lse = shift + ls. Kept apart so that
     # log P = (a - shift) - ls: a - shift is exact (Sterbenz) and ls is O(1) with full relative
-    # precision. Forming shift + ls first (~20 for peaked logits) rounds at ulp(20) ~ 2e-6, the
-    # error that made the kernels' fp32 gradients ~4x less accurate than the torch backend's
-    # (whose log_softmax subtracts the max first).
-    mx = tl.max(m, 0)
-    shift = tl.where(mx == float("-inf"), 0.0, mx)
+    # precision. Forming shift + ls first (~20 for peaked logits) rounds at ulp(20) ~ 2e-6: the
+    # error that made the kernels' fp32 gradients ~4x less accurate than float64 allows.
+    # A row that saw nothing keeps shift = _M_INIT and ls = log(0) = -inf. (Once per row: the
+    # precise tl.exp / tl.log.)
+    shift = tl.max(m, 0)
     return shift, tl.log(tl.sum(s * tl.exp(m - shift), 0))
 
 
 @triton.jit
-def _logaddexp(x, y):
-    mx = tl.maximum(x, y)
-    mn = tl.minimum(x, y)
-    return mx + _fast_log(1.0 + tl.exp(mn - mx))
-
-
-@triton.jit
-def _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, log_beta, log_1mbeta, KIND: tl.constexpr):
+def _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND: tl.constexpr):
     # log-probabilities, probabilities, and what each side's log is compared against:
-    # JS compares both with log M; KL(P||Q) compares log P with log Q and vice versa.
+    # JS compares both with log M = logaddexp(log P + log beta, log Q + log(1 - beta));
+    # KL(P||Q) compares log P with log Q and vice versa. c_p, c_q = log beta, log(1 - beta).
     lp = (a - sh_a) - ls_a
     lq = (b - sh_b) - ls_b
-    prob_p = tl.exp(lp)
-    prob_q = tl.exp(lq)
+    prob_p = tl.exp2(lp * _LOG2E)
+    prob_q = tl.exp2(lq * _LOG2E)
     if KIND == 0:
-        lm = _logaddexp(lp + log_beta, lq + log_1mbeta)
+        u = lp + c_p
+        v = lq + c_q
+        hi = tl.maximum(u, v)
+        lm = hi + _fast_log2(1.0 + tl.exp2((tl.minimum(u, v) - hi) * _LOG2E)) * _LN2
         xp = lm
         xq = lm
     else:
         xp = lq
         xq = lp
-    return lp, lq, prob_p, prob_q, xp, xq
+    # P (log P - x) with 0 log 0 = 0; a NaN P (NaN logit) is not == 0 and propagates, so a broken
+    # row is NaN, never a silent 0.
+    t_p = tl.where(prob_p == 0, 0.0, prob_p * (lp - xp))
+    t_q = tl.where(prob_q == 0, 0.0, prob_q * (lq - xq))
+    return prob_p, prob_q, t_p, t_q
 
 
 @triton.jit
-def _grad_a(lp, prob_p, prob_q, xp, s_p, beta, KIND: tl.constexpr):
-    # d loss / d a (before 1/T):  js: beta P (lp - lm - S_P);  kl_forward: P (lp - lq - S_P);
-    # kl_reverse: P - Q;  kl_symmetric: both KL rows.  0 where P == 0 (a NaN P - from a NaN
-    # logit - is not == 0 and propagates, so a broken row is NaN, never a silent 0).
-    own = tl.where(prob_p == 0, 0.0, prob_p * (lp - xp - s_p))
-    if KIND == 0:
-        g = beta * own
-    elif KIND == 1:
-        g = own
-    elif KIND == 2:
-        g = prob_p - prob_q
+def _grad_a(prob_p, prob_q, t_p, s_p, own_scale, inv_t, KIND: tl.constexpr):
+    # d loss / d logit_p (1/T included): own = P (log P - x - S_P) = t_p - S_P P (0 where
+    # P == 0), times own_scale = 1 / T (x beta for JS).
+    # js: beta P (lp - lm - S_P); kl_forward: P (lp - lq - S_P); kl_reverse: P - Q; kl_symmetric: both.
+    if KIND == 2:
+        g = (prob_p - prob_q) * inv_t
     else:
-        g = own + (prob_p - prob_q)
+        g = (t_p - s_p * prob_p) * own_scale
+        if KIND == 3:
+            g += (prob_p - prob_q) * inv_t
     return g
 
 
 @triton.jit
-def _grad_b(lq, prob_p, prob_q, xq, s_q, beta, KIND: tl.constexpr):
-    # d loss / d b (before 1/T):  js: (1-beta) Q (lq - lm - S_Q);  kl_forward: Q - P;
-    # kl_reverse: Q (lq - lp - S_Q);  kl_symmetric: both.  0 where Q == 0.
-    own = tl.where(prob_q == 0, 0.0, prob_q * (lq - xq - s_q))
-    if KIND == 0:
-        g = (1.0 - beta) * own
-    elif KIND == 1:
-        g = prob_q - prob_p
-    elif KIND == 2:
-        g = own
+def _grad_b(prob_p, prob_q, t_q, s_q, own_scale, inv_t, KIND: tl.constexpr):
+    # d loss / d logit_q: js (1-beta) Q (lq - lm - S_Q); kl_forward Q - P; kl_reverse
+    # Q (lq - lp - S_Q); kl_symmetric both.
+    if KIND == 1:
+        g = (prob_q - prob_p) * inv_t
     else:
-        g = own + (prob_q - prob_p)
+        g = (t_q - s_q * prob_q) * own_scale
+        if KIND == 3:
+            g += (prob_q - prob_p) * inv_t
     return g
 
 
@@ -187,8 +195,8 @@ def _divergence_fwd_kernel(
     stride_gq,
     inv_t,
     beta,
-    log_beta,
-    log_1mbeta,
+    c_p,
+    c_q,
     KIND: tl.constexpr,
     HAS_REF: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -211,16 +219,23 @@ def _divergence_fwd_kernel(
     p_base = p_ptr + p_row * stride_p
     q_base = q_ptr + row * stride_q
     lanes = tl.arange(0, BLOCK)
+    scale = inv_t
+    if KIND == 0:
+        own_a = beta * inv_t
+        own_b = (1.0 - beta) * inv_t
+    else:
+        own_a = inv_t
+        own_b = inv_t
 
     # pass 1: log-sum-exp of both rows.
-    m_a = tl.full([BLOCK], float("-inf"), tl.float32)
-    m_b = tl.full([BLOCK], float("-inf"), tl.float32)
+    m_a = tl.full([BLOCK], _M_INIT, tl.float32)
+    m_b = tl.full([BLOCK], _M_INIT, tl.float32)
     s_a = tl.zeros([BLOCK], tl.float32)
     s_b = tl.zeros([BLOCK], tl.float32)
     for start in range(0, limit, BLOCK):
         offs = start + lanes
-        m_a, s_a = _online_lse_update(m_a, s_a, _load_row(p_base, offs, limit, inv_t))
-        m_b, s_b = _online_lse_update(m_b, s_b, _load_row(q_base, offs, limit, inv_t))
+        m_a, s_a = _online_lse_update(m_a, s_a, _load_row(p_base, offs, limit, scale))
+        m_b, s_b = _online_lse_update(m_b, s_b, _load_row(q_base, offs, limit, scale))
     sh_a, ls_a = _lse_finish(m_a, s_a)
     sh_b, ls_b = _lse_finish(m_b, s_b)
 
@@ -229,17 +244,17 @@ def _divergence_fwd_kernel(
     acc_q = tl.zeros([BLOCK], tl.float32)
     for start in range(0, limit, BLOCK):
         offs = start + lanes
-        a = _load_row(p_base, offs, limit, inv_t)
-        b = _load_row(q_base, offs, limit, inv_t)
-        lp, lq, prob_p, prob_q, xp, xq = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, log_beta, log_1mbeta, KIND)
-        acc_p += tl.where(prob_p == 0, 0.0, prob_p * (lp - xp))
-        acc_q += tl.where(prob_q == 0, 0.0, prob_q * (lq - xq))
+        a = _load_row(p_base, offs, limit, scale)
+        b = _load_row(q_base, offs, limit, scale)
+        prob_p, prob_q, t_p, t_q = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND)
+        acc_p += t_p
+        acc_q += t_q
         if FUSED_GRAD:
             if WRITE_GP:
-                g = _grad_a(lp, prob_p, prob_q, xp, 0.0, beta, KIND) * inv_t
+                g = _grad_a(prob_p, prob_q, t_p, 0.0, own_a, inv_t, KIND)
                 tl.store(gp_ptr + row * stride_gp + offs, g.to(gp_ptr.dtype.element_ty), mask=offs < V)
             if WRITE_GQ:
-                g = _grad_b(lq, prob_p, prob_q, xq, 0.0, beta, KIND) * inv_t
+                g = _grad_b(prob_p, prob_q, t_q, 0.0, own_b, inv_t, KIND)
                 tl.store(gq_ptr + row * stride_gq + offs, g.to(gq_ptr.dtype.element_ty), mask=offs < V)
     s_p = tl.sum(acc_p, 0)
     s_q = tl.sum(acc_q, 0)
@@ -251,10 +266,10 @@ def _divergence_fwd_kernel(
         loss = s_q
     else:
         loss = s_p + s_q
+    # masked-out rows store 0 sums (their lse is -inf)
     tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
     tl.store(stats_ptr + row * 4 + 0, sh_a + ls_a)
     tl.store(stats_ptr + row * 4 + 1, sh_b + ls_b)
-    # masked-out rows read nothing (all -inf): their sums are NaN; store 0 (never read)
     tl.store(stats_ptr + row * 4 + 2, tl.where(active, s_p, 0.0))
     tl.store(stats_ptr + row * 4 + 3, tl.where(active, s_q, 0.0))
 
@@ -273,14 +288,14 @@ def _divergence_fwd_kernel(
     if not FUSED_GRAD:
         for start in range(0, limit, BLOCK):
             offs = start + lanes
-            a = _load_row(p_base, offs, limit, inv_t)
-            b = _load_row(q_base, offs, limit, inv_t)
-            lp, lq, prob_p, prob_q, xp, xq = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, log_beta, log_1mbeta, KIND)
+            a = _load_row(p_base, offs, limit, scale)
+            b = _load_row(q_base, offs, limit, scale)
+            prob_p, prob_q, t_p, t_q = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND)
             if WRITE_GP:
-                g = _grad_a(lp, prob_p, prob_q, xp, s_p, beta, KIND) * inv_t
+                g = _grad_a(prob_p, prob_q, t_p, s_p, own_a, inv_t, KIND)
                 tl.store(gp_ptr + row * stride_gp + offs, g.to(gp_ptr.dtype.element_ty), mask=offs < V)
             if WRITE_GQ:
-                g = _grad_b(lq, prob_p, prob_q, xq, s_q, beta, KIND) * inv_t
+                g = _grad_b(prob_p, prob_q, t_q, s_q, own_b, inv_t, KIND)
                 tl.store(gq_ptr + row * stride_gq + offs, g.to(gq_ptr.dtype.element_ty), mask=offs < V)
 
 
@@ -301,22 +316,27 @@ def _divergence_grad_p_shared_kernel(
     stride_gp,
     inv_t,
     beta,
-    log_beta,
-    log_1mbeta,
+    c_p,
+    c_q,
     KIND: tl.constexpr,
     HAS_MASK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # grad_p[n] = sum over copies r with ref[r] == n of grad_rows[r] * d loss_r / d a  (times 1/T).
+    # grad_p[n] = sum over copies r with ref[r] == n of grad_rows[r] * d loss_r / d logit_p.
     # One program per P row n; its copies are order[start[n] : start[n] + count[n]].
     n = tl.program_id(0).to(tl.int64)
     first = tl.load(start_ptr + n)
     count = tl.load(count_ptr + n)
     lanes = tl.arange(0, BLOCK)
     p_base = p_ptr + n * stride_p
+    scale = inv_t
+    if KIND == 0:
+        own_a = beta * inv_t
+    else:
+        own_a = inv_t
     for v0 in range(0, V, BLOCK):
         offs = v0 + lanes
-        a = _load_row(p_base, offs, V, inv_t)  # once per chunk, shared by all copies
+        a = _load_row(p_base, offs, V, scale)  # once per chunk, shared by all copies
         acc = tl.zeros([BLOCK], tl.float32)
         for j in range(first, first + count):
             r = tl.load(order_ptr + j).to(tl.int64)
@@ -324,15 +344,15 @@ def _divergence_grad_p_shared_kernel(
                 active = tl.load(mask_ptr + r) != 0
             else:
                 active = r >= 0
-            b = _load_row(q_ptr + r * stride_q, offs, tl.where(active, V, 0), inv_t)
+            b = _load_row(q_ptr + r * stride_q, offs, tl.where(active, V, 0), scale)
             lse_a = tl.load(stats_ptr + r * 4 + 0)
             lse_b = tl.load(stats_ptr + r * 4 + 1)
             s_p = tl.load(stats_ptr + r * 4 + 2)
-            lp, lq, prob_p, prob_q, xp, xq = _row_terms(a, b, lse_a, 0.0, lse_b, 0.0, log_beta, log_1mbeta, KIND)
-            g = _grad_a(lp, prob_p, prob_q, xp, s_p, beta, KIND)
+            prob_p, prob_q, t_p, t_q = _row_terms(a, b, lse_a, 0.0, lse_b, 0.0, c_p, c_q, KIND)
+            g = _grad_a(prob_p, prob_q, t_p, s_p, own_a, inv_t, KIND)
             w = tl.load(grad_rows_ptr + r).to(tl.float32)
             acc += tl.where(active, g * w, 0.0)
-        tl.store(gp_ptr + n * stride_gp + offs, (acc * inv_t).to(gp_ptr.dtype.element_ty), mask=offs < V)
+        tl.store(gp_ptr + n * stride_gp + offs, acc.to(gp_ptr.dtype.element_ty), mask=offs < V)
 
 
 @triton.jit
@@ -351,7 +371,8 @@ def _scale_rows_kernel(
     tl.store(dst_ptr + row * stride_dst + offs, (x * scale).to(dst_ptr.dtype.element_ty), mask=offs < V)
 
 
-def _beta_logs(beta: float):
+def _mix_coefs(beta: float):
+    # c_p, c_q of _row_terms
     return math.log(beta), math.log1p(-beta)
 
 
@@ -370,7 +391,7 @@ def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, nee
     if rows == 0:
         return loss, stats, grad_p, grad_q
     block = _block_v(vocab)
-    log_beta, log_1mbeta = _beta_logs(beta)
+    c_p, c_q = _mix_coefs(beta)
     _divergence_fwd_kernel[(rows,)](
         p,
         q,
@@ -387,8 +408,8 @@ def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, nee
         grad_q.stride(0) if need_grad_q else 0,
         float(inv_temperature),
         float(beta),
-        log_beta,
-        log_1mbeta,
+        c_p,
+        c_q,
         KIND=kind_id,
         HAS_REF=ref_index is not None,
         HAS_MASK=mask is not None,
@@ -457,7 +478,7 @@ def backward(
         return grad_p, grad_q
     order, start, count = _copies_by_reference(ref_index, num_p_rows)
     block = _block_v(vocab)
-    log_beta, log_1mbeta = _beta_logs(beta)
+    c_p, c_q = _mix_coefs(beta)
     _divergence_grad_p_shared_kernel[(num_p_rows,)](
         p,
         q,
@@ -474,8 +495,8 @@ def backward(
         grad_p.stride(0),
         float(inv_temperature),
         float(beta),
-        log_beta,
-        log_1mbeta,
+        c_p,
+        c_q,
         KIND=KIND_IDS[kind],
         HAS_MASK=mask is not None,
         BLOCK=block,
