@@ -1,0 +1,215 @@
+"""Worker programs of the multi-process tests (tests/test_distributed.py), one per engine.
+
+Run as ``python -m torch.distributed.run --standalone --nproc_per_node=2 distributed_workers.py NAME OUT_DIR``;
+each rank writes ``OUT_DIR/rank{r}.pt`` (full parameters and a few facts about its run). The ranks get
+different data on purpose (:func:`rank_batches`): an all-VQA micro-batch (empty modality mask) on one
+rank while the other perturbs text, heuristic copies (``ref_index``) and different answer lengths, and a
+micro-batch without any answer row. The objective must run the same module forwards and backwards on
+every rank whatever its data, or the parameter all-gathers / reduce-scatters of FSDP2 and ZeRO-3 stop
+pairing up (gloo: a hang or a collective mismatch).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+
+from modkern.robust import RobustConfig
+
+# zero start: the attack is deterministic, so a single process can compute the reference
+CONFIG = RobustConfig(init="zero", steps=2, epsilon=0.05, alpha=2.0, lam=0.5)
+LR = 0.5
+
+
+def rank_batches(info):
+    """``[step][rank]`` micro-batches (2 steps x 2 ranks) for a tiny LLaVA."""
+    from tiny_models import make_batch
+
+    vqa = make_batch(info, 2, seed=10, kinds=["vqa", "vqa"], answer_lens=[2, 1])
+    text = make_batch(info, 2, seed=11, kinds=["image_heavy", "text_heavy"], answer_lens=[3, 1], copies=((0, 5),))
+    image = make_batch(info, 3, seed=12, kinds=["image_heavy"] * 3, answer_lens=[1, 4, 2])
+    no_answer = make_batch(info, 2, seed=13, kinds=["vqa", "image_heavy"])
+    no_answer["labels"] = torch.full_like(no_answer["labels"], -100)
+    return [[vqa, text], [image, no_answer]]
+
+
+def answer_tokens(batch) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def reference_params(build, steps_batches, config=CONFIG, lr=LR):
+    """What the ranks must end with: SGD on the sum of every rank's robust loss over the step's tokens."""
+    from modkern.robust import robust_loss
+
+    model, _ = build()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for batches in steps_batches:
+        total = sum(answer_tokens(b) for b in batches)
+        for batch in batches:
+            robust_loss(model, batch, config, num_items_in_batch=total).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class AttackWatch:
+    """Records, on every call of a module, whether its parameters require grad, and checks after each
+    attack that no parameter accumulated a gradient."""
+
+    def __init__(self, module, model):
+        self.flags = []
+        self.model = model
+        self.grads_after_attack = []
+        module.register_forward_pre_hook(lambda m, a: self.flags.append([p.requires_grad for p in m.parameters()]))
+
+    def __enter__(self):
+        import modkern.robust as robust
+
+        self._robust, self._attack = robust, robust._attack
+
+        def attack(*a, **k):
+            out = self._attack(*a, **k)
+            self.grads_after_attack.append([n for n, p in self.model.named_parameters() if p.grad is not None])
+            return out
+
+        robust._attack = attack
+        return self
+
+    def __exit__(self, *exc):
+        self._robust._attack = self._attack
+        return False
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _save(out_dir, rank, model, **facts):
+    params = {n: _full(p.detach()).clone() for n, p in model.named_parameters()}
+    torch.save({"params": params, **facts}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def fsdp2_manual(out_dir):
+    """``fully_shard`` on the decoder layers and the root; a plain loop of robust_loss + SGD."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from modkern.robust import robust_loss
+    from modkern.tiny import tiny_llava
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, info = tiny_llava(seed=0)
+    layers = model.model.language_model.layers
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    masks, losses = [], []
+    with AttackWatch(layers[0].self_attn.q_proj, model) as watch:
+        for batches in rank_batches(info):
+            total = sum(answer_tokens(b) for b in batches)
+            out = robust_loss(model, batches[rank], CONFIG, num_items_in_batch=total)
+            (out.loss * world).backward()  # FSDP averages the gradients over the ranks
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            masks.append(int(out.mask.sum()))
+            losses.append(float(out.loss))
+    _save(out_dir, rank, model, masks=masks, losses=losses, flags=watch.flags, attack_grads=watch.grads_after_attack)
+    dist.destroy_process_group()
+
+
+def _rank_trainer(model, args, batches_of_rank, config=CONFIG, trainer_class=None):
+    """A patched Trainer whose train dataloader yields this rank's prepared micro-batches as they are."""
+    from transformers import Trainer
+
+    from modkern.hf import patch_trainer
+
+    class _RankData(trainer_class or Trainer):
+        def get_train_dataloader(self):
+            return torch.utils.data.DataLoader(batches_of_rank, batch_size=None, shuffle=False)
+
+    return patch_trainer(_RankData(model=model, args=args, train_dataset=batches_of_rank), config)
+
+
+def _trainer_args(out_dir, **kw):
+    from transformers import TrainingArguments
+
+    base = dict(
+        output_dir=os.path.join(out_dir, "trainer"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        optim="sgd",
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        ddp_backend="gloo",
+        ddp_timeout=60,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        seed=0,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _accelerate_fsdp_on_cpu():
+    """accelerate drops the FSDP plugin on CPU: ``AcceleratorState.__init__`` switches to
+    ``DistributedType.FSDP`` only for the accelerator types (MULTI_GPU, MULTI_NPU, MULTI_XPU, ...), not
+    for MULTI_CPU, so the Trainer would silently fall back to DDP. Do what it does on a GPU."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def patched(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = patched
+
+
+def fsdp2_trainer(out_dir):
+    """The Hugging Face Trainer's own FSDP2 (through accelerate), decoder layers wrapped."""
+    from modkern.tiny import tiny_llava
+
+    if not torch.cuda.is_available():
+        _accelerate_fsdp_on_cpu()
+
+    args = _trainer_args(
+        out_dir,
+        fsdp="full_shard",
+        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+    )
+    rank = args.process_index
+    model, info = tiny_llava(seed=0)
+    layers = model.model.language_model.layers
+    trainer = _rank_trainer(model, args, [step[rank] for step in rank_batches(info)])
+    with AttackWatch(layers[0].self_attn.q_proj, model) as watch:
+        trainer.train()
+    wrapped = trainer.model_wrapped
+    assert type(wrapped).__name__.startswith("FSDP"), type(wrapped)
+    assert all(type(p).__name__ == "DTensor" for p in wrapped.parameters())
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    _save(out_dir, rank, wrapped, flags=watch.flags, attack_grads=watch.grads_after_attack, logs=logs)
+
+
+def main():
+    name, out_dir = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    globals()[name](out_dir)
+
+
+if __name__ == "__main__":
+    main()
