@@ -465,16 +465,20 @@ def _answer_rows(shifted: Tensor, num_items_in_batch, config: RobustConfig, mode
     index = mask.reshape(-1).nonzero().squeeze(1)
     denom = _normalizer(num_items_in_batch, mask)
     attack_denom = denom if config.attack_normalization == "num_items" else _normalizer(None, mask)
-    chunked = _use_chunked_head(config, index.numel(), vocab_size(head), model, head)
+    chunked = _use_chunked_head(config, index.numel(), model, head)
     return _AnswerRows(mask, index, flat.index_select(0, index), denom, attack_denom, chunked)
 
 
-def _use_chunked_head(config: RobustConfig, rows: int, vocab: int, model, head) -> bool:
+def _use_chunked_head(config: RobustConfig, rows: int, model, head) -> bool:
     if config.lm_head == "rows":
         return False
     if config.lm_head == "chunked":
         linear_head_weights(model, head)  # a clear error when the head cannot be chunked
         return True
+    try:
+        vocab = vocab_size(head)
+    except ValueError:  # a head of its own kind: the answer-row path works for any module
+        return False
     if rows * vocab * 4 <= config.logits_budget_mb * 2**20:
         return False
     try:

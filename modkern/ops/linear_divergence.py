@@ -222,27 +222,8 @@ def linear_losses_bwd(
 
 
 @linear_losses_bwd.register_fake
-def _(
-    grad_div,
-    grad_ce,
-    q_hidden,
-    p_hidden,
-    weight,
-    bias,
-    targets,
-    mask,
-    ref_index,
-    kind,
-    beta,
-    inv_temperature,
-    chunk_size,
-    detach_p_logits,
-    need_grad_q,
-    need_grad_p,
-    need_grad_weight,
-    need_grad_bias,
-    backend,
-):
+def _(grad_div, grad_ce, q_hidden, p_hidden, weight, bias, *options):
+    need_grad_q, need_grad_p, need_grad_weight, need_grad_bias = options[-5:-1]
     return (
         torch.empty_like(q_hidden) if need_grad_q else q_hidden.new_empty(0),
         torch.empty_like(p_hidden) if need_grad_p else q_hidden.new_empty(0),
