@@ -76,7 +76,10 @@ def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     if a.dtype == acc:
         return a @ b
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=acc)
+        try:
+            return torch.mm(a, b, out_dtype=acc)  # 16-bit tensor cores, fp32 output (torch >= 2.8)
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
     return a.to(acc) @ b.to(acc)
 
 
