@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Optional
 
 import torch
@@ -26,11 +27,20 @@ CONSUMED_KEYS = ("labels", "shift_labels", "sample_kind", "ref_index")
 LOGIT_POSTPROCESSING_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+def is_deepspeed_engine(model) -> bool:
+    """Whether ``model`` is a ``deepspeed.DeepSpeedEngine`` (without importing deepspeed)."""
+    deepspeed = sys.modules.get("deepspeed")
+    engine = getattr(deepspeed, "DeepSpeedEngine", None)
+    return isinstance(engine, type) and isinstance(model, engine)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module under a ``DistributedDataParallel`` wrapper (the attack forwards bypass DDP)."""
+    """The module under a ``DistributedDataParallel`` wrapper or a DeepSpeed engine (the attack forwards
+    bypass the wrapper; FSDP2 and ZeRO-3 shard in place, so their hooks still gather the parameters).
+    """
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while isinstance(model, DistributedDataParallel):
+    while isinstance(model, DistributedDataParallel) or is_deepspeed_engine(model):
         model = model.module
     if isinstance(model, DataParallel):
         raise NotImplementedError(

@@ -205,6 +205,74 @@ def fsdp2_trainer(out_dir):
     _save(out_dir, rank, wrapped, flags=watch.flags, attack_grads=watch.grads_after_attack, logs=logs)
 
 
+ZERO3 = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "zero_allow_untested_optimizer": True,  # the Trainer's SGD
+    "zero_optimization": {
+        "stage": 3,
+        # partition every parameter, however small (the tiny model's would all stay whole by default)
+        "stage3_param_persistence_threshold": 0,
+        "stage3_prefetch_bucket_size": 0,
+    },
+}
+
+
+def _accelerate_deepspeed_on_cpu():
+    """On a machine without an accelerator, the Trainer's PartialState (``use_cpu=False``, no backend
+    given for DeepSpeed) gets ``backend=None``: accelerate then counts one process although DeepSpeed's
+    CPU accelerator has initialized a 2-process gloo group, and DeepSpeed rejects the batch sizes
+    (``train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 2 != 2 * 1 * 2``).
+    Configure the state ourselves with the gloo backend; the Trainer then uses it (``use_configured_state``)."""
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo", timeout=timedelta(seconds=60))
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+
+
+def zero3_trainer(out_dir):
+    """DeepSpeed ZeRO-3 through the Trainer (accelerate's DeepSpeed plugin); on CPU DeepSpeed's CPU
+    accelerator with gloo."""
+    import json
+
+    from modkern.tiny import tiny_llava
+
+    config = dict(ZERO3)
+    extra = json.loads(os.environ.get("MODKERN_ZERO3_EXTRA", "{}"))  # e.g. {"bf16": {"enabled": true}}
+    config.update(extra)
+    # built before the arguments: deepspeed.initialize partitions it (with the ZeRO-3 arguments alive,
+    # from_config would build it under deepspeed.zero.Init before the batch sizes are resolved)
+    model, info = tiny_llava(seed=0)
+    kw = {}
+    if not torch.cuda.is_available():
+        _accelerate_deepspeed_on_cpu()
+        kw["accelerator_config"] = {"use_configured_state": True}
+    args = _trainer_args(out_dir, deepspeed=config, use_cpu=False, bf16="bf16" in extra, **kw)
+    rank = args.process_index
+    layers = model.model.language_model.layers
+    trainer = _rank_trainer(model, args, [step[rank] for step in rank_batches(info)])
+    watch = AttackWatch(layers[0].self_attn.q_proj, model)
+    with watch:
+        trainer.train()
+    assert trainer.is_deepspeed_enabled
+    params = list(model.parameters())
+    assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in params), "ZeRO-3 did not partition every weight"
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        gathered = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    torch.save(
+        dict(params=gathered, flags=watch.flags, attack_grads=watch.grads_after_attack, logs=logs),
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+
+
 def main():
     name, out_dir = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
