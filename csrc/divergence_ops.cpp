@@ -127,8 +127,9 @@ std::tuple<at::Tensor, at::Tensor> divergence_backward(
     const std::optional<at::Tensor>& mask, const at::Tensor& stats, const at::Tensor& saved_grad_p,
     const at::Tensor& saved_grad_q, int64_t kind, double beta, double inv_temperature, bool need_grad_p,
     bool need_grad_q) {
-  check_logits("p", p);
-  check_logits("q", q);
+  // p / q are read only by the shared-P path below; elsewhere they may be stride-0 stand-ins that
+  // carry the logits' shape and dtype (modkern/ops/divergence.py saves no logits it does not read).
+  TORCH_CHECK(p.dim() == 2 && q.dim() == 2, "modkern._C: p and q must be 2-D [rows, V]");
   TORCH_CHECK(kind >= 0 && kind <= 3, "modkern._C: kind must be 0..3, got ", kind);
   const int64_t rows = q.size(0);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -141,6 +142,8 @@ std::tuple<at::Tensor, at::Tensor> divergence_backward(
   if (!need_grad_p) return {at::empty({0}, p.options()), grad_q};
   if (!ref_index.has_value()) return {scale_rows(saved_grad_p, grad_rows, mask, stream), grad_q};
 
+  check_logits("p", p);
+  check_logits("q", q);
   // Copies of each P row: order[start[n] : start[n] + count[n]] (stable argsort, scatter_add,
   // exclusive cumsum: all on device, no synchronization, deterministic).
   check_rows("ref_index", *ref_index, rows, at::kLong, q);

@@ -40,7 +40,6 @@ try:  # the fast log2 (PTX lg2.approx) of the compiled kernels; the interpreter 
 except ImportError:  # pragma: no cover - depends on the triton build
     _libdevice = None
 
-from modkern.backend import DIVERGENCE_KIND_IDS as KIND_IDS
 from modkern.backend import KERNEL_DTYPES, accumulation_dtype, saved_grad_dtype
 
 # float64 logits run the PyTorch backend (modkern.backend.load_impl reads this).
@@ -376,13 +375,15 @@ def _mix_coefs(beta: float):
     return math.log(beta), math.log1p(-beta)
 
 
-def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q):
+def forward(p, q, ref_index, mask, spec):
+    """``spec``: a ``modkern.ops.divergence.DivergenceSpec`` (kind, beta, 1/T, which gradients)."""
+    beta, inv_temperature, need_grad_q = spec.beta, spec.inv_temperature, spec.need_grad_q
     rows, vocab = q.shape
-    kind_id = KIND_IDS[kind]
+    kind_id = spec.kind_id
     acc = accumulation_dtype(p)
     loss = torch.empty(rows, dtype=acc, device=q.device)
     stats = torch.empty(rows, 4, dtype=acc, device=q.device)
-    write_gp = need_grad_p and ref_index is None
+    write_gp = spec.stores_grad_p(ref_index)
     # stored unscaled until the backward: fp32 for fp16 logits (see saved_grad_dtype)
     grad_p = torch.empty_like(p, dtype=saved_grad_dtype(p.dtype)) if write_gp else p.new_empty(0)
     grad_q = torch.empty_like(q, dtype=saved_grad_dtype(q.dtype)) if need_grad_q else q.new_empty(0)
@@ -452,21 +453,10 @@ def _copies_by_reference(ref_index, num_p_rows):
     return order, start, count
 
 
-def backward(
-    grad_rows,
-    p,
-    q,
-    ref_index,
-    mask,
-    stats,
-    saved_grad_p,
-    saved_grad_q,
-    kind,
-    beta,
-    inv_temperature,
-    need_grad_p,
-    need_grad_q,
-):
+def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, spec):
+    """p and q are read only on the shared-P path (ref_index with P's gradient)."""
+    beta, inv_temperature = spec.beta, spec.inv_temperature
+    need_grad_p, need_grad_q = spec.need_grad_p, spec.need_grad_q
     grad_q = _scale_rows(saved_grad_q, grad_rows, mask, q.dtype) if need_grad_q else q.new_empty(0)
     if not need_grad_p:
         return p.new_empty(0), grad_q
@@ -497,7 +487,7 @@ def backward(
         float(beta),
         c_p,
         c_q,
-        KIND=KIND_IDS[kind],
+        KIND=spec.kind_id,
         HAS_MASK=mask is not None,
         BLOCK=block,
         num_warps=_num_warps(block),

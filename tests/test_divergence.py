@@ -447,3 +447,31 @@ def test_fp32_gradients_on_peaked_distributions(case, backend):
     for name, g32, g64 in zip(("p", "q"), grads[torch.float32], grads[torch.float64]):
         err = float((g32 - g64).norm() / g64.norm())
         assert err <= 1.5e-4, f"grad {name}: relative L2 error {err:.3g} vs float64"
+
+
+def _divergence_node(out):
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "FusedDivergence" in type(node).__name__:
+            return node
+        stack.extend(n for n, _ in node.next_functions)
+    raise AssertionError("no FusedDivergence node in the graph")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_backward_keeps_only_what_it_reads(backend):
+    # Without ref_index (or without P's gradient) the backward only scales the stored gradients:
+    # the logits are not kept alive (stride-0 stand-ins carry their shape); with ref_index and
+    # P's gradient it recomputes from p, q and the row statistics, which are kept.
+    p = _logits((4, 64), torch.float32)
+    q = _logits((4, 64), torch.float32)
+    for p_in, ref_index, keeps in ((p.detach(), None, False), (p, None, False), (p, torch.tensor([0, 1, 1, 3]), True)):
+        loss = modkern.fused_kl(p_in, q, ref_index=None if ref_index is None else ref_index.to(DEVICE), backend=backend)
+        saved = _divergence_node(loss).saved_tensors
+        ptrs = {t.data_ptr() for t in saved if t is not None and t.numel() > 1}
+        assert (p.data_ptr() in ptrs and q.data_ptr() in ptrs) == keeps
+        loss.backward()

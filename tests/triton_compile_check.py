@@ -106,14 +106,17 @@ def divergence_cases(full: bool):
 
 
 def _divergence(kd, vocab, dtype, kind, gp, gq, with_ref, with_mask):
+    from modkern.ops.divergence import DivergenceSpec
+
     rows = 4
     p = torch.randn(2 if with_ref else rows, vocab, dtype=dtype)
     q = torch.randn(rows, vocab, dtype=dtype)
     ref = torch.tensor([0, 1, 0, 1]) if with_ref else None
     mask = torch.tensor([True, False, True, True]) if with_mask else None
-    loss, stats, saved_p, saved_q = kd.forward(p, q, ref, mask, kind, 0.5, 1.0, gp, gq)
+    spec = DivergenceSpec.of(kind, 0.5, 1.0, gp, gq)
+    loss, stats, saved_p, saved_q = kd.forward(p, q, ref, mask, spec)
     stats.uniform_()  # garbage from the compile-only launch: keep the host-side code sane
-    kd.backward(torch.ones(rows), p, q, ref, mask, stats, saved_p, saved_q, kind, 0.5, 1.0, gp, gq)
+    kd.backward(torch.ones(rows), p, q, ref, mask, stats, saved_p, saved_q, spec)
 
 
 def adv_step_cases(full: bool):

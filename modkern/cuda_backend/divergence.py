@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from modkern.backend import DIVERGENCE_KIND_IDS as KIND_IDS
+from modkern.backend import DIVERGENCE_KIND_IDS as KIND_IDS  # = the C++ kind codes (csrc/divergence.h)
 from modkern.cuda_backend._ext import ext
 
 # float64 runs the PyTorch backend (modkern.backend.load_impl), and so does float16: the CUDA kernels
@@ -20,30 +20,15 @@ from modkern.cuda_backend._ext import ext
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q):
-    loss, stats, grad_p, grad_q = ext().divergence_forward(
-        p, q, ref_index, mask, KIND_IDS[kind], float(beta), float(inv_temperature), bool(need_grad_p), bool(need_grad_q)
+def forward(p, q, ref_index, mask, spec):
+    """``spec``: a ``modkern.ops.divergence.DivergenceSpec``."""
+    return ext().divergence_forward(
+        p, q, ref_index, mask, KIND_IDS[spec.kind], spec.beta, spec.inv_temperature, spec.need_grad_p, spec.need_grad_q
     )
-    return loss, stats, grad_p, grad_q
 
 
-def backward(
-    grad_rows,
-    p,
-    q,
-    ref_index,
-    mask,
-    stats,
-    saved_grad_p,
-    saved_grad_q,
-    kind,
-    beta,
-    inv_temperature,
-    need_grad_p,
-    need_grad_q,
-):
+def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, spec):
     tensors = (grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q)
-    grad_p, grad_q = ext().divergence_backward(
-        *tensors, KIND_IDS[kind], float(beta), float(inv_temperature), bool(need_grad_p), bool(need_grad_q)
+    return ext().divergence_backward(
+        *tensors, KIND_IDS[spec.kind], spec.beta, spec.inv_temperature, spec.need_grad_p, spec.need_grad_q
     )
-    return grad_p, grad_q

@@ -15,6 +15,7 @@ Layers, bottom-up:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -26,6 +27,46 @@ from modkern.backend import DIVERGENCE_KIND_IDS, accumulation_dtype, call_impl, 
 
 KINDS = tuple(DIVERGENCE_KIND_IDS)
 DIRECTIONS = ("forward", "reverse", "symmetric")
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """What one divergence call computes: the one argument the backends take besides tensors.
+
+    Backend modules (``modkern.torch_backend.divergence``, ``modkern.kernels.divergence``,
+    ``modkern.cuda_backend.divergence``) implement::
+
+        forward(p, q, ref_index, mask, spec) -> (loss_rows [R], stats [R, 4], grad_p, grad_q)
+        backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, spec)
+            -> (grad_p, grad_q)
+
+    The custom ops keep flat arguments (``torch.library`` schemas take no objects) and build the
+    spec right inside (``DivergenceSpec.of``).
+    """
+
+    kind: str  # "js", "kl_forward", "kl_reverse" or "kl_symmetric"
+    beta: float  # JS mixture weight M = beta P + (1 - beta) Q (unused by the KL kinds)
+    inv_temperature: float  # 1 / T, applied to both logits
+    need_grad_p: bool  # compute the gradient of the P logits
+    need_grad_q: bool  # compute the gradient of the Q logits
+    backend: str = "auto"
+
+    @property
+    def kind_id(self) -> int:
+        return DIVERGENCE_KIND_IDS[self.kind]
+
+    def stores_grad_p(self, ref_index) -> bool:
+        """The forward stores P's gradient, unless ``ref_index`` shares P rows (then the backward
+        recomputes it from p, q and the row statistics)."""
+        return self.need_grad_p and ref_index is None
+
+    def backward_reads_logits(self, ref_index) -> bool:
+        """The backward recomputes from p, q and stats (only the shared-P gradient does)."""
+        return self.need_grad_p and ref_index is not None
+
+    @staticmethod
+    def of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend="auto") -> DivergenceSpec:
+        return DivergenceSpec(kind, float(beta), float(inv_temperature), bool(need_grad_p), bool(need_grad_q), backend)
 
 
 def _check_ref_index_values(ref_index: Optional[Tensor], num_p_rows: int) -> None:
@@ -56,15 +97,15 @@ def divergence_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss_rows [R], stats [R, 4], grad_p [N, V] or [0], grad_q [R, V] or [0])."""
     _check_ref_index_values(ref_index, p.shape[0])
-    args = (p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q)
-    return call_impl("divergence", "forward", backend, q.device, (p.dtype, q.dtype), *args)
+    spec = DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend)
+    return call_impl("divergence", "forward", backend, q.device, (p.dtype, q.dtype), p, q, ref_index, mask, spec)
 
 
 @divergence_fwd.register_fake
 def _(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q, backend):
     rows = q.shape[0]
     acc = accumulation_dtype(p)
-    store_p = need_grad_p and ref_index is None
+    store_p = DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q).stores_grad_p(ref_index)
     return (
         q.new_empty((rows,), dtype=acc),
         q.new_empty((rows, 4), dtype=acc),
@@ -90,27 +131,14 @@ def divergence_bwd(
     need_grad_q: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (grad_p [N, V] or [0], grad_q [R, V] or [0]) for the per-row output gradient."""
-    return call_impl(
-        "divergence",
-        "backward",
-        backend,
-        q.device,
-        (p.dtype, q.dtype),
-        grad_rows.contiguous(),
-        p,
-        q,
-        ref_index,
-        mask,
-        stats,
-        saved_grad_p,
-        saved_grad_q,
-        kind,
-        beta,
-        inv_temperature,
-        need_grad_p,
-        need_grad_q,
-    )
+    """Returns (grad_p [N, V] or [0], grad_q [R, V] or [0]) for the per-row output gradient.
+
+    ``p`` / ``q`` are read only when ``ref_index`` is given and P's gradient is wanted; otherwise
+    only their shape and dtype matter (the autograd path passes stride-0 stand-ins then, so the
+    logits need not stay alive until the backward)."""
+    spec = DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend)
+    tensors = (grad_rows.contiguous(), p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q)
+    return call_impl("divergence", "backward", backend, q.device, (p.dtype, q.dtype), *tensors, spec)
 
 
 @divergence_bwd.register_fake
@@ -136,10 +164,35 @@ def _(
     )
 
 
-def _backward(saved, meta, grad_rows):
+def _save(ctx, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, spec: DivergenceSpec):
+    """Save only what the backward reads: the stored gradients and the mask, plus p, q, ref_index
+    and the row statistics when it recomputes P's gradient (``ref_index`` with ``need_grad_p``).
+    Otherwise p and q are saved as stride-0 stand-ins (their shape and dtype, one element of
+    storage), so the logits are not kept alive until the backward."""
+    keep = spec.backward_reads_logits(ref_index)
+    if not keep:
+        p, q = _stand_in(p), _stand_in(q)
+        ref_index, stats = None, stats.new_zeros(0)
+    ctx.save_for_backward(p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q)
+    ctx.spec = spec
+
+
+def _stand_in(x):
+    return x.new_zeros((1,) * x.dim()).expand(x.shape)
+
+
+def _backward(ctx, grad_rows):
     """Shared by the op's registered autograd and by ``FusedDivergence.backward``."""
-    p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q = saved
-    kind, beta, inv_temperature, need_grad_p, need_grad_q, backend = meta
+    p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q = ctx.saved_tensors
+    spec: DivergenceSpec = ctx.spec
+    kind, beta, inv_temperature, need_grad_p, need_grad_q, backend = (
+        spec.kind,
+        spec.beta,
+        spec.inv_temperature,
+        spec.need_grad_p,
+        spec.need_grad_q,
+        spec.backend,
+    )
     if not (need_grad_p or need_grad_q):
         return None, None
     grad_p, grad_q = torch.ops.modkern.divergence_bwd(
@@ -164,12 +217,12 @@ def _backward(saved, meta, grad_rows):
 def _setup_context(ctx, inputs, output):
     p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q, backend = inputs
     _, stats, saved_grad_p, saved_grad_q = output
-    ctx.save_for_backward(p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q)
-    ctx.meta = (kind, beta, inv_temperature, need_grad_p, need_grad_q, backend)
+    spec = DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend)
+    _save(ctx, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, spec)
 
 
 def _op_backward(ctx, grad_rows, _grad_stats, _grad_gp, _grad_gq):
-    grad_p, grad_q = _backward(ctx.saved_tensors, ctx.meta, grad_rows)
+    grad_p, grad_q = _backward(ctx, grad_rows)
     return grad_p, grad_q, None, None, None, None, None, None, None, None
 
 
@@ -193,13 +246,13 @@ class FusedDivergence(torch.autograd.Function):
         rows, stats, gp, gq = torch.ops.modkern.divergence_fwd(
             p, q, ref_index, mask, kind, beta, inv_t, need_grad_p, need_grad_q, backend
         )
-        ctx.save_for_backward(p, q, ref_index, mask, stats, gp, gq)
-        ctx.meta = (kind, beta, inv_t, need_grad_p, need_grad_q, backend)
+        spec = DivergenceSpec.of(kind, beta, inv_t, need_grad_p, need_grad_q, backend)
+        _save(ctx, p, q, ref_index, mask, stats, gp, gq, spec)
         return rows
 
     @staticmethod
     def backward(ctx, grad_rows):
-        grad_p, grad_q = _backward(ctx.saved_tensors, ctx.meta, grad_rows)
+        grad_p, grad_q = _backward(ctx, grad_rows)
         return grad_p, grad_q, None, None, None, None, None, None
 
 

@@ -96,12 +96,15 @@ def _gather_p(p, ref_index):
     return p if ref_index is None else p.index_select(0, ref_index)
 
 
-def forward(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q):
+def forward(p, q, ref_index, mask, spec):
+    """``spec``: a ``modkern.ops.divergence.DivergenceSpec`` (kind, beta, 1/T, which gradients)."""
+    kind, beta, inv_temperature = spec.kind, spec.beta, spec.inv_temperature
+    need_grad_q = spec.need_grad_q
     acc = accumulation_dtype(p)
     a = _gather_p(p, ref_index).to(acc) * inv_temperature
     b = q.to(acc) * inv_temperature
     log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, loss = _terms(a, b, kind, beta)
-    store_p = need_grad_p and ref_index is None
+    store_p = spec.stores_grad_p(ref_index)
     ga, gb = _row_grads(kind, beta, log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, store_p, need_grad_q)
     active = None if mask is None else mask[:, None]
     if mask is not None:
@@ -123,21 +126,10 @@ def _scale_rows(saved: torch.Tensor, grad_rows: torch.Tensor, dtype: torch.dtype
     return (saved.to(grad_rows.dtype) * grad_rows[:, None]).to(dtype)
 
 
-def backward(
-    grad_rows,
-    p,
-    q,
-    ref_index,
-    mask,
-    stats,
-    saved_grad_p,
-    saved_grad_q,
-    kind,
-    beta,
-    inv_temperature,
-    need_grad_p,
-    need_grad_q,
-):
+def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, spec):
+    """p and q are read only on the shared-P path (ref_index with P's gradient)."""
+    kind, beta, inv_temperature = spec.kind, spec.beta, spec.inv_temperature
+    need_grad_p, need_grad_q = spec.need_grad_p, spec.need_grad_q
     grad_rows = grad_rows.to(accumulation_dtype(p))
     if mask is not None:
         grad_rows = torch.where(mask, grad_rows, torch.zeros_like(grad_rows))
