@@ -111,14 +111,19 @@ def _access_bytes(opcode: str) -> int:
     return 4
 
 
-def body_counts(instrs) -> dict:
+def body_counts(instrs, broadcast_scalars: bool = False) -> dict:
+    """Counts of one loop body (per thread). ``broadcast_scalars``: a loop-free kernel whose bulk
+    accesses are vectors - its <= 4-byte loads are per-program scalars every thread reads (a row's
+    scale, a mask entry), not per-element traffic, and are left out of the bytes."""
+    vector = any(op.startswith("LDG") and _access_bytes(op) > 4 for _, op, _ in instrs)
     counts = {"instructions": len(instrs), "mufu": 0, "ld_bytes": 0, "st_bytes": 0, "ldg": 0}
     for _, op, _ in instrs:
         if op.startswith("MUFU"):
             counts["mufu"] += 1
         elif op.startswith("LDG"):
-            counts["ld_bytes"] += _access_bytes(op)
             counts["ldg"] += 1
+            if not (broadcast_scalars and vector and _access_bytes(op) <= 4):
+                counts["ld_bytes"] += _access_bytes(op)
         elif op.startswith("STG"):
             counts["st_bytes"] += _access_bytes(op)
     return counts
@@ -152,11 +157,13 @@ def model_kernel(name, kernel, elems_per_iter: int, programs: int, ptxas: dict) 
     warps = kernel.metadata.num_warps
     threads = warps * 32
     instrs = parse_sass(sass_of(kernel.asm["cubin"]))
-    bodies = [b for b in loops(instrs) if body_counts(b)["ldg"] > 0] or [instrs]
+    bodies = [b for b in loops(instrs) if body_counts(b)["ldg"] > 0]
+    loop_free = not bodies
+    bodies = bodies or [instrs]
     total = {"instructions": 0, "mufu": 0, "ld_bytes": 0, "st_bytes": 0}
     inflight_per_thread = 0
     for body in bodies:
-        c = body_counts(body)
+        c = body_counts(body, broadcast_scalars=loop_free)
         for k in total:
             total[k] += c[k]
         inflight_per_thread = max(inflight_per_thread, c["ld_bytes"])
@@ -226,7 +233,14 @@ def _divergence_case(kind, grad_p, grad_q, dtype_name="bfloat16"):
         "_divergence_fwd_kernel": (block, R),
         "_scale_rows_kernel": (scale_block, R * math.ceil(V / scale_block)),
     }
-    return launch, geometry, R * V, (2 + n_grads) * elem
+    mode = "fwd" if n_grads == 0 else ("fwd_bwd_q" if n_grads == 1 else "fwd_bwd_pq")
+    bench_key = {
+        "op": "fused_js" if kind == "js" else "fused_kl",
+        "mode": mode,
+        "shape": f"R={R} V={V}",
+        "dtype": dtype_name,
+    }
+    return launch, geometry, R * V, (2 + n_grads) * elem, bench_key
 
 
 def _pgd_case(delta_dtype_name):
@@ -245,7 +259,13 @@ def _pgd_case(delta_dtype_name):
     rows, block_h, *_ = ka._tiling(L, H)
     ed = torch.empty((), dtype=dd).element_size()
     geometry = {"_adv_update_kernel": (rows * block_h, B * math.ceil(L / rows) * math.ceil(H / block_h))}
-    return launch, geometry, B * L * H, 2 * ed + 2 + 1 / H
+    bench_key = {
+        "op": "masked_adv_step",
+        "mode": "raw+linf",
+        "shape": f"B={B} L={L} H={H}",
+        "dtype": f"delta {delta_dtype_name}, grad bfloat16",
+    }
+    return launch, geometry, B * L * H, 2 * ed + 2 + 1 / H, bench_key
 
 
 CASES = {
@@ -275,7 +295,7 @@ def build(arch: int = 90) -> dict:
     JITFunction.run = tcc._compile_only_run(JITFunction.run)
     records = []
     for case, make in CASES.items():
-        launch, geometry, elements, spec_bytes = make()
+        launch, geometry, elements, spec_bytes, bench_key = make()
         before = len(tcc.COMPILED)
         launch()
         op_t = 0.0
@@ -292,6 +312,7 @@ def build(arch: int = 90) -> dict:
                 "bound": "sum of the kernels above",
                 "predicted_pct_of_copy": round(100 * spec_bytes / op_t / COPY_BPS, 1),
                 "predicted_ms": round(op_t * elements * 1e3, 3),
+                "bench_key": bench_key,
             }
         )
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
