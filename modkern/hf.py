@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from modkern.model_hooks import is_deepspeed_engine
 from modkern.robust import CONSUMED_KEYS, RobustConfig, clean_loss, robust_loss
 
 PART_NAMES = ("ce_clean", "ce_adv", "consistency")
@@ -85,13 +86,31 @@ class RobustTrainerMixin:
             return bool(flag)
         return num_items_in_batch is not None or getattr(self, "compute_loss_func", None) is not None
 
+    def _robust_attack_grad_scale(self, model) -> Optional[float]:
+        """The current loss scale of fp16 training (accelerate's GradScaler, or DeepSpeed's fp16 loss
+        scaler) for the attack's backward, so that its gradient does not underflow; None otherwise."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            return float(scaler.get_scale())
+        if is_deepspeed_engine(model) and model.fp16_enabled():
+            scale = getattr(model.optimizer, "loss_scale", None)
+            if isinstance(scale, (int, float)) and scale > 0:
+                return float(scale)
+        return None
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Like the stock compute_loss: a loss normalized by a token count summed over processes is
         # multiplied back by the number of processes (DDP averages the gradients), also in eval.
         scale = self._robust_loss_scale(num_items_in_batch)
         training = model.training and torch.is_grad_enabled()
         if training:
-            out = robust_loss(model, inputs, self.robust_config, num_items_in_batch=num_items_in_batch)
+            out = robust_loss(
+                model,
+                inputs,
+                self.robust_config,
+                num_items_in_batch=num_items_in_batch,
+                attack_grad_scale=self._robust_attack_grad_scale(model),
+            )
             loss = out.loss
             report = scale
             if not self._robust_scaled_for_ga(num_items_in_batch):

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 from typing import Optional
@@ -32,6 +33,17 @@ def is_deepspeed_engine(model) -> bool:
     deepspeed = sys.modules.get("deepspeed")
     engine = getattr(deepspeed, "DeepSpeedEngine", None)
     return isinstance(engine, type) and isinstance(model, engine)
+
+
+def wrapper_forward_context(model):
+    """What a wrapper's forward runs its module under, for the forwards that bypass the wrapper: a
+    DeepSpeed engine's ``autocast_if_enabled`` (its ``torch_autocast`` setting, which also switches an
+    outer autocast off when the engine does not use it); nothing for DDP and FSDP2."""
+    if is_deepspeed_engine(model):
+        from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+        return autocast_if_enabled(model)
+    return contextlib.nullcontext()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

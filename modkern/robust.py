@@ -79,6 +79,7 @@ from modkern.model_hooks import (  # noqa: F401 (re-exported: the objective's pu
     prepare_inputs,
     unwrap_model,
     vocab_size,
+    wrapper_forward_context,
 )
 from modkern.ops.adv_step import NORMS, STEPS, masked_adv_step
 from modkern.ops.divergence import DIRECTIONS, fused_js, fused_kl
@@ -541,7 +542,8 @@ class _Forwards(contextlib.ExitStack):
     def perturbed(self, inputs: dict, delta: Tensor, mask: Tensor) -> _Branch:
         """A forward of the clean call replayed with ``inputs_embeds = perturb(x0, delta, mask)``."""
         self.injector.set_perturbation(delta, mask)
-        return self._run(self.base, inputs)
+        with wrapper_forward_context(self.model):
+            return self._run(self.base, inputs)
 
     def head_weights(self):
         return linear_head_weights(self.model, self.head.module)
@@ -576,11 +578,13 @@ def _modality_mask(fw: _Forwards, mb: _MicroBatch, model: nn.Module, config: Rob
     )
 
 
-def _attack(fw: _Forwards, mb: _MicroBatch, mask: Tensor, config: RobustConfig) -> Tensor:
+def _attack(fw: _Forwards, mb: _MicroBatch, mask: Tensor, config: RobustConfig, grad_scale=None) -> Tensor:
     """K PGD steps on delta; the gradient is taken w.r.t. delta only (``autograd.grad``).
 
     Every rank runs the K forwards whatever its data (an empty mask gives a zero step), so that
-    FSDP / ZeRO-3 parameter all-gathers pair up across ranks.
+    FSDP / ZeRO-3 parameter all-gathers pair up across ranks. ``grad_scale`` multiplies the attack
+    loss before the backward and divides the (fp32) gradient after it, like a GradScaler, so that
+    fp16 activation gradients do not underflow; a step whose gradient overflowed is skipped.
     """
     init_norm = "zero" if config.init == "zero" else ("linf" if config.norm in ("linf", None) else "l2")
     delta = init_delta(fw.x0, mask, epsilon=config.epsilon, norm=init_norm, dtype=torch.float32)
@@ -588,8 +592,13 @@ def _attack(fw: _Forwards, mb: _MicroBatch, mask: Tensor, config: RobustConfig) 
         for _ in range(config.steps):
             delta.requires_grad_(True)
             attack_loss = fw.ce_sum(fw.perturbed(mb.replay_inputs, delta, mask)) / fw.rows.attack_denom
+            if grad_scale is not None:
+                attack_loss = attack_loss * grad_scale
             (grad,) = _attack_grad(attack_loss, delta)
             del attack_loss
+            if grad_scale is not None:  # unscale in fp32; an overflowed step moves nothing (no host sync)
+                grad = grad.float() / grad_scale
+                grad = torch.where(torch.isfinite(grad).all(), grad, torch.zeros_like(grad))
             delta = delta.detach()
             step = dict(step=config.step, norm=config.norm, inplace=True, backend=config.backend)
             masked_adv_step(delta, grad, mask, alpha=config.alpha, epsilon=config.epsilon, **step)
@@ -649,6 +658,7 @@ def robust_loss(
     num_items_in_batch=None,
     *,
     return_logits: bool = False,
+    attack_grad_scale=None,
 ) -> RobustOutput:
     """The robust objective of SPEC §2 on one micro-batch; returns the total loss and its parts.
 
@@ -664,6 +674,12 @@ def robust_loss(
             ``num_items_in_batch``); every term is a token sum divided by it. None divides by this
             micro-batch's answer tokens.
         return_logits: keep the clean logits of the answer rows (``[rows, V]``) in the output.
+        attack_grad_scale: a loss scale for the attack's backward (a number or 0-dim tensor > 0),
+            e.g. ``scaler.get_scale()`` of the ``GradScaler`` of fp16 training: the attack gradient
+            flows through the same fp16 activations as the loss's and underflows just as easily
+            (with a ``"raw"`` step delta then stays at its random start). The gradient is unscaled
+            in fp32; a step whose scaled gradient overflowed is skipped. None: no scaling (fp32 / bf16).
+            The Trainer integration passes its GradScaler's (or DeepSpeed's) current scale.
 
     Returns:
         :class:`RobustOutput`; call ``out.loss.backward()`` once.
@@ -679,6 +695,8 @@ def robust_loss(
         >>> out.loss.backward()
     """
     config = _check_call(config, batch)
+    if attack_grad_scale is not None:
+        attack_grad_scale = V.check_positive_number("attack_grad_scale", attack_grad_scale)
     mb = _read_batch(model, batch, config)
     head = find_lm_head(model)
     with _Forwards(model, config, head) as fw:
@@ -686,7 +704,7 @@ def robust_loss(
         clean = fw.clean(mb.inputs)
         ce_clean = fw.ce_sum(clean)
         mask = _modality_mask(fw, mb, model, config)
-        delta = _attack(fw, mb, mask, config)
+        delta = _attack(fw, mb, mask, config, attack_grad_scale)
         adv = fw.perturbed(mb.replay_inputs, delta, mask)
         ce_adv, div = _adversarial_terms(fw, mb, clean, adv, config)
 

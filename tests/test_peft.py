@@ -1,0 +1,88 @@
+"""PEFT LoRA under the robust objective: a LoRA-wrapped tiny LLaVA through patch_trainer.
+
+Only the adapters are trainable. ``freeze_params_during_attack`` must switch them off for the attack's
+forwards (no weight-gradient graph, no parameter gradient), the adapters must train, and the frozen base
+weights must not change.
+"""
+
+import math
+
+import pytest
+import torch
+from distributed_workers import AttackWatch
+from tiny_models import KINDS, collate_rows, make_batch, rows_dataset
+from transformers import Trainer, TrainingArguments
+
+from modkern.hf import patch_trainer
+from modkern.robust import RobustConfig, find_language_model, find_lm_head
+from modkern.tiny import tiny_llava
+
+peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
+
+STEPS = 2
+
+
+def lora_llava():
+    model, info = tiny_llava(seed=0)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        # the decoder's attention only (the CLIP tower has q_proj / v_proj too)
+        target_modules=r".*language_model.*\.(q_proj|v_proj)",
+    )
+    return peft.get_peft_model(model, config), info
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_lora_adapters_train_base_frozen_attack_accumulates_nothing(tmp_path, activation_checkpointing):
+    model, info = lora_llava()
+    base = model.get_base_model()
+    assert find_language_model(model) is base.model.language_model
+    assert find_lm_head(model) is base.lm_head
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = rows_dataset(make_batch(info, 8, seed=1, kinds=[KINDS[i % 3] for i in range(8)]))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        activation_checkpointing=activation_checkpointing,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate_rows)
+    patch_trainer(trainer, RobustConfig(steps=STEPS, epsilon=0.05, alpha=2.0, lam=0.5))
+    adapter = base.model.language_model.layers[0].self_attn.q_proj.lora_B["default"]
+    with AttackWatch(adapter, model) as watch:
+        trainer.train()
+
+    # the adapters are trainable in the clean and adversarial forwards, frozen in the K attack forwards;
+    # with checkpointing each attack backward recomputes its forward (frozen too) and the final backward
+    # recomputes the adversarial and clean forwards (trainable)
+    if activation_checkpointing:
+        pattern = [True] + [False, False] * STEPS + [True] + [True, True]
+    else:
+        pattern = [True] + [False] * STEPS + [True]
+    assert [set(f) for f in watch.flags] == [{w} for w in pattern * 2]
+    assert watch.grads_after_attack == [[], []]  # no parameter gradient after either attack
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # restored
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(log[k]) for log in logs for k in ("loss", "ce_adv", "consistency"))
+    for name, p in model.named_parameters():
+        if name in trainable:
+            continue
+        assert torch.equal(p.detach(), init[name]), f"frozen base weight {name} changed"
+    moved = [n for n in trainable if "lora_B" in n and not torch.equal(dict(model.named_parameters())[n], init[n])]
+    assert moved, "the LoRA adapters did not train"
+    assert len(find_language_model(model)._forward_pre_hooks) == 0

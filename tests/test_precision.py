@@ -1,0 +1,164 @@
+"""Low precision and activation checkpointing under the robust objective (CPU, tiny LLaVA).
+
+- fp16: the attack's ``autograd.grad`` flows back through the same fp16 activations as the loss, so
+  without a loss scale its gradient underflows (a ``"raw"`` step then leaves delta at its start);
+  ``robust_loss(attack_grad_scale=...)`` scales it like a GradScaler, and the Trainer integration
+  passes its GradScaler's current scale.
+- gradient checkpointing (non-reentrant, the transformers 5 default) gives the same step as without;
+  reentrant checkpointing fails with a message that names the fix.
+"""
+
+import math
+
+import pytest
+import torch
+from tiny_models import KINDS, collate_rows, make_batch, rows_dataset
+from transformers import Trainer, TrainingArguments
+
+import modkern.hf as hf
+from modkern.hf import patch_trainer
+from modkern.robust import RobustConfig, robust_loss
+from modkern.tiny import tiny_llava
+
+PART_NAMES = ("ce_clean", "ce_adv", "consistency")
+# raw step, no projection in reach: delta = alpha * grad after one step from a zero start
+ONE_RAW_STEP = RobustConfig(init="zero", steps=1, epsilon=1.0, alpha=1.0, lam=0.1)
+
+
+def _cosine(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def test_attack_gradient_does_not_underflow_in_fp16():
+    model, info = tiny_llava(seed=0)
+    batch = make_batch(info, 4, seed=1, kinds=["image_heavy"] * 4)
+    # a large accumulated batch: the normalized CE's gradients reach the fp16 activations at ~1e-10
+    n_items = 10**6
+    reference = robust_loss(model, batch, ONE_RAW_STEP, num_items_in_batch=n_items).delta
+    assert reference.abs().max() > 0
+    moved = reference != 0
+    with torch.autocast("cpu", dtype=torch.float16):
+        plain = robust_loss(model, batch, ONE_RAW_STEP, num_items_in_batch=n_items).delta
+        scaled = robust_loss(model, batch, ONE_RAW_STEP, num_items_in_batch=n_items, attack_grad_scale=2.0**20).delta
+    # unscaled, most of the attack gradient underflows to 0 in the fp16 backward
+    assert float((plain[moved] == 0).float().mean()) > 0.5
+    assert _cosine(plain, reference) < 0.9
+    # scaled (and unscaled in fp32), the step is the fp32 one up to fp16 rounding
+    assert float((scaled[moved] == 0).float().mean()) == 0.0
+    assert _cosine(scaled, reference) > 0.999
+    torch.testing.assert_close(scaled.norm(), reference.norm(), rtol=1e-2, atol=0)
+
+
+def test_attack_step_with_an_overflowed_gradient_is_skipped():
+    model, info = tiny_llava(seed=0)
+    batch = make_batch(info, 2, seed=1, kinds=["image_heavy"] * 2)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = robust_loss(model, batch, ONE_RAW_STEP, attack_grad_scale=1e30)
+    assert out.delta.abs().max() == 0  # overflowed: no step (and no NaN in delta)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for bad in (0.0, -1.0, float("inf"), "2"):
+        with pytest.raises((TypeError, ValueError), match="attack_grad_scale"):
+            robust_loss(model, batch, ONE_RAW_STEP, attack_grad_scale=bad)
+
+
+def _args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _data(info):
+    return rows_dataset(make_batch(info, 8, seed=1, kinds=[KINDS[i % 3] for i in range(8)]))
+
+
+def test_fp16_trainer_hands_its_grad_scale_to_the_attack(tmp_path, monkeypatch):
+    model, info = tiny_llava(seed=0)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, fp16=True), train_dataset=_data(info), data_collator=collate_rows
+    )
+    trainer = patch_trainer(trainer, RobustConfig(init="zero", lam=0.5))
+    if trainer.accelerator.device.type == "cpu":
+        # accelerate makes fp16 a no-op on CPU (Accelerator.__init__ creates the GradScaler and the
+        # autocast only for device types other than "cpu": the run would be plain fp32); install both
+        # the way it does on a GPU
+        assert trainer.accelerator.scaler is None
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+        trainer.accelerator.native_amp = True
+    seen, dtypes = [], []
+    real = hf.robust_loss
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        current = trainer.accelerator.scaler.get_scale()
+        seen.append((kwargs.get("attack_grad_scale"), current, float(out.delta.abs().max())))
+        return out
+
+    monkeypatch.setattr(hf, "robust_loss", recording)
+    layer = model.model.language_model.layers[0].mlp.down_proj
+    layer.register_forward_hook(lambda m, a, o: dtypes.append(o.dtype))
+    trainer.train()
+    assert set(dtypes) == {torch.float16}  # the decoder ran under fp16 autocast
+    # the attack follows the scaler's current scale (the first step overflows at 65536 and halves it)
+    assert len(seen) == 2 and all(given == current for given, current, _ in seen)
+    assert seen[0][0] == 65536.0
+    assert all(moved > 0 for _, _, moved in seen)  # the attack moved delta from its zero start
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(log[k]) for log in logs for k in ("loss", *PART_NAMES))
+    assert any(not torch.equal(p.detach(), init[n]) for n, p in model.named_parameters())
+
+
+def _train(tmp_path, name, **kw):
+    model, info = tiny_llava(seed=0)
+    calls = []
+    mlp = model.model.language_model.layers[0].mlp
+    forward = mlp.forward  # counted in forward: the recompute stops after the last saved tensor, before the hooks
+    mlp.forward = lambda *a, **k: (calls.append(1), forward(*a, **k))[1]
+    trainer = Trainer(
+        model=model, args=_args(tmp_path / name, **kw), train_dataset=_data(info), data_collator=collate_rows
+    )
+    patch_trainer(trainer, RobustConfig(init="zero", steps=2, epsilon=0.05, alpha=2.0, lam=0.5))
+    trainer.train()
+    return model, trainer, len(calls)
+
+
+def test_gradient_checkpointing_through_the_trainer(tmp_path):
+    plain, _, plain_calls = _train(tmp_path, "plain")
+    ckpt, trainer, ckpt_calls = _train(tmp_path, "ckpt", activation_checkpointing=True)
+    assert ckpt.model.language_model.layers[0].gradient_checkpointing
+    # per step: clean + 2 attack + adversarial forwards; checkpointing recomputes the layer in each
+    # attack backward and, for the clean and adversarial branches, in the final backward
+    assert plain_calls == 2 * 4
+    assert ckpt_calls == 2 * (4 + 2 + 2)
+    for (name, p), q in zip(ckpt.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(log["ce_adv"]) for log in logs)
+
+
+def test_reentrant_checkpointing_fails_with_the_fix_named(tmp_path):
+    with pytest.raises(RuntimeError, match="reentrant activation checkpointing does not support.*use_reentrant=False"):
+        _train(
+            tmp_path,
+            "reentrant",
+            activation_checkpointing=True,
+            activation_checkpointing_kwargs={"use_reentrant": True},
+        )
