@@ -98,6 +98,9 @@ setup(
             "accelerate",
             "matplotlib",
             "liger-kernel",
+            "peft",
+            # ZeRO-3 test on CPU (DeepSpeed's CPU accelerator, gloo); the test skips when it is not importable
+            "deepspeed; platform_system == 'Linux'",
         ],
         "hf": ["transformers>=5,<6", "accelerate"],
         "demo": ["transformers>=5,<6", "matplotlib"],

@@ -88,7 +88,7 @@ def _full(t):
 
 
 def _save(out_dir, rank, model, **facts):
-    params = {n: _full(p.detach()).clone() for n, p in model.named_parameters()}
+    params = {n: _full(p.detach()).cpu().clone() for n, p in model.named_parameters()}
     torch.save({"params": params, **facts}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -151,8 +151,8 @@ def _trainer_args(out_dir, **kw):
         logging_steps=1,
         report_to=[],
         save_strategy="no",
-        use_cpu=True,
-        ddp_backend="gloo",
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="nccl" if torch.cuda.is_available() else "gloo",
         ddp_timeout=60,
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -265,7 +265,7 @@ def zero3_trainer(out_dir):
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(params):
-        gathered = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        gathered = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
     logs = [h for h in trainer.state.log_history if "loss" in h]
     torch.save(
         dict(params=gathered, flags=watch.flags, attack_grads=watch.grads_after_attack, logs=logs),
