@@ -238,13 +238,9 @@ def _accelerate_deepspeed_on_cpu():
 def zero3_trainer(out_dir):
     """DeepSpeed ZeRO-3 through the Trainer (accelerate's DeepSpeed plugin); on CPU DeepSpeed's CPU
     accelerator with gloo."""
-    import json
-
     from modkern.tiny import tiny_llava
 
     config = dict(ZERO3)
-    extra = json.loads(os.environ.get("MODKERN_ZERO3_EXTRA", "{}"))  # e.g. {"bf16": {"enabled": true}}
-    config.update(extra)
     # built before the arguments: deepspeed.initialize partitions it (with the ZeRO-3 arguments alive,
     # from_config would build it under deepspeed.zero.Init before the batch sizes are resolved)
     model, info = tiny_llava(seed=0)
@@ -252,7 +248,7 @@ def zero3_trainer(out_dir):
     if not torch.cuda.is_available():
         _accelerate_deepspeed_on_cpu()
         kw["accelerator_config"] = {"use_configured_state": True}
-    args = _trainer_args(out_dir, deepspeed=config, use_cpu=False, bf16="bf16" in extra, **kw)
+    args = _trainer_args(out_dir, deepspeed=config, use_cpu=False, **kw)
     rank = args.process_index
     layers = model.model.language_model.layers
     trainer = _rank_trainer(model, args, [step[rank] for step in rank_batches(info)])
@@ -269,6 +265,49 @@ def zero3_trainer(out_dir):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     torch.save(
         dict(params=gathered, flags=watch.flags, attack_grads=watch.grads_after_attack, logs=logs),
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+
+
+def zero3_bf16_engine(out_dir):
+    """ZeRO-3 with bf16 weights (the paper's setting) through ``deepspeed.initialize`` and
+    ``engine.backward`` / ``engine.step`` (the Trainer refuses bf16 on a machine without a GPU)."""
+    import deepspeed
+
+    from modkern.robust import robust_loss
+    from modkern.tiny import tiny_llava
+
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    rank, world = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
+    model, info = tiny_llava(seed=0)
+    layers = model.model.language_model.layers
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0
+        "bf16": {"enabled": True},
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    device = engine.device
+    watch = AttackWatch(layers[0].self_attn.q_proj, model)
+    losses = []
+    with watch:
+        for batches in rank_batches(info):
+            total = sum(answer_tokens(b) for b in batches)
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batches[rank].items()}
+            out = robust_loss(engine, batch, CONFIG, num_items_in_batch=total)
+            engine.backward(out.loss * world)  # ZeRO averages the gradients over the ranks
+            engine.step()
+            losses.append(float(out.loss))
+    params = list(model.parameters())
+    assert all(p.dtype == torch.bfloat16 and p.numel() == 0 for p in params)
+    with deepspeed.zero.GatheredParameters(params):
+        gathered = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+    torch.save(
+        dict(params=gathered, flags=watch.flags, attack_grads=watch.grads_after_attack, losses=losses),
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
 
