@@ -67,7 +67,7 @@ R, V = 4096, 152064  # the headline divergence shape (SPEC §3)
 PGD = (18, 1000, 4096)  # LLaVA-1.5-7B PGD batch
 
 # Main kernels: a CI test fails when one of them spills or its prediction drops.
-MAIN_KERNELS = ("_divergence_fwd_kernel", "_scale_rows_kernel", "_adv_update_kernel")
+MAIN_KERNELS = ("_divergence_fwd_kernel", "_divergence_bwd_kernel", "_adv_update_kernel")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,11 +228,8 @@ def _divergence_case(kind, grad_p, grad_q, dtype_name="bfloat16"):
 
     elem = torch.empty((), dtype=dtype).element_size()
     n_grads = int(grad_p) + int(grad_q)
-    scale_block = min(block, 2048)
-    geometry = {
-        "_divergence_fwd_kernel": (block, R),
-        "_scale_rows_kernel": (scale_block, R * math.ceil(V / scale_block)),
-    }
+    chunk = block * kd.BWD_BLOCKS_PER_PROGRAM
+    geometry = {"_divergence_fwd_kernel": (block, R), "_divergence_bwd_kernel": (block, R * math.ceil(V / chunk))}
     mode = "fwd" if n_grads == 0 else ("fwd_bwd_q" if n_grads == 1 else "fwd_bwd_pq")
     bench_key = {
         "op": "fused_js" if kind == "js" else "fused_kl",

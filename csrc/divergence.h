@@ -7,7 +7,9 @@
 //   kind 1 kl_forward   loss = S_P = KL(P||Q)
 //   kind 2 kl_reverse   loss = S_Q = KL(Q||P)
 //   kind 3 kl_symmetric loss = S_P + S_Q
-// stats[r] = (lse_a, lse_b, S_P, S_Q); masked-out rows get loss 0, stats (-inf, -inf, 0, 0) and
+// stats[r] = (shift_a, logsum_a, shift_b, logsum_b, S_P, S_Q), lse = shift + logsum (kept apart:
+// log P = (a - shift) - logsum keeps full precision); masked-out rows get loss 0, stats
+// (0, -inf, 0, -inf, 0, 0) and
 // zero gradient rows, and their logits are not read.
 #pragma once
 
@@ -20,6 +22,9 @@ namespace modkern {
 
 enum DivKind : int { kJS = 0, kKLForward = 1, kKLReverse = 2, kKLSymmetric = 3 };
 
+// floats per row of stats (modkern/ops/divergence.py STATS_WIDTH)
+constexpr int kStatsWidth = 6;
+
 struct DivForwardArgs {
   DType dtype = DType::kFloat32;
   const void* p = nullptr;        // [N, V] logits, unit stride along V
@@ -27,7 +32,7 @@ struct DivForwardArgs {
   const int64_t* ref = nullptr;   // [R] or null (then N == R)
   const bool* mask = nullptr;     // [R] or null
   float* loss = nullptr;          // [R]
-  float* stats = nullptr;         // [R, 4] contiguous
+  float* stats = nullptr;         // [R, kStatsWidth] contiguous
   void* grad_p = nullptr;         // [R, V] (only without ref) or null
   void* grad_q = nullptr;         // [R, V] or null
   int64_t rows = 0, vocab = 0;
@@ -57,7 +62,7 @@ struct GradPSharedArgs {
   const int64_t* count = nullptr;  // [N]
   const bool* mask = nullptr;      // [R] or null
   const float* grad_rows = nullptr;  // [R]
-  const float* stats = nullptr;      // [R, 4]
+  const float* stats = nullptr;      // [R, kStatsWidth]
   void* grad_p = nullptr;            // [N, V]
   int64_t num_p_rows = 0, vocab = 0, stride_p = 0, stride_q = 0, stride_gp = 0;
   int kind = kJS;

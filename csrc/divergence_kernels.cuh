@@ -6,8 +6,8 @@
 //
 //   pass 1  16-byte loads of both slices (kept in shared memory when CACHED), per-thread online
 //           max / sum-exp of a = p[ref[r]] / T and b = q[r] / T, then a warp-shuffle + shared
-//           memory + DSMEM reduction of the two (max, sum) pairs          -> lse_a, lse_b
-//   pass 2  lp = a - lse_a, lq = b - lse_b, P, Q, (log M for JS), sums    -> S_P, S_Q, loss, stats
+//           memory + DSMEM reduction of the two (max, sum) pairs          -> (shift, logsum) a, b
+//   pass 2  lp = (a - shift_a) - logsum_a, lq likewise, P, Q, (log M), sums -> S_P, S_Q, loss, stats
 //   pass 3  the requested gradients, times 1/T, 16-byte streaming stores
 //
 // Passes 2-3 read shared memory when CACHED (HBM traffic: each logit read once, each gradient
@@ -125,8 +125,7 @@ __device__ __forceinline__ void lse_update(float& m, float& s, const float (&x)[
   m = mn;
 }
 
-__device__ __forceinline__ float lse_finish(float m, float s) { return m == neg_inf() ? m : m + __logf(s); }
-// The same log-sum-exp as (shift, log-sum): lse = lse_shift(m) + lse_logsum(m, s).
+// The running (max, sum) as (shift, log-sum): lse = lse_shift(m) + lse_logsum(m, s).
 __device__ __forceinline__ float lse_shift(float m) { return m == neg_inf() ? 0.f : m; }
 __device__ __forceinline__ float lse_logsum(float m, float s) { return m == neg_inf() ? neg_inf() : __logf(s); }
 
@@ -203,10 +202,12 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams prm
       }
       if (crank == 0 && threadIdx.x == 0) {
         prm.loss[row] = 0.f;
-        prm.stats[row * 4 + 0] = neg_inf();
-        prm.stats[row * 4 + 1] = neg_inf();
-        prm.stats[row * 4 + 2] = 0.f;
-        prm.stats[row * 4 + 3] = 0.f;
+        prm.stats[row * kStatsWidth + 0] = 0.f;
+        prm.stats[row * kStatsWidth + 1] = neg_inf();
+        prm.stats[row * kStatsWidth + 2] = 0.f;
+        prm.stats[row * kStatsWidth + 3] = neg_inf();
+        prm.stats[row * kStatsWidth + 4] = 0.f;
+        prm.stats[row * kStatsWidth + 5] = 0.f;
       }
       continue;
     }
@@ -226,8 +227,6 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams prm
           lse_update<VEC>(st[2], st[3], x);
         });
     block_cluster_reduce<4, LseOp<4>>(st, warp_buf4, slot_lse, csize);
-    const float lse_a = lse_finish(st[0], st[1]);
-    const float lse_b = lse_finish(st[2], st[3]);
     const float sh_a = lse_shift(st[0]), ls_a = lse_logsum(st[0], st[1]);
     const float sh_b = lse_shift(st[2]), ls_b = lse_logsum(st[2], st[3]);
 
@@ -278,10 +277,12 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams prm
         loss = s_p + s_q;
       }
       prm.loss[row] = loss;
-      prm.stats[row * 4 + 0] = lse_a;
-      prm.stats[row * 4 + 1] = lse_b;
-      prm.stats[row * 4 + 2] = s_p;
-      prm.stats[row * 4 + 3] = s_q;
+      prm.stats[row * kStatsWidth + 0] = sh_a;
+      prm.stats[row * kStatsWidth + 1] = ls_a;
+      prm.stats[row * kStatsWidth + 2] = sh_b;
+      prm.stats[row * kStatsWidth + 3] = ls_b;
+      prm.stats[row * kStatsWidth + 4] = s_p;
+      prm.stats[row * kStatsWidth + 5] = s_q;
     }
 
     // pass 3: gradients that need the row sums.
@@ -391,9 +392,11 @@ __global__ void __launch_bounds__(kBwdThreads) grad_p_shared_kernel(const GradPP
     const int64_t r = prm.order[j];
     if (prm.mask != nullptr && !prm.mask[r]) continue;
     const float w = prm.grad_rows[r];
-    const float lse_a = prm.stats[r * 4 + 0];
-    const float lse_b = prm.stats[r * 4 + 1];
-    const float s_p = prm.stats[r * 4 + 2];
+    const float sh_a = prm.stats[r * kStatsWidth + 0];
+    const float ls_a = prm.stats[r * kStatsWidth + 1];
+    const float sh_b = prm.stats[r * kStatsWidth + 2];
+    const float ls_b = prm.stats[r * kStatsWidth + 3];
+    const float s_p = prm.stats[r * kStatsWidth + 4];
     const T* qr = q + r * prm.stride_q;
     Pack<T, VEC> rb[kBwdUnroll];
 #pragma unroll
@@ -409,7 +412,7 @@ __global__ void __launch_bounds__(kBwdThreads) grad_p_shared_kernel(const GradPP
         unpack<T, VEC>(rb[u], inv_t, b);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const Terms t = row_terms<KIND>(a[u][e], b[e], lse_a, 0.f, lse_b, 0.f, prm.log_beta, prm.log_1mbeta);
+          const Terms t = row_terms<KIND>(a[u][e], b[e], sh_a, ls_a, sh_b, ls_b, prm.log_beta, prm.log_1mbeta);
           acc[u][e] = fmaf(w, grad_a<KIND>(t, s_p, prm.beta), acc[u][e]);
         }
       }

@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_forward(
   const bool write_gp = need_grad_p && !ref_index.has_value();
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({rows}, f32);
-  at::Tensor stats = at::empty({rows, 4}, f32);
+  at::Tensor stats = at::empty({rows, kStatsWidth}, f32);
   at::Tensor grad_p = empty_grad(p, write_gp);
   at::Tensor grad_q = empty_grad(q, need_grad_q);
 
@@ -148,8 +148,8 @@ std::tuple<at::Tensor, at::Tensor> divergence_backward(
   // exclusive cumsum: all on device, no synchronization, deterministic).
   check_rows("ref_index", *ref_index, rows, at::kLong, q);
   TORCH_CHECK(stats.is_cuda() && stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.dim() == 2 &&
-                  stats.size(0) == rows && stats.size(1) == 4,
-              "modkern._C: stats must be a contiguous float32 CUDA tensor [rows, 4]");
+                  stats.size(0) == rows && stats.size(1) == kStatsWidth,
+              "modkern._C: stats must be a contiguous float32 CUDA tensor [rows, 6]");
   const int64_t num_p_rows = p.size(0);
   const at::Tensor order = at::argsort(*ref_index, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   at::Tensor count = at::zeros({num_p_rows}, ref_index->options());

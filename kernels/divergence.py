@@ -1,26 +1,31 @@
 """Triton kernels of the divergence family (``fused_js`` / ``fused_kl``).
 
-Same contract as ``modkern.torch_backend.divergence`` (its docstring has the table of losses and
-gradients). Per compared row r, with ``a = p[ref[r]] / T`` and ``b = q[r] / T``:
+Same losses and gradients as ``modkern.torch_backend.divergence`` (its docstring has the table).
+Per compared row r, with ``a = p[ref[r]] / T`` and ``b = q[r] / T``:
 
-    pass 1  online max / sum-exp per lane of a and b (one exp per element) -> (shift, ls) per row
-    pass 2  logP = (a - shift_a) - ls_a, logQ likewise, P, Q, (log M)      -> S_P, S_Q, loss
-    pass 3  the gradient(s) of the row's loss, times 1/T        -> grad_p[r], grad_q[r]
+    forward   pass 1  online max / sum-exp per lane of a and b (one exp per element)
+                      -> (shift, logsum) per row, lse = shift + logsum
+              pass 2  log P = (a - shift_a) - logsum_a, log Q likewise, P, Q, (log M)
+                      -> S_P, S_Q, loss;  stats[r] = (shift_a, logsum_a, shift_b, logsum_b, S_P, S_Q)
+    backward  one pass: the wanted gradient(s) of row r from a, b and stats[r], times the incoming
+              grad_rows[r] / T -> grad_p[r], grad_q[r] (masked-out rows: zeros, nothing read)
 
-Pass 3 is folded into pass 2 when every requested gradient is free of the row sums (forward KL
-with only Q requiring grad - the paper's default with a detached clean branch - writes Q - P;
-reverse KL with only P requiring grad writes P - Q).
-
-Why store the gradients in the forward and scale them in the backward rather than recompute them
-there (bytes per element of one [R, V] operand, one gradient, bf16 = 2 bytes):
-    stored:     fwd reads a, b twice (8) + writes g (2); bwd reads g, writes g' (4)   = 14 B
-    recomputed: fwd reads a, b twice (8);        bwd reads a, b 2-3x (8-12) + writes (2) = 18-22 B
-so storing wins, and the backward is a pure streaming scale. (fp16 logits store fp32 gradients -
-``saved_grad_dtype``: unscaled fp16 would flush the small entries before a loss scale lifts them -
-which costs 4 more bytes per element there; bf16 / fp32 store their own dtype.) The exception is ``ref_index`` with a
-gradient for P: several Q rows share one P row, so each P row's gradient is a sum over its copies,
-recomputed in the backward by one program per P row looping over its copies (an on-device CSR
-built with argsort / scatter_add / cumsum - no atomics, deterministic, no [R, V] temporary).
+Why recompute the gradients in the backward rather than store them in the forward (bytes per
+element of one [R, V] operand, bf16 = 2 bytes; the static model in benchmarks/static_model.py
+counts the same from the compiled code):
+    stored (the CUDA backend's, and this backend's before):
+        fwd reads a, b twice (8), + a third pass (4) when a gradient needs the row sums (JS,
+        KL's own side), writes each gradient (2); bwd reads and writes each gradient (4)
+        -> JS / KL with both gradients 24 B, KL with a detached P 14 B
+    recomputed: fwd reads a, b twice (8); bwd reads a, b once (4) and writes each gradient (2)
+        -> both gradients 16 B, one gradient 14 B
+against the minimal 8 / 6 B (SPEC §4). The backward needs no third pass (the row sums are in the
+stats), nothing [R, V] lives between the forward and the backward but the logits themselves, and
+the incoming gradient scales each row before its single rounding to the output dtype (fp16 needs
+no fp32 staging of unscaled gradients). ``ref_index`` with a gradient for P: several Q rows share
+one P row, so each P row's gradient is a sum over its copies, computed by one program per P row
+looping over its copies (an on-device CSR built with argsort / scatter_add / cumsum - no atomics,
+deterministic, no [R, V] temporary).
 
 No host synchronization anywhere; all offsets are int64 (R * V can exceed 2^31). float64 logits
 run the PyTorch backend (these kernels accumulate in fp32).
@@ -40,14 +45,20 @@ try:  # the fast log2 (PTX lg2.approx) of the compiled kernels; the interpreter 
 except ImportError:  # pragma: no cover - depends on the triton build
     _libdevice = None
 
-from modkern.backend import KERNEL_DTYPES, accumulation_dtype, saved_grad_dtype
+from modkern.backend import KERNEL_DTYPES, accumulation_dtype
 
 # float64 logits run the PyTorch backend (modkern.backend.load_impl reads this).
 SUPPORTED_DTYPES = KERNEL_DTYPES
+# The forward stores no gradient: the backward recomputes them from p, q and the row statistics
+# (modkern/ops/divergence.py reads this for the op's fake outputs and for what autograd saves).
+STORES_GRADIENTS = False
+STATS_WIDTH = 6  # (shift_a, logsum_a, shift_b, logsum_b, S_P, S_Q)
 
 # Widest block of the vocabulary one program handles per loop iteration. Rows wider than this
 # loop; tests lower it to exercise many iterations.
 BLOCK_V_MAX = 4096
+# The backward's programs cover this many blocks of a row each (rows split over programs).
+BWD_BLOCKS_PER_PROGRAM = 4
 
 
 # Compiled kernels take log2 through lg2.approx (libdevice fast_log2f); the interpreter (numpy) and
@@ -185,6 +196,84 @@ def _divergence_fwd_kernel(
     mask_ptr,
     loss_ptr,
     stats_ptr,
+    V,
+    stride_p,
+    stride_q,
+    inv_t,
+    beta,
+    c_p,
+    c_q,
+    KIND: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Per row: the loss and the statistics the backward recomputes the gradients from,
+    # stats[r] = (shift_a, logsum_a, shift_b, logsum_b, S_P, S_Q) (lse = shift + logsum).
+    row = tl.program_id(0).to(tl.int64)
+    if HAS_REF:
+        p_row = tl.load(ref_ptr + row).to(tl.int64)
+    else:
+        p_row = row
+    if HAS_MASK:
+        active = tl.load(mask_ptr + row) != 0
+    else:
+        active = row >= 0
+    # masked-out rows run none of the passes below: nothing read
+    limit = tl.where(active, V, 0)
+    p_base = p_ptr + p_row * stride_p
+    q_base = q_ptr + row * stride_q
+    lanes = tl.arange(0, BLOCK)
+
+    # pass 1: log-sum-exp of both rows.
+    m_a = tl.full([BLOCK], _M_INIT, tl.float32)
+    m_b = tl.full([BLOCK], _M_INIT, tl.float32)
+    s_a = tl.zeros([BLOCK], tl.float32)
+    s_b = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, limit, BLOCK):
+        offs = start + lanes
+        m_a, s_a = _online_lse_update(m_a, s_a, _load_row(p_base, offs, limit, inv_t))
+        m_b, s_b = _online_lse_update(m_b, s_b, _load_row(q_base, offs, limit, inv_t))
+    sh_a, ls_a = _lse_finish(m_a, s_a)
+    sh_b, ls_b = _lse_finish(m_b, s_b)
+
+    # pass 2: S_P = sum P (logP - xp), S_Q = sum Q (logQ - xq).
+    acc_p = tl.zeros([BLOCK], tl.float32)
+    acc_q = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, limit, BLOCK):
+        offs = start + lanes
+        a = _load_row(p_base, offs, limit, inv_t)
+        b = _load_row(q_base, offs, limit, inv_t)
+        _, _, t_p, t_q = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND)
+        acc_p += t_p
+        acc_q += t_q
+    s_p = tl.where(active, tl.sum(acc_p, 0), 0.0)
+    s_q = tl.where(active, tl.sum(acc_q, 0), 0.0)
+    if KIND == 0:
+        loss = beta * s_p + (1.0 - beta) * s_q
+    elif KIND == 1:
+        loss = s_p
+    elif KIND == 2:
+        loss = s_q
+    else:
+        loss = s_p + s_q
+    tl.store(loss_ptr + row, loss)
+    tl.store(stats_ptr + row * 6 + 0, sh_a)
+    tl.store(stats_ptr + row * 6 + 1, ls_a)
+    tl.store(stats_ptr + row * 6 + 2, sh_b)
+    tl.store(stats_ptr + row * 6 + 3, ls_b)
+    tl.store(stats_ptr + row * 6 + 4, s_p)
+    tl.store(stats_ptr + row * 6 + 5, s_q)
+
+
+@triton.jit
+def _divergence_bwd_kernel(
+    p_ptr,
+    q_ptr,
+    ref_ptr,
+    mask_ptr,
+    grad_rows_ptr,
+    stats_ptr,
     gp_ptr,
     gq_ptr,
     V,
@@ -201,10 +290,16 @@ def _divergence_fwd_kernel(
     HAS_MASK: tl.constexpr,
     WRITE_GP: tl.constexpr,
     WRITE_GQ: tl.constexpr,
-    FUSED_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
+    # The gradients of row r, times the incoming grad_rows[r], in one read of both logit rows:
+    # log P, log Q from the forward's (shift, logsum), the row sums S_P, S_Q from its stats.
+    # Program (r, c) covers columns [c * CHUNK, (c + 1) * CHUNK) - no element depends on another
+    # here, so the rows split into many programs (no last-wave tail at a few thousand rows).
+    # Masked-out rows read nothing and store zeros.
     row = tl.program_id(0).to(tl.int64)
+    c0 = tl.program_id(1).to(tl.int64) * CHUNK
     if HAS_REF:
         p_row = tl.load(ref_ptr + row).to(tl.int64)
     else:
@@ -213,89 +308,42 @@ def _divergence_fwd_kernel(
         active = tl.load(mask_ptr + row) != 0
     else:
         active = row >= 0
-    # masked-out rows run none of the passes below: nothing read
     limit = tl.where(active, V, 0)
     p_base = p_ptr + p_row * stride_p
     q_base = q_ptr + row * stride_q
     lanes = tl.arange(0, BLOCK)
-    scale = inv_t
+    w = tl.load(grad_rows_ptr + row).to(tl.float32)
+    sh_a = tl.load(stats_ptr + row * 6 + 0)
+    ls_a = tl.load(stats_ptr + row * 6 + 1)
+    sh_b = tl.load(stats_ptr + row * 6 + 2)
+    ls_b = tl.load(stats_ptr + row * 6 + 3)
+    s_p = tl.load(stats_ptr + row * 6 + 4)
+    s_q = tl.load(stats_ptr + row * 6 + 5)
+    w_t = w * inv_t
     if KIND == 0:
-        own_a = beta * inv_t
-        own_b = (1.0 - beta) * inv_t
+        own_a = beta * w_t
+        own_b = (1.0 - beta) * w_t
     else:
-        own_a = inv_t
-        own_b = inv_t
-
-    # pass 1: log-sum-exp of both rows.
-    m_a = tl.full([BLOCK], _M_INIT, tl.float32)
-    m_b = tl.full([BLOCK], _M_INIT, tl.float32)
-    s_a = tl.zeros([BLOCK], tl.float32)
-    s_b = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, limit, BLOCK):
+        own_a = w_t
+        own_b = w_t
+    for start in range(c0, tl.minimum(c0 + CHUNK, limit), BLOCK):
         offs = start + lanes
-        m_a, s_a = _online_lse_update(m_a, s_a, _load_row(p_base, offs, limit, scale))
-        m_b, s_b = _online_lse_update(m_b, s_b, _load_row(q_base, offs, limit, scale))
-    sh_a, ls_a = _lse_finish(m_a, s_a)
-    sh_b, ls_b = _lse_finish(m_b, s_b)
-
-    # pass 2: S_P = sum P (logP - xp), S_Q = sum Q (logQ - xq); gradients free of them, if fused.
-    acc_p = tl.zeros([BLOCK], tl.float32)
-    acc_q = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, limit, BLOCK):
-        offs = start + lanes
-        a = _load_row(p_base, offs, limit, scale)
-        b = _load_row(q_base, offs, limit, scale)
+        a = _load_row(p_base, offs, limit, inv_t)
+        b = _load_row(q_base, offs, limit, inv_t)
         prob_p, prob_q, t_p, t_q = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND)
-        acc_p += t_p
-        acc_q += t_q
-        if FUSED_GRAD:
-            if WRITE_GP:
-                g = _grad_a(prob_p, prob_q, t_p, 0.0, own_a, inv_t, KIND)
-                tl.store(gp_ptr + row * stride_gp + offs, g.to(gp_ptr.dtype.element_ty), mask=offs < V)
-            if WRITE_GQ:
-                g = _grad_b(prob_p, prob_q, t_q, 0.0, own_b, inv_t, KIND)
-                tl.store(gq_ptr + row * stride_gq + offs, g.to(gq_ptr.dtype.element_ty), mask=offs < V)
-    s_p = tl.sum(acc_p, 0)
-    s_q = tl.sum(acc_q, 0)
-    if KIND == 0:
-        loss = beta * s_p + (1.0 - beta) * s_q
-    elif KIND == 1:
-        loss = s_p
-    elif KIND == 2:
-        loss = s_q
-    else:
-        loss = s_p + s_q
-    # masked-out rows store 0 sums (their lse is -inf)
-    tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
-    tl.store(stats_ptr + row * 4 + 0, sh_a + ls_a)
-    tl.store(stats_ptr + row * 4 + 1, sh_b + ls_b)
-    tl.store(stats_ptr + row * 4 + 2, tl.where(active, s_p, 0.0))
-    tl.store(stats_ptr + row * 4 + 3, tl.where(active, s_q, 0.0))
-
-    # masked-out rows: only zeros into the stored gradients (the op's outputs must be defined);
-    # nothing read. The loop runs V - limit = V elements for them and none for active rows.
-    if WRITE_GP or WRITE_GQ:
-        zeros = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, V - limit, BLOCK):
-            offs = start + lanes
-            if WRITE_GP:
-                tl.store(gp_ptr + row * stride_gp + offs, zeros.to(gp_ptr.dtype.element_ty), mask=offs < V)
-            if WRITE_GQ:
-                tl.store(gq_ptr + row * stride_gq + offs, zeros.to(gq_ptr.dtype.element_ty), mask=offs < V)
-
-    # pass 3: gradients that need the row sums.
-    if not FUSED_GRAD:
-        for start in range(0, limit, BLOCK):
-            offs = start + lanes
-            a = _load_row(p_base, offs, limit, scale)
-            b = _load_row(q_base, offs, limit, scale)
-            prob_p, prob_q, t_p, t_q = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND)
-            if WRITE_GP:
-                g = _grad_a(prob_p, prob_q, t_p, s_p, own_a, inv_t, KIND)
-                tl.store(gp_ptr + row * stride_gp + offs, g.to(gp_ptr.dtype.element_ty), mask=offs < V)
-            if WRITE_GQ:
-                g = _grad_b(prob_p, prob_q, t_q, s_q, own_b, inv_t, KIND)
-                tl.store(gq_ptr + row * stride_gq + offs, g.to(gq_ptr.dtype.element_ty), mask=offs < V)
+        if WRITE_GP:
+            g = _grad_a(prob_p, prob_q, t_p, s_p, own_a, w_t, KIND)
+            tl.store(gp_ptr + row * stride_gp + offs, g.to(gp_ptr.dtype.element_ty), mask=offs < V)
+        if WRITE_GQ:
+            g = _grad_b(prob_p, prob_q, t_q, s_q, own_b, w_t, KIND)
+            tl.store(gq_ptr + row * stride_gq + offs, g.to(gq_ptr.dtype.element_ty), mask=offs < V)
+    zeros = tl.zeros([BLOCK], tl.float32)
+    for start in range(c0, tl.minimum(c0 + CHUNK, V - limit), BLOCK):  # masked-out rows only
+        offs = start + lanes
+        if WRITE_GP:
+            tl.store(gp_ptr + row * stride_gp + offs, zeros.to(gp_ptr.dtype.element_ty), mask=offs < V)
+        if WRITE_GQ:
+            tl.store(gq_ptr + row * stride_gq + offs, zeros.to(gq_ptr.dtype.element_ty), mask=offs < V)
 
 
 @triton.jit
@@ -328,14 +376,9 @@ def _divergence_grad_p_shared_kernel(
     count = tl.load(count_ptr + n)
     lanes = tl.arange(0, BLOCK)
     p_base = p_ptr + n * stride_p
-    scale = inv_t
-    if KIND == 0:
-        own_a = beta * inv_t
-    else:
-        own_a = inv_t
     for v0 in range(0, V, BLOCK):
         offs = v0 + lanes
-        a = _load_row(p_base, offs, V, scale)  # once per chunk, shared by all copies
+        a = _load_row(p_base, offs, V, inv_t)  # once per chunk, shared by all copies
         acc = tl.zeros([BLOCK], tl.float32)
         for j in range(first, first + count):
             r = tl.load(order_ptr + j).to(tl.int64)
@@ -343,31 +386,21 @@ def _divergence_grad_p_shared_kernel(
                 active = tl.load(mask_ptr + r) != 0
             else:
                 active = r >= 0
-            b = _load_row(q_ptr + r * stride_q, offs, tl.where(active, V, 0), scale)
-            lse_a = tl.load(stats_ptr + r * 4 + 0)
-            lse_b = tl.load(stats_ptr + r * 4 + 1)
-            s_p = tl.load(stats_ptr + r * 4 + 2)
-            prob_p, prob_q, t_p, t_q = _row_terms(a, b, lse_a, 0.0, lse_b, 0.0, c_p, c_q, KIND)
-            g = _grad_a(prob_p, prob_q, t_p, s_p, own_a, inv_t, KIND)
-            w = tl.load(grad_rows_ptr + r).to(tl.float32)
-            acc += tl.where(active, g * w, 0.0)
+            b = _load_row(q_ptr + r * stride_q, offs, tl.where(active, V, 0), inv_t)
+            sh_a = tl.load(stats_ptr + r * 6 + 0)
+            ls_a = tl.load(stats_ptr + r * 6 + 1)
+            sh_b = tl.load(stats_ptr + r * 6 + 2)
+            ls_b = tl.load(stats_ptr + r * 6 + 3)
+            s_p = tl.load(stats_ptr + r * 6 + 4)
+            w_t = tl.load(grad_rows_ptr + r).to(tl.float32) * inv_t
+            if KIND == 0:
+                own_a = beta * w_t
+            else:
+                own_a = w_t
+            prob_p, prob_q, t_p, _ = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND)
+            g = _grad_a(prob_p, prob_q, t_p, s_p, own_a, w_t, KIND)
+            acc += tl.where(active, g, 0.0)
         tl.store(gp_ptr + n * stride_gp + offs, acc.to(gp_ptr.dtype.element_ty), mask=offs < V)
-
-
-@triton.jit
-def _scale_rows_kernel(
-    src_ptr, scale_ptr, mask_ptr, dst_ptr, V, stride_src, stride_dst, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr
-):
-    # dst[r, :] = src[r, :] * scale[r]  in fp32, stored in dst's dtype. Masked-out rows read
-    # nothing (their src is 0) and store 0.
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    scale = tl.load(scale_ptr + row).to(tl.float32)
-    limit = V
-    if HAS_MASK:
-        limit = tl.where(tl.load(mask_ptr + row) != 0, V, 0)
-    x = tl.load(src_ptr + row * stride_src + offs, mask=offs < limit, other=0.0).to(tl.float32)
-    tl.store(dst_ptr + row * stride_dst + offs, (x * scale).to(dst_ptr.dtype.element_ty), mask=offs < V)
 
 
 def _mix_coefs(beta: float):
@@ -376,23 +409,17 @@ def _mix_coefs(beta: float):
 
 
 def forward(p, q, ref_index, mask, spec):
-    """``spec``: a ``modkern.ops.divergence.DivergenceSpec`` (kind, beta, 1/T, which gradients)."""
-    beta, inv_temperature, need_grad_q = spec.beta, spec.inv_temperature, spec.need_grad_q
+    """``spec``: a ``modkern.ops.divergence.DivergenceSpec`` (kind, beta, 1/T, which gradients).
+
+    Returns (loss [R], stats [R, 6], [0], [0]): this backend stores no gradient (STORES_GRADIENTS)."""
     rows, vocab = q.shape
-    kind_id = spec.kind_id
     acc = accumulation_dtype(p)
     loss = torch.empty(rows, dtype=acc, device=q.device)
-    stats = torch.empty(rows, 4, dtype=acc, device=q.device)
-    write_gp = spec.stores_grad_p(ref_index)
-    # stored unscaled until the backward: fp32 for fp16 logits (see saved_grad_dtype)
-    grad_p = torch.empty_like(p, dtype=saved_grad_dtype(p.dtype)) if write_gp else p.new_empty(0)
-    grad_q = torch.empty_like(q, dtype=saved_grad_dtype(q.dtype)) if need_grad_q else q.new_empty(0)
-    # Gradients free of the row sums: kl_forward's Q - P and kl_reverse's P - Q.
-    fused = (not write_gp or kind_id == 2) and (not need_grad_q or kind_id == 1)
+    stats = torch.empty(rows, STATS_WIDTH, dtype=acc, device=q.device)
     if rows == 0:
-        return loss, stats, grad_p, grad_q
+        return loss, stats, p.new_empty(0), q.new_empty(0)
     block = _block_v(vocab)
-    c_p, c_q = _mix_coefs(beta)
+    c_p, c_q = _mix_coefs(spec.beta)
     _divergence_fwd_kernel[(rows,)](
         p,
         q,
@@ -400,48 +427,20 @@ def forward(p, q, ref_index, mask, spec):
         mask if mask is not None else q,
         loss,
         stats,
-        grad_p if write_gp else q,
-        grad_q if need_grad_q else q,
         vocab,
         p.stride(0),
         q.stride(0),
-        grad_p.stride(0) if write_gp else 0,
-        grad_q.stride(0) if need_grad_q else 0,
-        float(inv_temperature),
-        float(beta),
+        float(spec.inv_temperature),
+        float(spec.beta),
         c_p,
         c_q,
-        KIND=kind_id,
+        KIND=spec.kind_id,
         HAS_REF=ref_index is not None,
         HAS_MASK=mask is not None,
-        WRITE_GP=write_gp,
-        WRITE_GQ=need_grad_q,
-        FUSED_GRAD=fused,
         BLOCK=block,
         num_warps=_num_warps(block),
     )
-    return loss, stats, grad_p, grad_q
-
-
-def _scale_rows(saved, grad_rows, mask, dtype):
-    out = torch.empty(saved.shape, dtype=dtype, device=saved.device)
-    rows, vocab = saved.shape
-    if rows == 0:
-        return out
-    block = min(_block_v(vocab), 2048)
-    _scale_rows_kernel[(rows, triton.cdiv(vocab, block))](
-        saved,
-        grad_rows,
-        mask if mask is not None else grad_rows,
-        out,
-        vocab,
-        saved.stride(0),
-        out.stride(0),
-        HAS_MASK=mask is not None,
-        BLOCK=block,
-        num_warps=_num_warps(block),
-    )
-    return out
+    return loss, stats, p.new_empty(0), q.new_empty(0)
 
 
 def _copies_by_reference(ref_index, num_p_rows):
@@ -454,42 +453,67 @@ def _copies_by_reference(ref_index, num_p_rows):
 
 
 def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, spec):
-    """p and q are read only on the shared-P path (ref_index with P's gradient)."""
-    beta, inv_temperature = spec.beta, spec.inv_temperature
-    need_grad_p, need_grad_q = spec.need_grad_p, spec.need_grad_q
-    grad_q = _scale_rows(saved_grad_q, grad_rows, mask, q.dtype) if need_grad_q else q.new_empty(0)
-    if not need_grad_p:
-        return p.new_empty(0), grad_q
-    if ref_index is None:
-        return _scale_rows(saved_grad_p, grad_rows, mask, p.dtype), grad_q
-    num_p_rows, vocab = p.shape
-    grad_p = torch.empty_like(p)
-    if num_p_rows == 0:
-        return grad_p, grad_q
-    order, start, count = _copies_by_reference(ref_index, num_p_rows)
+    """Recomputes the wanted gradients from p, q and the forward's stats, times ``grad_rows``."""
+    rows, vocab = q.shape
+    write_gp = spec.need_grad_p and ref_index is None
+    write_gq = spec.need_grad_q
+    grad_p = torch.empty_like(p) if spec.need_grad_p else p.new_empty(0)
+    grad_q = torch.empty_like(q) if write_gq else q.new_empty(0)
     block = _block_v(vocab)
-    c_p, c_q = _mix_coefs(beta)
-    _divergence_grad_p_shared_kernel[(num_p_rows,)](
-        p,
-        q,
-        order,
-        start,
-        count,
-        mask if mask is not None else grad_rows,
-        grad_rows,
-        stats,
-        grad_p,
-        vocab,
-        p.stride(0),
-        q.stride(0),
-        grad_p.stride(0),
-        float(inv_temperature),
-        float(beta),
-        c_p,
-        c_q,
-        KIND=spec.kind_id,
-        HAS_MASK=mask is not None,
-        BLOCK=block,
-        num_warps=_num_warps(block),
-    )
+    c_p, c_q = _mix_coefs(spec.beta)
+    grad_rows = grad_rows.to(stats.dtype).contiguous()
+    if rows > 0 and (write_gp or write_gq):
+        chunk = block * BWD_BLOCKS_PER_PROGRAM
+        _divergence_bwd_kernel[(rows, triton.cdiv(vocab, chunk))](
+            p,
+            q,
+            ref_index if ref_index is not None else q,
+            mask if mask is not None else q,
+            grad_rows,
+            stats,
+            grad_p if write_gp else q,
+            grad_q if write_gq else q,
+            vocab,
+            p.stride(0),
+            q.stride(0),
+            grad_p.stride(0) if write_gp else 0,
+            grad_q.stride(0) if write_gq else 0,
+            float(spec.inv_temperature),
+            float(spec.beta),
+            c_p,
+            c_q,
+            KIND=spec.kind_id,
+            HAS_REF=ref_index is not None,
+            HAS_MASK=mask is not None,
+            WRITE_GP=write_gp,
+            WRITE_GQ=write_gq,
+            BLOCK=block,
+            CHUNK=chunk,
+            num_warps=_num_warps(block),
+        )
+    if spec.need_grad_p and ref_index is not None and p.shape[0] > 0:
+        order, start, count = _copies_by_reference(ref_index, p.shape[0])
+        _divergence_grad_p_shared_kernel[(p.shape[0],)](
+            p,
+            q,
+            order,
+            start,
+            count,
+            mask if mask is not None else grad_rows,
+            grad_rows,
+            stats,
+            grad_p,
+            vocab,
+            p.stride(0),
+            q.stride(0),
+            grad_p.stride(0),
+            float(spec.inv_temperature),
+            float(spec.beta),
+            c_p,
+            c_q,
+            KIND=spec.kind_id,
+            HAS_MASK=mask is not None,
+            BLOCK=block,
+            num_warps=_num_warps(block),
+        )
     return grad_p, grad_q

@@ -57,7 +57,7 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     assert {
         "_divergence_fwd_kernel",
         "_divergence_grad_p_shared_kernel",
-        "_scale_rows_kernel",
+        "_divergence_bwd_kernel",
         "_adv_stats_kernel",
         "_adv_update_kernel",
         "_perturb_fwd_kernel",

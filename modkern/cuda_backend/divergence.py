@@ -18,6 +18,9 @@ from modkern.cuda_backend._ext import ext
 # store the forward's gradients in the logits' dtype, and fp16 needs them in fp32
 # (modkern.backend.saved_grad_dtype). bf16 / fp32 are the training dtypes this backend is for.
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+# The forward stores each row's gradients (rows cached in shared memory: one HBM read of the
+# logits); the backward scales them.
+STORES_GRADIENTS = True
 
 
 def forward(p, q, ref_index, mask, spec):

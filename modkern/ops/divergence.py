@@ -23,9 +23,19 @@ from torch import Tensor
 
 from modkern import _validation as V
 from modkern._reduction import reduce_rows
-from modkern.backend import DIVERGENCE_KIND_IDS, accumulation_dtype, call_impl, check_backend, saved_grad_dtype
+from modkern.backend import (
+    DIVERGENCE_KIND_IDS,
+    accumulation_dtype,
+    call_impl,
+    check_backend,
+    load_impl,
+    saved_grad_dtype,
+)
 
 KINDS = tuple(DIVERGENCE_KIND_IDS)
+# Row statistics every backend's forward returns for its backward:
+# (shift_a, logsum_a, shift_b, logsum_b, S_P, S_Q), the log-sum-exps kept as shift + logsum.
+STATS_WIDTH = 6
 DIRECTIONS = ("forward", "reverse", "symmetric")
 
 
@@ -60,9 +70,13 @@ class DivergenceSpec:
         recomputes it from p, q and the row statistics)."""
         return self.need_grad_p and ref_index is None
 
-    def backward_reads_logits(self, ref_index) -> bool:
-        """The backward recomputes from p, q and stats (only the shared-P gradient does)."""
-        return self.need_grad_p and ref_index is not None
+    def backward_reads_logits(self, ref_index, stored_grad_p, stored_grad_q) -> bool:
+        """The backward recomputes from p, q and stats: the shared-P gradient (``ref_index`` with
+        ``need_grad_p``) always, and any wanted gradient the forward did not store (the Triton
+        backend stores none; stored gradients are 2-D, placeholders ``[0]``)."""
+        if self.need_grad_p and (ref_index is not None or stored_grad_p.dim() != 2):
+            return True
+        return self.need_grad_q and stored_grad_q.dim() != 2
 
     @staticmethod
     def of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend="auto") -> DivergenceSpec:
@@ -95,22 +109,33 @@ def divergence_fwd(
     need_grad_q: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (loss_rows [R], stats [R, 4], grad_p [N, V] or [0], grad_q [R, V] or [0])."""
+    """Returns (loss_rows [R], stats [R, STATS_WIDTH], grad_p [N, V] or [0], grad_q [R, V] or [0]).
+
+    grad_p / grad_q are the per-row gradients of backends that store them (``STORES_GRADIENTS``)."""
     _check_ref_index_values(ref_index, p.shape[0])
     spec = DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend)
     return call_impl("divergence", "forward", backend, q.device, (p.dtype, q.dtype), p, q, ref_index, mask, spec)
+
+
+def _stores_gradients(backend, p, q) -> bool:
+    """Whether the backend that runs this call stores the gradients in the forward (PyTorch, CUDA)
+    or recomputes them in the backward (Triton): its module's ``STORES_GRADIENTS``."""
+    return getattr(load_impl("divergence", backend, q.device, (p.dtype, q.dtype)), "STORES_GRADIENTS", True)
 
 
 @divergence_fwd.register_fake
 def _(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q, backend):
     rows = q.shape[0]
     acc = accumulation_dtype(p)
-    store_p = DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q).stores_grad_p(ref_index)
+    stores = _stores_gradients(backend, p, q)
+    store_p = stores and DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q).stores_grad_p(
+        ref_index
+    )
     return (
         q.new_empty((rows,), dtype=acc),
-        q.new_empty((rows, 4), dtype=acc),
+        q.new_empty((rows, STATS_WIDTH), dtype=acc),
         torch.empty_like(p, dtype=saved_grad_dtype(p.dtype)) if store_p else p.new_empty(0),
-        torch.empty_like(q, dtype=saved_grad_dtype(q.dtype)) if need_grad_q else q.new_empty(0),
+        torch.empty_like(q, dtype=saved_grad_dtype(q.dtype)) if stores and need_grad_q else q.new_empty(0),
     )
 
 
@@ -166,10 +191,10 @@ def _(
 
 def _save(ctx, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, spec: DivergenceSpec):
     """Save only what the backward reads: the stored gradients and the mask, plus p, q, ref_index
-    and the row statistics when it recomputes P's gradient (``ref_index`` with ``need_grad_p``).
+    and the row statistics when it recomputes a gradient (``DivergenceSpec.backward_reads_logits``).
     Otherwise p and q are saved as stride-0 stand-ins (their shape and dtype, one element of
     storage), so the logits are not kept alive until the backward."""
-    keep = spec.backward_reads_logits(ref_index)
+    keep = spec.backward_reads_logits(ref_index, saved_grad_p, saved_grad_q)
     if not keep:
         p, q = _stand_in(p), _stand_in(q)
         ref_index, stats = None, stats.new_zeros(0)

@@ -13,7 +13,8 @@ js             beta S_P + (1-beta) S_Q     beta P (logP - logM - S_P)   ; d/db =
 =============  ==========================  ===================================================
 
 where for ``js`` ``S_P = KL(P||M)``, ``S_Q = KL(Q||M)``, ``log M = logaddexp(log beta + logP,
-log(1-beta) + logQ)``. ``stats[r] = (lse_a, lse_b, S_P, S_Q)``.
+log(1-beta) + logQ)``. ``stats[r] = (shift_a, logsum_a, shift_b, logsum_b, S_P, S_Q)`` with
+``logsumexp(a) = shift_a + logsum_a``.
 
 The forward returns the per-row losses and the gradients of each row's loss; the backward scales
 them by the incoming per-row gradient. With ``ref_index`` the gradient for P is recomputed in the
@@ -27,6 +28,9 @@ import math
 import torch
 
 from modkern.backend import accumulation_dtype, saved_grad_dtype
+
+# The forward stores each row's gradients (unscaled); the backward scales them.
+STORES_GRADIENTS = True
 
 
 def _zero_where_zero(x: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
@@ -46,6 +50,13 @@ def _log_softmax(x: torch.Tensor) -> torch.Tensor:
     shift = torch.where(torch.isinf(shift) & (shift < 0), torch.zeros_like(shift), shift)
     z = x - shift
     return z - torch.log(torch.exp(z).sum(dim=-1, keepdim=True))
+
+
+def _shift_logsum(x: torch.Tensor) -> torch.Tensor:
+    """[rows, 2]: (shift, log-sum) with logsumexp = shift + log-sum (stats layout)."""
+    shift = x.amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isinf(shift) & (shift < 0), torch.zeros_like(shift), shift)
+    return torch.cat([shift, torch.log(torch.exp(x - shift).sum(dim=-1, keepdim=True))], dim=1)
 
 
 def _terms(a, b, kind: str, beta: float):
@@ -109,7 +120,7 @@ def forward(p, q, ref_index, mask, spec):
     active = None if mask is None else mask[:, None]
     if mask is not None:
         loss = torch.where(mask, loss, torch.zeros_like(loss))
-    stats = torch.stack([torch.logsumexp(a, -1), torch.logsumexp(b, -1), s_p, s_q], dim=1)
+    stats = torch.cat([_shift_logsum(a), _shift_logsum(b), s_p[:, None], s_q[:, None]], dim=1)
 
     def finish(g, dtype):
         if g is None:
