@@ -14,7 +14,11 @@ Evaluation sets (:meth:`InterferenceTask.eval_sets`): image-heavy ``clean`` (agr
 ``misleading_text`` (the caption names another colour), ``unrelated_text`` (an unrelated fact
 naming another colour, about objects never seen in training, in place of the caption), and
 text-heavy ``text_clean`` (agreeing image), ``text_swapped_image`` (the image of another colour)
-and ``text_blank_image`` (a black image).
+and ``text_blank_image`` (a black image); and the held-out interference ``misleading_note``:
+image-heavy items whose context is a *note* naming another colour for the picture
+(:data:`MISLEADING_NOTE`), a template that the heuristic augmentation never uses
+(:meth:`InterferenceTask.augment_config` refuses it), so it measures generalization beyond the
+heuristics.
 
 :class:`WordTokenizer` is a tiny word-level tokenizer built from the task's own words;
 :class:`TaskEncoder` turns a :class:`~modkern.augment.Sample` into ``(input_ids, labels)`` with the
@@ -149,6 +153,15 @@ NOTE = "note : the word is {label} ."
 FACT = "fact : the {obj} is {label} ."
 # Heuristic augmentation texts for this task (the misleading one is a caption naming a wrong colour).
 HINT = "hint : it looks {label} ."
+# The held-out interference: misleading text in a template the augmentation never shows in training,
+# in the form of the text-heavy items' note but about the picture (every word is a training word).
+MISLEADING_NOTE = "note : the picture is {label} ."
+
+
+def is_misleading_note(context: str) -> bool:
+    """Whether ``context`` is the held-out misleading note (:data:`MISLEADING_NOTE`, any label)."""
+    head, tail = MISLEADING_NOTE.split("{label}")
+    return context.startswith(head) and context.endswith(tail) and len(context) > len(head) + len(tail)
 
 
 @dataclass
@@ -262,12 +275,18 @@ class InterferenceTask:
         for s in sets["text_clean"]:
             blank.append(Sample(s.text, s.answer, torch.zeros_like(s.image), s.kind, context=s.context, tag="black"))
         sets["text_blank_image"] = blank
+        # Held out (made last, so the other sets' random draws do not depend on it).
+        sets["misleading_note"] = [
+            self.image_heavy(k, None, gen, MISLEADING_NOTE.format(label=self.other(k, rng)), "misleading_note")
+            for k in colours
+        ]
         return sets
 
     def augment_config(self, copies_per_sample: int = 1, **overrides) -> AugmentConfig:
         """The heuristic augmentation for this task: a caption naming a wrong colour, or an unrelated
         fact about training objects, for image-heavy items; swapped / black / white / noise images for
-        text-heavy items."""
+        text-heavy items. The held-out :data:`MISLEADING_NOTE` is never among the texts (a
+        ``ValueError`` if ``overrides`` put it there)."""
         facts = tuple(FACT.format(obj=o, label=k) for o in TRAIN_OBJECTS for k in self.colours)
         kwargs = dict(
             copies_per_sample=copies_per_sample,
@@ -276,10 +295,16 @@ class InterferenceTask:
             unrelated_facts=facts,
         )
         kwargs.update(overrides)
+        texts = list(kwargs["misleading_templates"]) + list(kwargs["unrelated_facts"])
+        if any(t == MISLEADING_NOTE or is_misleading_note(t) for t in texts):
+            raise ValueError(
+                f"augment_config: {MISLEADING_NOTE!r} is the held-out interference (evaluation only); "
+                "the augmentation must not use it"
+            )
         return AugmentConfig(**kwargs)
 
     def words(self) -> list[str]:
-        texts = [IMAGE_QUESTION, TEXT_QUESTION, CAPTION, NOTE, FACT, HINT]
+        texts = [IMAGE_QUESTION, TEXT_QUESTION, CAPTION, NOTE, FACT, HINT, MISLEADING_NOTE]
         texts += list(COLOURS) + list(TRAIN_OBJECTS) + list(EVAL_OBJECTS)
         return [w for t in texts for w in WordTokenizer.split(t.replace("{label}", "").replace("{obj}", ""))]
 

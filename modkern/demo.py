@@ -7,8 +7,11 @@
 3. Train three models from the same initial weights on the same batches:
    (a) plain SFT; (b) SFT + heuristic augmentation (:mod:`modkern.augment`); (c) the full modkern
    objective (augmentation + PGD on the embeddings restricted by the modality mask + consistency).
-4. Evaluate accuracy on clean items, with misleading / unrelated text, and on text-heavy items with
-   matching / swapped / black images; print a table, write ``results.json`` and ``results.png``.
+4. Evaluate accuracy on clean items, with misleading / unrelated text, with the held-out misleading
+   note (a template the augmentation never shows), and on text-heavy items with matching / swapped /
+   black images; diagnose each model with :func:`modkern.diagnose.diagnose` on the same clean items
+   (flip rate and Jensen-Shannon divergence under each interference, the held-out one included);
+   print the tables, write ``results.json`` and ``results.png``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from modkern.augment import HeuristicAugmenter, RobustCollator, collate_samples
-from modkern.data import InterferenceTask, TaskConfig, TaskEncoder, WordTokenizer, hf_text_encoder
+from modkern.data import (
+    MISLEADING_NOTE,
+    InterferenceTask,
+    TaskConfig,
+    TaskEncoder,
+    WordTokenizer,
+    hf_text_encoder,
+)
 from modkern.robust import RobustConfig
 from modkern.train import TrainConfig, _jsonable, answer_correct, resolve_device, train
 
@@ -36,11 +46,27 @@ EVAL_COLUMNS = (
     ("clean", "image-heavy: no interference"),
     ("misleading_text", "image-heavy: misleading text"),
     ("unrelated_text", "image-heavy: unrelated text"),
+    ("misleading_note", "image-heavy: misleading note (held out)"),
     ("text_clean", "text-heavy: no interference"),
     ("text_swapped_image", "text-heavy: swapped image"),
     ("text_blank_image", "text-heavy: black image"),
 )
 INTERFERENCE_FREE = ("clean", "text_clean")
+# The interference that the heuristic augmentation never shows in training (evaluation only): a
+# misleading text in a template the augmenter does not use (modkern.data.MISLEADING_NOTE). The
+# paper's claim for the adversarial + consistency terms is generalization beyond the heuristics.
+HELD_OUT = "mislead_note"
+# (modkern.diagnose condition, column title, whether the augmentation shows that kind of input).
+DIAGNOSIS_COLUMNS = (
+    ("mislead_text", "image-heavy: misleading text", True),
+    ("unrelated_text", "image-heavy: unrelated text", True),
+    ("long_irrelevant_context", "image-heavy: long irrelevant context", False),
+    (HELD_OUT, "image-heavy: misleading note (held out)", False),
+    ("swap_image", "text-heavy: swapped image", True),
+    ("black_image", "text-heavy: black image", True),
+    ("white_image", "text-heavy: white image", True),
+    ("noise_image", "text-heavy: noise image", True),
+)
 METHODS = (
     ("sft", "(a) SFT"),
     ("sft_aug", "(b) SFT + heuristic aug."),
@@ -175,6 +201,52 @@ def evaluate(model, eval_sets: dict, bundle: ModelBundle, device, batch_size: in
     return out
 
 
+def diagnose_model(model, eval_sets: dict, bundle: ModelBundle, device, seed: int = 0, batch_size: int = 64) -> dict:
+    """Flip rate and JS under each interference of :data:`DIAGNOSIS_COLUMNS`
+    (:func:`modkern.diagnose.diagnose`, black-box part) on the clean evaluation items
+    (``clean`` image-heavy, ``text_clean`` text-heavy): per condition ``flip_rate``, ``js`` (mean
+    over items of the per-item mean over answer tokens) and ``js_std``, ``accuracy``,
+    ``clean_accuracy``, ``causal_effect`` (mean), ``items``, ``held_out`` and ``in_augmentation``."""
+    from modkern.diagnose import Item, diagnose
+
+    items = [
+        Item(s.text, s.answer, s.kind, s.context, image=s.image, label=s.label)
+        for key in ("clean", "text_clean")
+        for s in eval_sets[key]
+    ]
+    per_kind = max(len(eval_sets["clean"]), len(eval_sets["text_clean"]))
+    report = diagnose(
+        model,
+        tokenizer=bundle.tokenizer,
+        items=items,
+        conditions=[c for c, _, _ in DIAGNOSIS_COLUMNS],
+        max_items=per_kind,
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        attention=False,
+        progress=False,
+        log=None,
+    )
+    if report["skipped"]:
+        raise RuntimeError(f"diagnosis skipped conditions: {report['skipped']}")
+    out = {}
+    for cond, _, seen in DIAGNOSIS_COLUMNS:
+        c = report["conditions"][cond]
+        out[cond] = {
+            "flip_rate": c["flip_rate"],
+            "js": c["js"]["mean"],
+            "js_std": c["js"]["std"],
+            "accuracy": c["accuracy"],
+            "clean_accuracy": c["clean_accuracy"],
+            "causal_effect": c["causal_effect"]["mean"],
+            "items": c["items"],
+            "held_out": cond == HELD_OUT,
+            "in_augmentation": seen,
+        }
+    return out
+
+
 # --- report ----------------------------------------------------------------------------------------
 
 
@@ -198,10 +270,38 @@ def format_table(results: dict, chance: Optional[float] = None) -> str:
     return "\n".join(lines)
 
 
+def format_diagnosis_tables(results: dict) -> str:
+    """Two Markdown tables (flip rate in %, then JS in 10^-3 nats): one row per method, one column
+    per interference of :data:`DIAGNOSIS_COLUMNS`."""
+    labels = dict(METHODS)
+    header = "| method | " + " | ".join(title for _, title, _ in DIAGNOSIS_COLUMNS) + " |"
+    rule = "|" + "---|" * (len(DIAGNOSIS_COLUMNS) + 1)
+    blocks = []
+    for title, fmt in (
+        ("Flip rate (%): the answer differs from the clean answer", lambda d: f"{100 * d['flip_rate']:.1f}"),
+        ("JS (10^-3 nats) between the clean and perturbed answer distributions", lambda d: f"{1e3 * d['js']:.1f}"),
+    ):
+        lines = [title + ":", header, rule]
+        for method, res in results.items():
+            cells = [fmt(res["diagnosis"][cond]) for cond, _, _ in DIAGNOSIS_COLUMNS]
+            lines.append(f"| {labels[method]} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def format_method_line(method: str, seconds: float, accuracy: dict) -> str:
     """One method's result, with the same method and column names as the table."""
     cells = ", ".join(f"{title} {100 * accuracy[key]:.1f}%" for key, title in EVAL_COLUMNS)
     return f"{dict(METHODS)[method]}: {seconds:.1f} s; {cells}"
+
+
+def format_diagnosis_line(diagnosis: dict) -> str:
+    """One method's diagnosis: flip rate and JS per interference, with the tables' column names."""
+    cells = ", ".join(
+        f"{title} {100 * diagnosis[cond]['flip_rate']:.1f}% / {1e3 * diagnosis[cond]['js']:.1f}"
+        for cond, title, _ in DIAGNOSIS_COLUMNS
+    )
+    return f"  flip rate / JS (10^-3 nats): {cells}"
 
 
 def plot_results(results: dict, path: str, chance: Optional[float] = None) -> str:
@@ -227,7 +327,8 @@ def plot_results(results: dict, path: str, chance: Optional[float] = None) -> st
     ax.set_xticklabels([title.replace(": ", ":\n") for _, title in EVAL_COLUMNS], fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 110)
-    ax.axvline(2.5, color="grey", lw=0.8, ls=":")
+    first_text = next(i for i, (_, title) in enumerate(EVAL_COLUMNS) if title.startswith("text-heavy"))
+    ax.axvline(first_text - 0.5, color="grey", lw=0.8, ls=":")
     ax.set_title("image-heavy items (left: the image decides) / text-heavy items (right: the note decides)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=n + 1, fontsize=8, frameon=False)
     fig.tight_layout()
@@ -298,20 +399,32 @@ def run_demo(cfg: Optional[DemoConfig] = None, log=print) -> dict:
         if tcfg.save_dir and isinstance(bundle.tokenizer, WordTokenizer):
             bundle.tokenizer.save(os.path.join(tcfg.save_dir, TOKENIZER_FILE))
         accuracy = evaluate(model, eval_sets, bundle, device)
+        diagnosis = diagnose_model(model, eval_sets, bundle, device, seed=cfg.seed)
         results[method] = {
             "accuracy": accuracy,
+            "diagnosis": diagnosis,
             "train_seconds": res.seconds,
             "final_loss": res.history[-1] if res.history else None,
             "history": res.history,
             "checkpoint": res.checkpoint,
         }
         log(format_method_line(method, res.seconds, accuracy))
+        log(format_diagnosis_line(diagnosis))
 
     chance = chance_level(task)
     table = format_table(results, chance)
+    diagnosis_tables = format_diagnosis_tables(results)
     out = {
         "table": table,
+        "diagnosis_tables": diagnosis_tables,
         "chance": chance,
+        "held_out": {
+            "condition": HELD_OUT,
+            "accuracy_column": "misleading_note",
+            "template": MISLEADING_NOTE,
+            "why": "misleading text in a template the heuristic augmentation never shows in training "
+            "(modkern.data.InterferenceTask.augment_config refuses it): generalization beyond the heuristics",
+        },
         "results": results,
         "config": _jsonable(cfg),
         "device": str(device),
@@ -330,9 +443,17 @@ def run_demo(cfg: Optional[DemoConfig] = None, log=print) -> dict:
     log(
         "image-heavy items: the image decides; no interference = a caption that agrees with it, misleading "
         "text = a caption naming another colour, unrelated text = an unrelated fact naming another colour. "
-        "text-heavy items: the note decides; no interference = an image of the same colour, then a swapped "
-        f"(other colour) or a black image. Chance (a random colour of {len(task.colours)}): {100 * chance:.0f}%; "
-        "below it on misleading text or a swapped image, a model follows the interfering input."
+        "misleading note (held out) = a note naming another colour for the picture, a template the "
+        "augmentation never shows. text-heavy items: the note decides; no interference = an image of the same "
+        f"colour, then a swapped (other colour) or a black image. Chance (a random colour of {len(task.colours)}): "
+        f"{100 * chance:.0f}%; below it on misleading text or a swapped image, a model follows the interfering input."
+    )
+    log("")
+    log(f"Diagnosis (modkern.diagnose) of the same {task.config.eval_size} clean items per item kind:")
+    log(diagnosis_tables)
+    log(
+        "Augmentation shows misleading / unrelated text and swapped / black / white / noise images in training; "
+        "the long irrelevant context and the misleading note (held out) never."
     )
     log(f"\nwrote {json_path} and {png_path} ({out['wall_seconds']:.0f} s in all)")
     return out

@@ -17,7 +17,8 @@ The diagnosis of both source papers, for any Hugging Face multimodal checkpoint 
   visual- vs audio-focused questions).
 
 Conditions (:data:`CONDITIONS`): image-heavy items (the image decides) with misleading text, an
-unrelated fact, a long irrelevant context; text-heavy items (the text decides) with a swapped,
+unrelated fact, a long irrelevant context, a misleading note (a template the demo's augmentation
+never uses: its held-out interference); text-heavy items (the text decides) with a swapped,
 black, white or noise image; audio-visual items (the question asks about the video or about the
 sound) with misaligned audio-video pairs, removed audio, zeroed frames and a misleading caption.
 A condition that the model cannot take (audio on LLaVA) is skipped with the reason in the report.
@@ -175,6 +176,13 @@ def _long_context(items, i, ctx, sentences: int = 8):
     return dataclasses.replace(it, context=" ".join([*facts, it.context]).strip())
 
 
+def _mislead_note(items, i, ctx):
+    from modkern.data import MISLEADING_NOTE
+
+    it = items[i]
+    return dataclasses.replace(it, context=MISLEADING_NOTE.format(label=_other(it.target_class, ctx.classes, ctx.rng)))
+
+
 def _swap_image(items, i, ctx):
     other = _donor(items, i, "image", ctx.rng)
     return _noise_image(items, i, ctx) if other is None else dataclasses.replace(items[i], image=other)
@@ -236,6 +244,14 @@ CONDITIONS = {
             ("image",),
             "image-heavy items; eight facts about other objects in front of the caption",
             _long_context,
+        ),
+        Condition(
+            "mislead_note",
+            ("image_heavy",),
+            ("image",),
+            "image-heavy items; a note (the text-heavy items' form) names another colour for the picture "
+            "(held out: the demo's augmentation never uses this template)",
+            _mislead_note,
         ),
         Condition(
             "swap_image", ("text_heavy",), ("image",), "text-heavy items; the image of another item", _swap_image

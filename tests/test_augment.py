@@ -1,5 +1,7 @@
 """Heuristic augmentation (modkern.augment) and the synthetic task's pieces (modkern.data)."""
 
+import random
+
 import pytest
 import torch
 
@@ -11,7 +13,14 @@ from modkern.augment import (
     Sample,
     collate_samples,
 )
-from modkern.data import InterferenceTask, TaskConfig, TaskEncoder, WordTokenizer
+from modkern.data import (
+    MISLEADING_NOTE,
+    InterferenceTask,
+    TaskConfig,
+    TaskEncoder,
+    WordTokenizer,
+    is_misleading_note,
+)
 from modkern.robust import row_ref_index, shift_labels
 
 CLASSES = ("red", "green", "blue")
@@ -194,6 +203,7 @@ def test_task_sets_are_what_they_claim():
         "text_clean",
         "text_swapped_image",
         "text_blank_image",
+        "misleading_note",
     }
     h = task.config.image_size // 2
     for name, samples in sets.items():
@@ -203,8 +213,9 @@ def test_task_sets_are_what_they_claim():
             assert len(mentioned) == 1
             if name == "clean":
                 assert mentioned == [s.answer]
-            elif name in ("misleading_text", "unrelated_text"):
-                assert mentioned != [s.answer]  # the text names another colour
+            elif name in ("misleading_text", "unrelated_text", "misleading_note"):
+                assert s.kind == "image_heavy" and mentioned != [s.answer]  # the text names another colour
+                assert is_misleading_note(s.context) == (name == "misleading_note")
             else:
                 assert s.kind == "text_heavy" and mentioned == [s.answer]
             if s.kind == "image_heavy":
@@ -215,3 +226,43 @@ def test_task_sets_are_what_they_claim():
             assert all(torch.all(s.image == 0) for s in samples)
     # the training and evaluation items are generated deterministically
     assert torch.equal(InterferenceTask(task.config).train_set()[5].image, train[5].image)
+
+
+def test_held_out_misleading_note_is_never_produced_by_the_augmentation():
+    """The demo's held-out interference (misleading text in the MISLEADING_NOTE template) must never
+    reach training: not among the augmenter's texts, not in any copy it makes, not in a clean
+    training item, and augment_config refuses it."""
+    from modkern.data import CAPTION
+    from modkern.diagnose import CONDITIONS, _Ctx, image_task_items
+
+    task = InterferenceTask(TaskConfig(train_size=1500, image_size=8, seed=3))
+    assert set(WordTokenizer.split(MISLEADING_NOTE.replace("{label}", ""))) <= set(task.tokenizer().vocab)
+    # the detector is not vacuous: it recognizes the held-out texts, and only them
+    assert all(is_misleading_note(MISLEADING_NOTE.format(label=c)) for c in task.colours)
+    assert all(is_misleading_note(s.context) for s in task.eval_sets(size=8)["misleading_note"])
+    items = image_task_items(4, image_size=8)
+    ctx = _Ctx(random.Random(0), torch.Generator().manual_seed(0), task.colours)
+    held_out = [CONDITIONS["mislead_note"].make(items, i, ctx) for i in range(4)]
+    assert all(is_misleading_note(it.context) for it in held_out)
+    assert not is_misleading_note("note : the word is red .") and not is_misleading_note("caption : a red picture .")
+
+    cfg = task.augment_config(copies_per_sample=2)
+    texts = [t.format(label=c) for t in cfg.misleading_templates for c in task.colours] + list(cfg.unrelated_facts)
+    assert MISLEADING_NOTE not in cfg.misleading_templates
+    assert not any(is_misleading_note(t) for t in texts)
+
+    train = task.train_set()
+    assert not any(is_misleading_note(s.context) for s in train)
+    contexts = []
+    for seed in range(3):
+        augment = HeuristicAugmenter(cfg, seed=seed)
+        for lo in range(0, len(train), 32):
+            copies, _ = augment(train[lo : lo + 32])
+            contexts += [c.context for c in copies if c.kind == "image_heavy"]
+    assert len(contexts) > 2000 and set(contexts) <= set(texts)  # both text transforms ran
+    assert not any(is_misleading_note(c) or c.startswith("note") for c in contexts)
+
+    with pytest.raises(ValueError, match="held-out"):
+        task.augment_config(misleading_templates=(CAPTION, MISLEADING_NOTE))
+    with pytest.raises(ValueError, match="held-out"):
+        task.augment_config(unrelated_facts=(MISLEADING_NOTE.format(label="red"),))

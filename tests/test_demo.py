@@ -1,12 +1,14 @@
 """The main job (`modkern train`) end to end in --quick mode, and the CLI around it."""
 
 import json
+import math
 import re
 from pathlib import Path
 
 import pytest
 
 from modkern import cli, demo
+from modkern.data import MISLEADING_NOTE
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):
@@ -34,6 +36,27 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert results["results"]["modkern"]["final_loss"]["ce_adv"] > 0
     assert results["results"]["sft"]["final_loss"]["ce_adv"] == 0
     assert results["config"]["quick"] and results["config"]["seed"] == 1
+    # the diagnosis (modkern.diagnose): flip rate and JS per method and interference, held-out included
+    conditions = [cond for cond, _, _ in demo.DIAGNOSIS_COLUMNS]
+    assert demo.HELD_OUT in conditions and "mislead_text" in conditions and "swap_image" in conditions
+    assert results["held_out"]["condition"] == demo.HELD_OUT
+    assert results["held_out"]["template"] == MISLEADING_NOTE
+    for res in results["results"].values():
+        diag = res["diagnosis"]
+        assert list(diag) == conditions
+        for cond, d in diag.items():
+            assert 0.0 <= d["flip_rate"] <= 1.0 and 0.0 <= d["js"] <= math.log(2) + 1e-6, (cond, d)
+            assert d["items"] == 16  # the demo's clean evaluation items of the condition's kind (--quick)
+            assert d["held_out"] == (cond == demo.HELD_OUT)
+        assert not diag[demo.HELD_OUT]["in_augmentation"]
+        # the same clean items as the accuracy table's interference-free columns
+        assert abs(diag["mislead_text"]["clean_accuracy"] - res["accuracy"]["clean"]) <= 1 / 16
+        assert abs(diag["swap_image"]["clean_accuracy"] - res["accuracy"]["text_clean"]) <= 1 / 16
+    assert results["diagnosis_tables"] in printed
+    for title in ("Flip rate (%)", "JS (10^-3 nats)"):
+        assert title in printed
+    for _, label in demo.METHODS:
+        assert sum(line.startswith(f"| {label} |") for line in printed.splitlines()) == 3  # 3 tables
     png = (out / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     assert (out / "checkpoints" / "modkern" / demo.TOKENIZER_FILE).exists()
@@ -90,6 +113,26 @@ def test_readme_demo_table_has_the_demo_headers():
     for _, label in demo.METHODS:
         assert any(row.startswith(f"| {label} |") for row in table), label
     assert any(re.match(r"\| chance \(a random colour\) \| 25\.0 \|", row) for row in table)
+
+
+def test_diagnosis_columns_are_diagnose_conditions():
+    from modkern.diagnose import CONDITIONS
+
+    for cond, title, _ in demo.DIAGNOSIS_COLUMNS:
+        assert cond in CONDITIONS, cond
+        assert title.startswith("image-heavy: " if "image_heavy" in CONDITIONS[cond].kinds else "text-heavy: ")
+    assert [c for c, _, seen in demo.DIAGNOSIS_COLUMNS if not seen] == ["long_irrelevant_context", demo.HELD_OUT]
+    assert "mislead" in demo.HELD_OUT and "held out" in dict(demo.EVAL_COLUMNS)["misleading_note"]
+    # the held-out diagnosis condition uses the held-out template of the accuracy column
+    assert "held out" in CONDITIONS[demo.HELD_OUT].description
+
+
+def test_readme_demo_has_the_diagnosis_tables():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    header = demo.format_diagnosis_tables({}).splitlines()[1]
+    assert readme.count(header) == 2  # flip rate and JS
+    for _, label in demo.METHODS:
+        assert readme.count(f"| {label} |") >= 3, label
 
 
 def test_plot_has_value_labels_and_chance_line(tmp_path, monkeypatch):
