@@ -245,20 +245,61 @@ def prepare_inputs(model: nn.Module, batch: dict) -> dict:
     return inputs
 
 
+def _fsdp2_params(module: nn.Module) -> list:
+    """The ``FSDPParam`` records of the FSDP2 (``fully_shard``) units in ``module`` (empty otherwise).
+
+    An FSDP2 parameter is two tensors: the sharded DTensor and the unsharded parameter that the
+    module holds between an all-gather and the next reshard; ``module.parameters()`` returns
+    whichever is in place. FSDP2 copies ``requires_grad`` from the sharded one to the unsharded one
+    at each all-gather, so a freeze must set both (a unit that stays gathered, like the root
+    after its forward, would otherwise be frozen for one attack step only).
+    """
+    if "torch.distributed.fsdp" not in sys.modules:
+        return []
+    records = []
+    for sub in module.modules():
+        get_state = getattr(sub, "_get_fsdp_state", None)
+        if get_state is None:
+            continue
+        for group in _param_groups(get_state()):
+            records.extend(group.fsdp_params)
+    return records
+
+
+def _param_groups(state) -> list:
+    groups = getattr(state, "_fsdp_param_groups", None)  # newer torch: several groups per module
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [] if group is None else [group]
+    return list(groups)
+
+
 class FrozenParams:
-    """Temporarily ``requires_grad_(False)`` on the trainable parameters; restored on exit."""
+    """Temporarily ``requires_grad_(False)`` on the trainable parameters; restored on exit.
+
+    Also correct for FSDP2 units (both the sharded and the gathered tensor of each parameter) and
+    for ZeRO-3 (the partitioned parameter is the module's own parameter object).
+    """
 
     def __init__(self, module: nn.Module, enabled: bool):
         self.params = [p for p in module.parameters() if p.requires_grad] if enabled else []
+        self.fsdp = [f for f in _fsdp2_params(module) if f.sharded_param.requires_grad] if enabled else []
+
+    def _set(self, flag: bool):
+        for p in self.params:
+            p.requires_grad_(flag)
+        for record in self.fsdp:
+            record.sharded_param.requires_grad_(flag)
+            gathered = getattr(record, "_unsharded_param", None)
+            if gathered is not None:
+                gathered.requires_grad_(flag)
 
     def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
+        self._set(False)
         return self
 
     def __exit__(self, *exc):
-        for p in self.params:
-            p.requires_grad_(True)
+        self._set(True)
         return False
 
 

@@ -59,11 +59,15 @@ class AttackWatch:
     """Records, on every call of a module, whether its parameters require grad, and checks after each
     attack that no parameter accumulated a gradient."""
 
-    def __init__(self, module, model):
-        self.flags = []
+    def __init__(self, module, model, head=None):
+        self.flags, self.head_flags = [], []
         self.model = model
         self.grads_after_attack = []
         module.register_forward_pre_hook(lambda m, a: self.flags.append([p.requires_grad for p in m.parameters()]))
+        if head is not None:  # a module of the root FSDP2 unit (gathered from the clean forward on)
+            head.register_forward_pre_hook(
+                lambda m, a: self.head_flags.append([p.requires_grad for p in m.parameters()])
+            )
 
     def __enter__(self):
         import modkern.robust as robust
@@ -110,7 +114,7 @@ def fsdp2_manual(out_dir):
     assert all(type(p).__name__ == "DTensor" for p in model.parameters())
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     masks, losses = [], []
-    with AttackWatch(layers[0].self_attn.q_proj, model) as watch:
+    with AttackWatch(layers[0].self_attn.q_proj, model, head=model.lm_head) as watch:
         for batches in rank_batches(info):
             total = sum(answer_tokens(b) for b in batches)
             out = robust_loss(model, batches[rank], CONFIG, num_items_in_batch=total)
@@ -119,7 +123,8 @@ def fsdp2_manual(out_dir):
             opt.zero_grad(set_to_none=True)
             masks.append(int(out.mask.sum()))
             losses.append(float(out.loss))
-    _save(out_dir, rank, model, masks=masks, losses=losses, flags=watch.flags, attack_grads=watch.grads_after_attack)
+    facts = dict(flags=watch.flags, head_flags=watch.head_flags, attack_grads=watch.grads_after_attack)
+    _save(out_dir, rank, model, masks=masks, losses=losses, **facts)
     dist.destroy_process_group()
 
 
@@ -196,13 +201,14 @@ def fsdp2_trainer(out_dir):
     model, info = tiny_llava(seed=0)
     layers = model.model.language_model.layers
     trainer = _rank_trainer(model, args, [step[rank] for step in rank_batches(info)])
-    with AttackWatch(layers[0].self_attn.q_proj, model) as watch:
+    with AttackWatch(layers[0].self_attn.q_proj, model, head=model.lm_head) as watch:
         trainer.train()
     wrapped = trainer.model_wrapped
     assert type(wrapped).__name__.startswith("FSDP"), type(wrapped)
     assert all(type(p).__name__ == "DTensor" for p in wrapped.parameters())
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    _save(out_dir, rank, wrapped, flags=watch.flags, attack_grads=watch.grads_after_attack, logs=logs)
+    facts = dict(flags=watch.flags, head_flags=watch.head_flags, attack_grads=watch.grads_after_attack)
+    _save(out_dir, rank, wrapped, logs=logs, **facts)
 
 
 ZERO3 = {

@@ -78,6 +78,8 @@ def test_fsdp2_ranks_with_different_data_stay_paired(tmp_path):
         # per step: clean forward (trainable), K attack forwards (frozen), adversarial forward (trainable)
         pattern = [True] + [False] * CONFIG.steps + [True]
         assert [set(f) for f in r["flags"]] == [{w} for w in pattern * 2]
+        # the root unit (LM head) stays gathered through the attack: frozen in every attack step too
+        assert [set(f) for f in r["head_flags"]] == [{w} for w in pattern * 2]
         assert r["attack_grads"] == [[], []]  # no parameter gradient after either attack
 
 
@@ -95,6 +97,8 @@ def test_fsdp2_through_the_trainer(tmp_path, device):
     pattern = [True] + [False] * CONFIG.steps + [True]
     for r in (r0, r1):
         assert [set(f) for f in r["flags"]] == [{w} for w in pattern * 2]
+        # the root unit (LM head) stays gathered through the attack: frozen in every attack step too
+        assert [set(f) for f in r["head_flags"]] == [{w} for w in pattern * 2]
         assert r["attack_grads"] == [[], []]
         assert len(r["logs"]) == 2 and all(k in r["logs"][0] for k in ("ce_clean", "ce_adv", "consistency"))
 
