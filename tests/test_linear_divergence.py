@@ -217,8 +217,11 @@ def test_opcheck():
 def test_torch_compile_fullgraph():
     p, q, w, b = make(n=4, v=13)
 
+    ref_index = torch.tensor([0, 0, 3, 2])
+
     def loss_fn(p, q, w, b):
-        return fused_linear_kl(p, q, w, bias=b, chunk_size=3) + fused_linear_js(p, q, w, bias=b, chunk_size=2)
+        kl = fused_linear_kl(p, q, w, bias=b, chunk_size=3)
+        return kl + fused_linear_js(p, q, w, bias=b, chunk_size=2, ref_index=ref_index, detach_p_logits=True)
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     got = compiled(p, q, w, b)
@@ -226,6 +229,9 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(got, want)
     for g, e in zip(torch.autograd.grad(got, (p, q, w, b)), torch.autograd.grad(want, (p, q, w, b))):
         torch.testing.assert_close(g, e)
+    bad = torch.tensor([0, 0, 4, 2])  # checked inside the op, also under compile
+    with pytest.raises(ValueError, match="ref_index values must lie in"):
+        torch.compile(fused_linear_js, fullgraph=True, backend="aot_eager")(p, q, w, ref_index=bad)
 
 
 @pytest.mark.parametrize(

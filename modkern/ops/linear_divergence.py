@@ -31,7 +31,7 @@ from torch import Tensor
 from modkern import _validation as V
 from modkern._reduction import reduce_rows
 from modkern.backend import accumulation_dtype, check_backend
-from modkern.ops.divergence import DIRECTIONS, divergence_bwd, divergence_fwd
+from modkern.ops.divergence import DIRECTIONS, _check_ref_index_values, divergence_bwd, divergence_fwd
 
 IGNORE_INDEX = -100
 NO_DIVERGENCE = "none"
@@ -128,6 +128,8 @@ def linear_losses_fwd(
 
     ``detach_p_logits`` only matters to the backward (no gradient through the P logits).
     """
+    if p_hidden is not None:
+        _check_ref_index_values(ref_index, p_hidden.shape[0])  # inside the op: opaque to torch.compile
     rows, acc = q_hidden.shape[0], accumulation_dtype(q_hidden)
     div = q_hidden.new_zeros((rows if kind != NO_DIVERGENCE else 0,), dtype=acc)
     ce = q_hidden.new_zeros((rows if targets is not None else 0,), dtype=acc)
@@ -368,7 +370,6 @@ def linear_losses(
             if ref_index.dtype.is_floating_point or ref_index.dtype == torch.bool:
                 raise TypeError(f"ref_index must be an integer tensor, got {ref_index.dtype}")
             ref_index = ref_index.to(torch.int64).contiguous()
-            _check_ref_index_range(ref_index, p_hidden.shape[0])
         mask = V.check_mask("mask", mask, rows, (rows,), device)
     if targets is not None:
         targets = V.check_row_vector("targets", targets, rows, (rows,), device)
@@ -387,17 +388,6 @@ def linear_losses(
     args = (q_hidden, p_hidden, weight, bias, targets, mask, ref_index, kind, beta, 1.0 / temperature)
     div, ce = linear_losses_fwd(*args, int(chunk_size), detach_p_logits, backend)
     return (div if kind != NO_DIVERGENCE else None), (ce if targets is not None else None)
-
-
-def _check_ref_index_range(ref_index: Tensor, num_p_rows: int) -> None:
-    if ref_index.numel() == 0:
-        return
-    if ref_index.device.type == "cpu":
-        lo, hi = int(ref_index.min()), int(ref_index.max())
-        if lo < 0 or hi >= num_p_rows:
-            raise ValueError(f"ref_index values must lie in [0, {num_p_rows}), got range [{lo}, {hi}]")
-    else:
-        torch._assert_async(((ref_index >= 0) & (ref_index < num_p_rows)).all(), "ref_index out of range")
 
 
 # ----------------------------------------------------------------------------------------------
