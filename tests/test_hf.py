@@ -10,7 +10,8 @@ import textwrap
 import pytest
 import torch
 from tiny_models import KINDS, collate_rows, make_batch, rows_dataset
-from transformers import Trainer, TrainingArguments
+from tiny_models import training_args as shared_training_args
+from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from modkern.hf import RobustTrainerMixin, make_robust_trainer, patch_trainer
@@ -22,22 +23,7 @@ PART_NAMES = ("ce_clean", "ce_adv", "consistency")
 
 
 def training_args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+    return shared_training_args(tmp_path / "out", **kw)
 
 
 def train_logs(trainer):

@@ -91,7 +91,8 @@ def test_robust_loss_perturbs_audio_for_visual_items(omni):
 
 
 def test_patch_trainer_steps(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from tiny_models import training_args
+    from transformers import Trainer
 
     from modkern.hf import patch_trainer
 
@@ -103,20 +104,7 @@ def test_patch_trainer_steps(tmp_path):
         batch["sample_kind"] = [it.kind for it in items]
         return batch
 
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        seed=0,
-    )
+    args = training_args(tmp_path / "out", max_steps=3)
     data = av_task_items(4, mel_bins=8)
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=data_collator)
     patch_trainer(trainer, RobustConfig(policy=POLICY, lam=0.1))

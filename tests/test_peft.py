@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 from distributed_workers import AttackWatch
-from tiny_models import KINDS, collate_rows, make_batch, rows_dataset
-from transformers import Trainer, TrainingArguments
+from tiny_models import KINDS, PLAIN_SGD, collate_rows, make_batch, rows_dataset, training_args
+from transformers import Trainer
 
 from modkern.hf import patch_trainer
 from modkern.robust import RobustConfig, find_language_model, find_lm_head
@@ -44,22 +44,11 @@ def test_lora_adapters_train_base_frozen_attack_accumulates_nothing(tmp_path, ac
     assert trainable and all("lora_" in n for n in trainable)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     data = rows_dataset(make_batch(info, 8, seed=1, kinds=[KINDS[i % 3] for i in range(8)]))
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
+    args = training_args(
+        tmp_path / "out",
         max_steps=2,
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        remove_unused_columns=False,
+        **dict(PLAIN_SGD, max_grad_norm=1.0),
         activation_checkpointing=activation_checkpointing,
-        seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate_rows)
     patch_trainer(trainer, RobustConfig(steps=STEPS, epsilon=0.05, alpha=2.0, lam=0.5))

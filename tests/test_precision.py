@@ -12,8 +12,8 @@ import math
 
 import pytest
 import torch
-from tiny_models import KINDS, collate_rows, make_batch, rows_dataset
-from transformers import Trainer, TrainingArguments
+from tiny_models import KINDS, PLAIN_SGD, collate_rows, make_batch, rows_dataset, training_args
+from transformers import Trainer
 
 import modkern.hf as hf
 from modkern.hf import patch_trainer
@@ -63,26 +63,7 @@ def test_attack_step_with_an_overflowed_gradient_is_skipped():
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+    return training_args(tmp_path / "out", **{"max_steps": 2, **PLAIN_SGD, **kw})
 
 
 def _data(info):

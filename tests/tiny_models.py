@@ -148,3 +148,31 @@ def collate_rows(items):
         else:
             out[k] = torch.stack(vals)
     return out
+
+
+# Plain SGD at a constant rate (no weight decay, no clipping): parameter updates that a test can
+# reproduce by hand or compare across runs.
+PLAIN_SGD = dict(optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0)
+
+
+def training_args(output_dir, **kw):
+    """``TrainingArguments`` for the tiny models' Trainer tests: CPU, no saving, no reporting, no
+    tqdm, the batch's own columns kept (``sample_kind``, ``ref_index``); ``kw`` overrides."""
+    from transformers import TrainingArguments
+
+    base = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
