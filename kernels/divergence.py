@@ -96,6 +96,12 @@ def _load_row(base, offs, limit, scale):
 
 
 @triton.jit
+def _load_block(base, offs, scale):
+    # A whole block inside the row: no mask.
+    return tl.load(base + offs).to(tl.float32) * scale
+
+
+@triton.jit
 def _fast_log2(x):
     # log2 x for the per-element log M's log(1 + e), e in [0, 1]: x in [1, 2].
     # Compiled: lg2.approx.ftz.f32, one MUFU op (the precise logf was ~60 instructions), absolute
@@ -113,26 +119,28 @@ def _fast_log2(x):
 
 
 @triton.jit
-def _online_lse_update(m, s, x):
-    # Per-lane online log-sum-exp with ONE exp per element: e^(lo - hi) rescales whichever of
-    # the running sum (when x raises the max) and the new term (otherwise) sits below the max.
-    # m starts finite (_M_INIT), so a -inf x gives e^-inf = 0 and never -inf - -inf.
-    hi = tl.maximum(m, x)
-    e = tl.exp2((tl.minimum(m, x) - hi) * _LOG2E)
-    s = tl.where(x > m, s * e + 1.0, s + e)
-    return hi, s
+def _online_lse_update(m, s, x, c):
+    # Per-lane online log-sum-exp of c * x (c = log2(e) / T > 0, x the raw logits: the max of x
+    # is the max of x / T) with ONE exp per element: 2^(-c |x - m|) rescales whichever of the
+    # running sum (when x raises the max) and the new term (otherwise) sits below the max.
+    # m starts finite (_M_INIT), so a -inf x gives 2^-inf = 0 and never -inf - -inf; a NaN x
+    # makes the sum NaN.
+    d = x - m
+    e = tl.exp2(-tl.abs(d) * c)
+    s = tl.where(d > 0, s * e + 1.0, s + e)
+    return tl.maximum(m, x), s
 
 
 @triton.jit
-def _lse_finish(m, s):
-    # The row's log-sum-exp as (shift, log-sum): lse = shift + ls. Kept apart so that
-    # log P = (a - shift) - ls: a - shift is exact (Sterbenz) and ls is O(1) with full relative
-    # precision. Forming shift + ls first (~20 for peaked logits) rounds at ulp(20) ~ 2e-6: the
-    # error that made the kernels' fp32 gradients ~4x less accurate than float64 allows.
-    # A row that saw nothing keeps shift = _M_INIT and ls = log(0) = -inf. (Once per row: the
-    # precise tl.exp / tl.log.)
-    shift = tl.max(m, 0)
-    return shift, tl.log(tl.sum(s * tl.exp(m - shift), 0))
+def _lse_finish(m, s, inv_t):
+    # The row's log-sum-exp of a = x / T as (shift, log-sum): lse = shift + ls. Kept apart so
+    # that log P = (a - shift) - ls: shift = max(x) / T is the same rounded product as the max
+    # a, so a - shift is exact (Sterbenz) and ls is O(1) with full relative precision. Forming
+    # shift + ls first (~20 for peaked logits) rounds at ulp(20) ~ 2e-6: the error that made the
+    # kernels' fp32 gradients ~4x less accurate than float64 allows. A row that saw nothing
+    # keeps ls = log(0) = -inf. (Once per row: the precise tl.exp / tl.log.)
+    mx = tl.max(m, 0)
+    return mx * inv_t, tl.log(tl.sum(s * tl.exp((m - mx) * inv_t), 0))
 
 
 @triton.jit
@@ -225,23 +233,38 @@ def _divergence_fwd_kernel(
     q_base = q_ptr + row * stride_q
     lanes = tl.arange(0, BLOCK)
 
-    # pass 1: log-sum-exp of both rows.
+    # pass 1: log-sum-exp of both rows (of the raw logits, scaled by 1/T inside).
     m_a = tl.full([BLOCK], _M_INIT, tl.float32)
     m_b = tl.full([BLOCK], _M_INIT, tl.float32)
     s_a = tl.zeros([BLOCK], tl.float32)
     s_b = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, limit, BLOCK):
+    # Whole blocks load unmasked (a masked load first fills its registers with the -inf default:
+    # ~5 instructions per element pair); the last partial block, if any, is one masked step.
+    full = (limit // BLOCK) * BLOCK
+    c = inv_t * _LOG2E
+    for start in range(0, full, BLOCK):
         offs = start + lanes
-        m_a, s_a = _online_lse_update(m_a, s_a, _load_row(p_base, offs, limit, inv_t))
-        m_b, s_b = _online_lse_update(m_b, s_b, _load_row(q_base, offs, limit, inv_t))
-    sh_a, ls_a = _lse_finish(m_a, s_a)
-    sh_b, ls_b = _lse_finish(m_b, s_b)
+        m_a, s_a = _online_lse_update(m_a, s_a, _load_block(p_base, offs, 1.0), c)
+        m_b, s_b = _online_lse_update(m_b, s_b, _load_block(q_base, offs, 1.0), c)
+    if full < limit:
+        offs = full + lanes
+        m_a, s_a = _online_lse_update(m_a, s_a, _load_row(p_base, offs, limit, 1.0), c)
+        m_b, s_b = _online_lse_update(m_b, s_b, _load_row(q_base, offs, limit, 1.0), c)
+    sh_a, ls_a = _lse_finish(m_a, s_a, inv_t)
+    sh_b, ls_b = _lse_finish(m_b, s_b, inv_t)
 
     # pass 2: S_P = sum P (logP - xp), S_Q = sum Q (logQ - xq).
     acc_p = tl.zeros([BLOCK], tl.float32)
     acc_q = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, limit, BLOCK):
+    for start in range(0, full, BLOCK):
         offs = start + lanes
+        a = _load_block(p_base, offs, inv_t)
+        b = _load_block(q_base, offs, inv_t)
+        _, _, t_p, t_q = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND)
+        acc_p += t_p
+        acc_q += t_q
+    if full < limit:
+        offs = full + lanes
         a = _load_row(p_base, offs, limit, inv_t)
         b = _load_row(q_base, offs, limit, inv_t)
         _, _, t_p, t_q = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND)
