@@ -9,7 +9,7 @@ Each case launches the real launchers of ``modkern.kernels`` through the compile
 with ``cuobjdump -sass`` and reads, per kernel:
 
 - the main loops (a backward branch ``BRA`` to an earlier address; loops with no global load
-  are left out: the only one is the divergence forward's zero-fill of masked-out rows, which runs
+  are left out: the only one is the divergence backward's zero-fill of masked-out rows, which runs
   no iteration for an active row) or, for loop-free kernels, the whole body;
 - per element of the ``[R, V]`` (or ``[B, L, H]``) grid: SASS instructions, MUFU operations
   (``MUFU.EX2`` / ``MUFU.LG2`` / ...), and global bytes loaded + stored (from the widths of

@@ -68,7 +68,7 @@ _FAST_LOG = tl.constexpr(
 )
 _LN2 = tl.constexpr(math.log(2.0))
 _LOG2E = tl.constexpr(1.0 / math.log(2.0))
-# Start of the running max: finite, so exp2(lo - hi) never sees -inf - -inf (no guard per element).
+# Start of the running max: finite, so x - m is never -inf - -inf (no guard per element).
 _M_INIT = tl.constexpr(-3.4028234663852886e38)
 
 
