@@ -485,3 +485,53 @@ def test_backward_keeps_only_what_it_reads(backend):
         stored = [t for t in big if t.data_ptr() not in (p.data_ptr(), q.data_ptr())]
         assert len(stored) == (0 if not stores else (1 if p_in is not p or shared else 2))
         loss.backward()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_masked_rows_are_not_read(backend):
+    # Masked-out rows contribute nothing, whatever they hold: NaN logits there leave the loss and
+    # every gradient finite (the Triton kernels do not even load them).
+    p = _logits((5, 300), torch.float32)
+    q = _logits((5, 300), torch.float32)
+    with torch.no_grad():
+        p[1] = float("nan")
+        q[3] = float("nan")
+    mask = torch.tensor([True, False, True, False, True], device=DEVICE)
+    loss = modkern.fused_js(p, q, mask=mask, beta=0.3, backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(p.grad).all() and torch.isfinite(q.grad).all()
+    assert (p.grad[1] == 0).all() and (q.grad[3] == 0).all()
+
+
+try:  # the probe of the Triton kernels' fast log2 / exp2 (triton is optional)
+    import triton
+    import triton.language as tl
+    from modkern.kernels import divergence as _kd
+
+    @triton.jit
+    def _fast_math_probe(x_ptr, y_ptr, log_out, exp_out, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(log_out + offs, _kd._fast_log2(tl.load(x_ptr + offs)))
+        tl.store(exp_out + offs, tl.exp2(tl.load(y_ptr + offs)))
+
+except ImportError:  # pragma: no cover - without triton
+    _fast_math_probe = None
+
+
+@pytest.mark.skipif(
+    _fast_math_probe is None or "triton" not in modkern.available_backends(DEVICE), reason="no Triton here"
+)
+def test_fast_log2_and_exp2_accuracy():
+    # The per-element log of the Triton kernels: lg2.approx on a GPU (tl.log2 in the interpreter),
+    # on x = 1 + e, e in [0, 1]; and ex2.approx.ftz on [-30, 0]. The accuracy argument in
+    # kernels/divergence.py (_fast_log2) assumes ~2^-22 absolute (log2) / relative (exp2) error.
+    n = 4096
+    x = torch.linspace(1.0, 2.0, n, device=DEVICE)
+    y = torch.linspace(-30.0, 0.0, n, device=DEVICE)
+    lg, ex = torch.empty_like(x), torch.empty_like(y)
+    _fast_math_probe[(1,)](x, y, lg, ex, N=n)
+    log_err = (lg.double() - torch.log2(x.double())).abs().max().item()
+    exp_err = ((ex.double() - torch.exp2(y.double())) / torch.exp2(y.double())).abs().max().item()
+    assert log_err <= 2**-21, log_err
+    assert exp_err <= 2**-21, exp_err
