@@ -24,7 +24,7 @@
 #   baselines  torch.compile / eager / Liger on the headline divergence cases
 #   more       the rest of the divergence and PGD grids, while time is left
 #
-# Output (few files, so everything comes back through the device tool):
+# Output (a few files, easy to copy back from a remote machine):
 #   OUT/gpu_check.log                 all stage logs, in order
 #   OUT/gpu_check.json                environment + per-stage {rc, seconds, timed_out} + build time
 #   OUT/gpu-<device>.json             every benchmark of the run merged into one pytest-benchmark

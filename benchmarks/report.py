@@ -108,13 +108,16 @@ CPU (a few minutes; small shapes, checks that the suites work, measures nothing 
 pytest benchmarks/ --benchmark-only --benchmark-json benchmarks/results/cpu.json && python benchmarks/report.py
 ```
 
-GPU: **one command**, `benchmarks/gpu_check.sh`, made for a bare H100 / H200 session of the device
-tool (15 minutes of device time in all, at most 10 per command). It finishes in under 9 minutes,
-every stage time-boxed with `timeout`:
+GPU: **one command**, `benchmarks/gpu_check.sh OUT_DIR`, on any Linux machine with an NVIDIA GPU
+(written for an H100 / H200) where a CUDA build of torch, triton, nvcc, pytest and pytest-benchmark
+are installed; it needs no network. It finishes in under 9 minutes (every stage has a time limit,
+so a machine you can only use for a short while still returns the most important numbers first)
+and writes everything it measured into `OUT_DIR`:
 
 ```bash
-bash benchmarks/gpu_check.sh "$OUT"            # on the GPU machine
-bash benchmarks/gpu_check.sh --dry-run /tmp/x   # anywhere: prints the plan, runs every CPU-side part (CI does)
+git clone <this repository> modkern && cd modkern
+bash benchmarks/gpu_check.sh results-gpu      # on the GPU machine: build, test, benchmark
+bash benchmarks/gpu_check.sh --dry-run /tmp/x  # on any machine: prints the plan and runs the CPU-side parts (CI does)
 ```
 
 Order: the CUDA extension build (`pip install --no-build-isolation --no-deps -e .`, `MAX_JOBS`
@@ -135,8 +138,7 @@ into one pytest-benchmark file, re-merged after each stage so a killed run keeps
 cp OUT/gpu-*.json benchmarks/results/ && python benchmarks/report.py
 ```
 
-By hand (several 10-minute calls; build `csrc/` first, carry a `liger-kernel` wheel to include
-Liger): `pip install --no-build-isolation --no-deps -e . && pytest benchmarks/bench_divergence.py
+By hand, one suite at a time (build `csrc/` first; install `liger-kernel` to include Liger): `pip install --no-build-isolation --no-deps -e . && pytest benchmarks/bench_divergence.py
 -k bfloat16 --benchmark-only --benchmark-json benchmarks/results/gpu-div-bf16.json`, then
 `-k float32`, `bench_adv_step.py`, `bench_robust_step.py` (environment: `MODKERN_BENCH_E2E_BATCH` /
 `_SEQ` / `_ANSWER`, default 8 / 1024 / 64); files of one device are merged.
