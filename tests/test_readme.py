@@ -20,3 +20,21 @@ def test_readme_op_example_runs():
     delta, mask = scope["delta"], scope["mask"]
     assert float(delta[~mask].abs().max()) == 0.0
     assert 0 < float(delta[mask].abs().max()) <= 1e-3 * (1 + 1e-6)
+
+
+BENCH_README = README.parent / "benchmarks" / "README.md"
+# Words of this project's tooling that a user with a GPU machine cannot act on.
+INSIDER_TERMS = ("device tool", "one call", "device time", "10-minute call")
+
+
+def test_benchmarks_readme_describes_the_gpu_run_in_plain_terms():
+    text = BENCH_README.read_text()
+    how = text[text.index("## How to run") :]
+    how = how[: how.index("\n## ", 1)]
+    assert "bash benchmarks/gpu_check.sh" in how and "NVIDIA GPU" in how
+    assert "cp OUT/gpu-*.json benchmarks/results/ && python benchmarks/report.py" in how
+    found = [t for t in INSIDER_TERMS if t in how.lower()]
+    assert not found, f"benchmarks/README.md speaks of {found}: describe the GPU run for any user"
+    # the file is generated: the same text is in report.py
+    generator = (README.parent / "benchmarks" / "report.py").read_text()
+    assert "on any Linux machine with an NVIDIA GPU" in generator
