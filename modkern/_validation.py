@@ -214,4 +214,5 @@ def check_scalar_on(name: str, value, device) -> tuple[float, torch.Tensor | Non
         if not bool(valid):
             raise ValueError(f"{name} must be finite and > 0, got {value.item()}")
         return 0.0, value
-    return 0.0, nan_unless(valid, value) if value.dtype.is_floating_point else value
+    # an integer tensor cannot hold NaN: as float, so a bad value still shows up as NaN
+    return 0.0, nan_unless(valid, value if value.dtype.is_floating_point else value.to(torch.float32))
