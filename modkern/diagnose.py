@@ -698,14 +698,17 @@ class _Progress:
     def __init__(self, total: int, enabled: bool, log, desc: str = "diagnose"):
         self.total, self.done, self.log, self.desc = total, 0, log, desc
         self.bar = None
-        self.tty = enabled and sys.stdout.isatty()
+        # the bar goes to stderr (tqdm's stream), so it is drawn only when stderr is a terminal
+        from modkern.train import _interactive
+
+        self.tty = enabled and _interactive(sys.stderr)
         self.enabled = enabled
         self.next_pct = 10
         self.start = time.perf_counter()
         if self.tty:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, leave=False)
+            self.bar = tqdm(total=total, desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True, leave=False)
 
     def update(self, n: int):
         self.done += n
@@ -749,6 +752,8 @@ def resolve_conditions(names, spec: ModelSpec, kinds_present) -> tuple[list[Cond
         names = list(CONDITIONS)
     elif isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
+    if not names:  # e.g. --conditions "" from an unset variable: not a run that measures nothing
+        raise DiagnoseError(f"no condition names given; choose from {', '.join(CONDITIONS)} (or leave it out for all)")
     unknown = [n for n in names if n not in CONDITIONS]
     if unknown:
         raise DiagnoseError(f"unknown condition(s) {unknown}; choose from {', '.join(CONDITIONS)}")

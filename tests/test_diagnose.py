@@ -161,6 +161,9 @@ def test_errors(llava, tmp_path):
         diagnose(str(tmp_path / "missing"), log=None)
     with pytest.raises(DiagnoseError, match="unknown condition"):
         diagnose(llava, tokenizer=TOK, conditions=["mislead_txt"], log=None)
+    for empty in ("", " , ", []):  # an empty selection is an error, not a report without conditions
+        with pytest.raises(DiagnoseError, match="no condition names"):
+            diagnose(llava, tokenizer=TOK, conditions=empty, log=None)
     with pytest.raises(DiagnoseError, match="tokenizer"):
         diagnose(llava, log=None)
     with pytest.raises(DiagnoseError, match="max_items"):
@@ -211,3 +214,27 @@ def test_qwen2_vl_takes_the_image_conditions():
     assert report["family"] == "qwen_vl" and report["attention"]["modalities"] == ["text", "image"]
     assert list(report["conditions"]) == [n for n, c in CONDITIONS.items() if c.requires == ("image",)]
     assert all("audio" in reason for reason in report["skipped"].values())
+
+
+def test_progress_bar_only_when_its_stream_is_a_terminal(monkeypatch):
+    """The bar is drawn on stderr: with stdout a terminal but stderr a file (`2> log`), the file gets
+    no carriage-return bar, and the progress comes as plain lines instead."""
+    import io
+    import sys
+
+    from modkern.diagnose import _Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    monkeypatch.setattr(sys, "stderr", err)
+    lines = []
+    bar = _Progress(20, True, lines.append)
+    for _ in range(20):
+        bar.update(1)
+    bar.close()
+    assert "\r" not in err.getvalue()
+    assert lines and lines[-1].startswith("diagnose: 20/20 items (100%)")
