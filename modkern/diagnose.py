@@ -819,6 +819,15 @@ def diagnose(
         raise DiagnoseError(f"max_items must be an int >= 1, got {max_items!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DiagnoseError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if out is not None:  # before the run, not after it: a bad --out or no matplotlib would lose the results
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise DiagnoseError("diagnosis.png needs matplotlib: pip install 'modkern[demo]' (or pass out=None)")
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as exc:
+            raise DiagnoseError(f"--out {out}: cannot create the output directory ({exc})") from None
     source = None
     if isinstance(model, (str, os.PathLike)):
         source = os.fspath(model)

@@ -178,6 +178,26 @@ def test_errors(llava, tmp_path):
     assert "attention" not in report
 
 
+def test_output_problems_are_reported_before_the_run(llava, tmp_path, monkeypatch):
+    """A bad --out, or no matplotlib for the PNG, fails before any forward, not after the whole run."""
+    import importlib.util
+
+    calls = []
+    handle = llava.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        blocker = tmp_path / "a_file"
+        blocker.write_text("")
+        with pytest.raises(DiagnoseError, match="--out .*cannot create"):
+            diagnose(llava, tokenizer=TOK, out=str(blocker / "diag"), max_items=1, log=None)
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else real(n, *a))
+        with pytest.raises(DiagnoseError, match="matplotlib"):
+            diagnose(llava, tokenizer=TOK, out=str(tmp_path / "diag"), max_items=1, log=None)
+    finally:
+        handle.remove()
+    assert not calls
+
+
 def test_cli_writes_table_json_and_png(tmp_path, capsys, llava):
     from modkern.cli import main
 
