@@ -25,7 +25,16 @@ from torch import Tensor, nn
 CONSUMED_KEYS = ("labels", "shift_labels", "sample_kind", "ref_index")
 # Config attributes of models whose forward transforms the LM head's output (the chunked path,
 # which computes logits from the head's weight itself, cannot reproduce that).
-LOGIT_POSTPROCESSING_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+LOGIT_POSTPROCESSING_ATTRS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+    "output_multiplier_scale",
+)
+# Config attribute of models whose forward keeps only the first ``unpadded_vocab_size`` logits of a
+# padded LM head (the chunked path would compute the softmax over the padding rows too).
+UNPADDED_VOCAB_ATTR = "unpadded_vocab_size"
 
 
 def is_deepspeed_engine(model) -> bool:
@@ -348,6 +357,11 @@ def linear_head_weights(model: nn.Module, head: nn.Module) -> tuple[Tensor, Opti
     for attr in LOGIT_POSTPROCESSING_ATTRS:
         if any(getattr(c, attr, None) not in (None, 1, 1.0) for c in configs if c is not None):
             raise ValueError(f"the model transforms its logits after the LM head ({attr}); {way_out}")
+    vocab = vocab_size(head)
+    if any(getattr(c, UNPADDED_VOCAB_ATTR, None) not in (None, vocab) for c in configs if c is not None):
+        raise ValueError(
+            f"the model keeps only the first {UNPADDED_VOCAB_ATTR} of the LM head's {vocab} logits; {way_out}"
+        )
     return weight, head.bias
 
 
