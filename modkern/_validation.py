@@ -140,14 +140,19 @@ def check_mask(name: str, mask, rows: int, leading_shape, device) -> torch.Tenso
 
 
 def _is_count(t: torch.Tensor) -> torch.Tensor:
-    """Bool tensor: ``t`` is a whole number >= 0 (a count of items)."""
+    """Bool tensor: ``t`` is a finite count >= 0.
+
+    A tensor count may be fractional: Hugging Face's ``Trainer._get_num_items_in_batch`` divides
+    the token count by the tensor / context / sequence-parallel sizes (``num_items / (tp * cp *
+    sp)``), which leaves a float tensor that need not be whole. A Python number must be whole.
+    """
     if not t.dtype.is_floating_point:
         return t >= 0
-    return (t >= 0) & (t == t.floor()) & torch.isfinite(t)
+    return (t >= 0) & torch.isfinite(t)
 
 
 def check_num_items(num_items):
-    """``num_items``: None, a whole number > 0, or a 0-dim tensor holding a whole number >= 0.
+    """``num_items``: None, a whole number > 0, or a 0-dim tensor holding a finite count >= 0.
 
     A tensor count of 0 is allowed (Hugging Face passes 0 for a batch without answer tokens; the
     mean is then 0). A tensor's value is checked where it is readable (CPU); on a GPU a bad count
@@ -161,7 +166,7 @@ def check_num_items(num_items):
                 raise TypeError(f"num_items must be a real number, got a tensor of dtype {num_items.dtype}")
             if readable(num_items) and not bool(_is_count(num_items)):
                 raise ValueError(
-                    f"num_items must be a whole number of items >= 0, got {num_items.item()} "
+                    f"num_items must be a finite count of items >= 0, got {num_items.item()} "
                     "(it is the divisor of reduction='mean', e.g. Hugging Face's num_items_in_batch)"
                 )
         return num_items
@@ -176,7 +181,7 @@ def check_num_items(num_items):
 
 def count_divisor(num_items: torch.Tensor, device, dtype) -> torch.Tensor:
     """A tensor ``num_items`` as the divisor of a mean: at least 1 (a count of 0 gives a mean of 0,
-    not 0/0), NaN when it is not a whole count >= 0 (the device-side form of :func:`check_num_items`)."""
+    not 0/0), NaN when it is not a finite count >= 0 (the device-side form of :func:`check_num_items`)."""
     n = num_items.to(device=device)
     return nan_unless(_is_count(n), n.to(dtype).clamp_min(1))
 

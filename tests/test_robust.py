@@ -543,3 +543,14 @@ def test_chunked_head_refuses_what_it_cannot_compute(models):
         RobustConfig(lm_head="full")
     with pytest.raises(ValueError, match="chunk_size"):
         RobustConfig(chunk_size=0)
+
+
+def test_fractional_num_items_in_batch_from_a_parallel_trainer(models):
+    """Hugging Face divides num_items_in_batch by the tensor / context / sequence-parallel sizes:
+    a float tensor that need not be whole must divide every term, not fail."""
+    model, info = models["llama"]
+    batch = make_batch(info, 2, seed=12)
+    cfg = RobustConfig(init="zero", steps=1, lam=0.5, attack_normalization="micro_batch")  # same delta
+    whole = robust_loss(model, batch, cfg, num_items_in_batch=torch.tensor(10))
+    half = robust_loss(model, batch, cfg, num_items_in_batch=torch.tensor(10.0) / 4)
+    torch.testing.assert_close(half.loss.detach(), whole.loss.detach() * 4)

@@ -128,10 +128,14 @@ def test_fused_kl_integer_mask_other_than_zero_one():
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="values are read on CPU only")
 def test_num_items_negative_tensor():
     p, q = _logits()
-    with pytest.raises(ValueError, match="num_items must be a whole number of items >= 0, got -3"):
+    with pytest.raises(ValueError, match="num_items must be a finite count of items >= 0, got -3"):
         modkern.fused_kl(p, q, num_items=torch.tensor(-3))
     with pytest.raises(ValueError, match="num_items"):
-        modkern.fused_js(p, q, num_items=torch.tensor(2.5))
+        modkern.fused_js(p, q, num_items=torch.tensor(float("inf")))
+    # Hugging Face divides its count by the tensor / context / sequence-parallel sizes: a float
+    # tensor that need not be whole is a legal divisor
+    total = modkern.fused_js(p, q, reduction="sum")
+    torch.testing.assert_close(modkern.fused_js(p, q, num_items=torch.tensor(2.5)), total / 2.5)
     # a count of 0 stays legal (a batch without answer tokens): the mean is 0
     assert modkern.fused_kl(p, q, mask=torch.zeros(4, dtype=torch.bool), num_items=torch.tensor(0)) == 0
 
@@ -146,7 +150,7 @@ def test_num_items_fraction():
 def test_unreadable_bad_num_items_gives_nan(unreadable):
     p, q = _logits()
     assert torch.isnan(modkern.fused_kl(p, q, num_items=torch.tensor(-3, device=DEVICE)))
-    assert torch.isnan(modkern.fused_js(p, q, num_items=torch.tensor(2.5, device=DEVICE)))
+    assert torch.isnan(modkern.fused_js(p, q, num_items=torch.tensor(float("nan"), device=DEVICE)))
     torch.testing.assert_close(
         modkern.fused_kl(p, q, num_items=torch.tensor(8, device=DEVICE)), modkern.fused_kl(p, q, reduction="sum") / 8
     )
