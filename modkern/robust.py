@@ -222,6 +222,8 @@ class RobustConfig:
             or self.chunk_size < 1
         ):
             raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
+        if self.chunk_size is not None:
+            self.chunk_size = int(self.chunk_size)  # e.g. a numpy integer: the op takes a Python int
 
     def replace(self, **changes) -> RobustConfig:
         """A copy with some fields changed (validated again)."""

@@ -79,3 +79,13 @@ def test_chunked_head_refuses_an_output_multiplier():
         robust_loss(model, batch, RobustConfig(lm_head="chunked"))
     model.config.output_multiplier = 1.0  # the identity is fine
     assert torch.isfinite(robust_loss(model, batch, RobustConfig(lm_head="chunked")).loss)
+
+
+def test_config_chunk_size_accepts_any_integral():
+    np = pytest.importorskip("numpy")
+    model = padded_head_model()
+    model.config.unpadded_vocab_size = PADDED_V
+    batch = make_batch(INFO, 2, seed=3, answer_lens=[2, 2])
+    cfg = RobustConfig(lm_head="chunked", chunk_size=np.int64(2))
+    assert type(cfg.chunk_size) is int
+    assert torch.isfinite(robust_loss(model, batch, cfg).loss)
