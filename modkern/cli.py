@@ -382,7 +382,7 @@ def main(argv=None) -> int:
     if args.command is None:  # bare `modkern`: what it can do, not a 200-step run
         parser.print_help()
         return 2
-    debug = args.debug or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    debug = args.debug or os.environ.get(DEBUG_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
     try:
         return args.func(args)
     except CliError as exc:

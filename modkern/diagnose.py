@@ -44,6 +44,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -151,6 +152,12 @@ class _Ctx:
     rng: random.Random
     gen: torch.Generator
     classes: tuple
+
+
+def _condition_ctx(seed: int, name: str, classes) -> _Ctx:
+    """Random state of one condition: seeded from the run's seed and the condition's name."""
+    own = (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**62
+    return _Ctx(random.Random(own), torch.Generator().manual_seed(own + 1), tuple(classes))
 
 
 def _mislead_text(items, i, ctx):
@@ -882,9 +889,9 @@ def diagnose(
         from modkern.data import InterferenceTask
 
         classes = sorted(set(classes) | set(InterferenceTask().colours))
-    ctx = _Ctx(random.Random(seed), torch.Generator().manual_seed(seed + 1), tuple(classes))
     perturbed = {}
     for c in run:
+        ctx = _condition_ctx(seed, c.name, classes)  # a condition's variants do not depend on the others chosen
         idx = [i for i, it in enumerate(items) if it.kind in c.kinds]
         perturbed[c.name] = (idx, [c.make(items, i, ctx) for i in idx])
 

@@ -140,6 +140,15 @@ def test_batch_size_does_not_change_the_numbers(llava):
     torch.testing.assert_close(torch.tensor(one["attention"]["share"]), torch.tensor(many["attention"]["share"]))
 
 
+def test_a_conditions_variants_do_not_depend_on_the_other_conditions_chosen(llava):
+    kw = dict(tokenizer=TOK, max_items=6, progress=False, log=None, seed=3, attention=False)
+    alone = diagnose(llava, conditions="mislead_text", **kw)["conditions"]["mislead_text"]
+    both = diagnose(llava, conditions="unrelated_text,mislead_text", **kw)["conditions"]["mislead_text"]
+    assert alone["js"]["mean"] == both["js"]["mean"] and alone["flip_rate"] == both["flip_rate"]
+    other_seed = diagnose(llava, conditions="mislead_text", **dict(kw, seed=4))["conditions"]["mislead_text"]
+    assert other_seed["js"]["mean"] != alone["js"]["mean"]  # the seed still matters
+
+
 def test_conditions_are_named_and_unsupported_ones_skipped_with_a_reason(llava):
     assert any("mislead" in n for n in CONDITIONS)
     lines = []
