@@ -557,7 +557,8 @@ class _Forwards(contextlib.ExitStack):
             targets = self.rows.targets.to(logits.device)
             return F.cross_entropy(logits.to(accumulation_dtype(logits)), targets, reduction="sum")
         weight, bias = self.head_weights()
-        _, ce = linear_losses(branch.hidden, weight, bias, targets=self.rows.targets, **self._chunking())
+        targets = self.rows.targets.to(branch.hidden.device)
+        _, ce = linear_losses(branch.hidden, weight, bias, targets=targets, **self._chunking())
         return ce.sum()
 
     def _chunking(self) -> dict:
@@ -616,6 +617,8 @@ def _adversarial_terms(fw: _Forwards, mb: _MicroBatch, clean: _Branch, adv: _Bra
     if not config.uses_divergence:
         return fw.ce_sum(adv), None
     ref_rows = fw.rows.ref_rows(mb.ref_index)
+    device = (adv.logits if adv.logits is not None else adv.hidden).device  # the head's (device_map models)
+    ref_rows = None if ref_rows is None else ref_rows.to(device)
     options = dict(temperature=config.temperature, ref_index=ref_rows, backend=config.backend)
     if adv.logits is not None:
         p, q = clean.logits.detach(), adv.logits
@@ -633,7 +636,7 @@ def _adversarial_terms(fw: _Forwards, mb: _MicroBatch, clean: _Branch, adv: _Bra
         divergence=config.divergence,
         direction=config.kl_direction,
         beta=config.beta,
-        targets=fw.rows.targets,
+        targets=fw.rows.targets.to(device),
         detach_p_logits=True,
         chunk_size=config.chunk_size,
         **options,
@@ -675,7 +678,8 @@ def robust_loss(
         num_items_in_batch: total answer tokens of the accumulated batch (Hugging Face's
             ``num_items_in_batch``); every term is a token sum divided by it. None divides by this
             micro-batch's answer tokens.
-        return_logits: keep the clean logits of the answer rows (``[rows, V]``) in the output.
+        return_logits: keep the clean logits of the answer rows (``[rows, V]``) in the output
+            (answer-row path only: the chunked path never holds them, and returns None).
         attack_grad_scale: a loss scale for the attack's backward (a number or 0-dim tensor > 0),
             e.g. ``scaler.get_scale()`` of the ``GradScaler`` of fp16 training: the attack gradient
             flows through the same fp16 activations as the loss's and underflows just as easily
