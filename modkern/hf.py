@@ -86,12 +86,24 @@ class RobustTrainerMixin:
             return bool(flag)
         return num_items_in_batch is not None or getattr(self, "compute_loss_func", None) is not None
 
-    def _robust_attack_grad_scale(self, model) -> Optional[float]:
+    def _robust_attack_grad_scale(self, model):
         """The current loss scale of fp16 training (accelerate's GradScaler, or DeepSpeed's fp16 loss
-        scaler) for the attack's backward, so that its gradient does not underflow; None otherwise."""
+        scaler) for the attack's backward, so that its gradient does not underflow; None otherwise.
+
+        A GradScaler's scale lives on the device: it is handed on as a 0-dim tensor (a copy, since
+        the scaler updates its own in place), not read with ``get_scale()`` (an ``.item()``, a host
+        sync per micro-batch); before the scaler's first step it is the initial scale (a number)."""
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():
-            return float(scaler.get_scale())
+            get_async = getattr(scaler, "_get_scale_async", None)
+            if get_async is not None:
+                scale = get_async()
+                if isinstance(scale, torch.Tensor):
+                    return scale.detach().clone().reshape(())
+                init = getattr(scaler, "_init_scale", None)
+                if scale is None and isinstance(init, (int, float)) and not isinstance(init, bool):
+                    return float(init)
+            return float(scaler.get_scale())  # a scaler of another make
         if is_deepspeed_engine(model) and model.fp16_enabled():
             scale = getattr(model.optimizer, "loss_scale", None)
             if isinstance(scale, (int, float)) and scale > 0:

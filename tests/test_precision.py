@@ -86,12 +86,19 @@ def test_fp16_trainer_hands_its_grad_scale_to_the_attack(tmp_path, monkeypatch):
         trainer.accelerator.native_amp = True
     seen, dtypes = [], []
     real = hf.robust_loss
+    scaler = trainer.accelerator.scaler
+    real_get_scale = scaler.get_scale
 
     def recording(*args, **kwargs):
         out = real(*args, **kwargs)
-        current = trainer.accelerator.scaler.get_scale()
-        seen.append((kwargs.get("attack_grad_scale"), current, float(out.delta.abs().max())))
+        current = real_get_scale()
+        seen.append((float(kwargs.get("attack_grad_scale")), current, float(out.delta.abs().max())))
         return out
+
+    def no_sync():
+        raise AssertionError("get_scale() is a host sync per micro-batch")
+
+    monkeypatch.setattr(scaler, "get_scale", no_sync)
 
     monkeypatch.setattr(hf, "robust_loss", recording)
     layer = model.model.language_model.layers[0].mlp.down_proj
@@ -143,3 +150,39 @@ def test_reentrant_checkpointing_fails_with_the_fix_named(tmp_path):
             activation_checkpointing=True,
             activation_checkpointing_kwargs={"use_reentrant": True},
         )
+
+
+def test_attack_grad_scale_is_the_scalers_device_tensor_without_a_host_sync(monkeypatch):
+    """fp16: the scale goes to the attack as the GradScaler's 0-dim device tensor (a copy: the
+    scaler updates its own in place), never through ``get_scale()`` / ``.item()`` (a host sync per
+    micro-batch); before the scaler's first step it is the initial scale, a Python number."""
+    from types import SimpleNamespace
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    def no_sync(*a, **k):
+        raise AssertionError("host sync")
+
+    monkeypatch.setattr(scaler, "get_scale", no_sync)
+    fake = SimpleNamespace(accelerator=SimpleNamespace(scaler=scaler))
+    model = torch.nn.Linear(2, 2)
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", no_sync)
+        before = hf.RobustTrainerMixin._robust_attack_grad_scale(fake, model)
+    assert before == 2.0**10 and not isinstance(before, torch.Tensor)
+    scaler.scale(torch.ones((), requires_grad=True))  # the scaler makes its scale tensor lazily
+    scaler._scale.fill_(2.0**7)  # as after an update
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", no_sync)
+        m.setattr(torch.Tensor, "__float__", no_sync)
+        given = hf.RobustTrainerMixin._robust_attack_grad_scale(fake, model)
+    assert isinstance(given, torch.Tensor) and given.dim() == 0 and given.device == scaler._scale.device
+    assert float(given) == 2.0**7 and given.data_ptr() != scaler._scale.data_ptr()
+    scaler._scale.fill_(1.0)
+    assert float(given) == 2.0**7  # unaffected by the scaler's own in-place update
+    assert (
+        hf.RobustTrainerMixin._robust_attack_grad_scale(
+            SimpleNamespace(accelerator=SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False))), model
+        )
+        is None
+    )
