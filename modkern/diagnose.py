@@ -21,7 +21,10 @@ unrelated fact, a long irrelevant context, a misleading note (a template the dem
 never uses: its held-out interference); text-heavy items (the text decides) with a swapped,
 black, white or noise image; audio-visual items (the question asks about the video or about the
 sound) with misaligned audio-video pairs, removed audio, zeroed frames and a misleading caption.
-A condition that the model cannot take (audio on LLaVA) is skipped with the reason in the report.
+A condition that the model cannot take (audio on LLaVA) is skipped with the reason in the report;
+so is one that can build no variant (no image of another class to swap in, items without the
+input it changes), and an item a condition cannot build is left out of it and counted, never
+replaced by another perturbation.
 
 Data: without ``items``, the built-in synthetic tasks (the demo's colour task of
 :mod:`modkern.data`, and an audio-visual colour task for models with audio and video); or a list of
@@ -120,14 +123,28 @@ def _other(label: str, classes: Sequence[str], rng: random.Random) -> str:
     return rng.choice(options)
 
 
-def _donor(items: Sequence[Item], i: int, attr: str, rng: random.Random) -> Optional[Tensor]:
+class _NotBuilt(Exception):
+    """A condition cannot build its variant of this item; the message is the reason (reported)."""
+
+
+def _needs(item: Item, attr: str, what: str) -> Tensor:
+    value = getattr(item, attr)
+    if value is None:
+        raise _NotBuilt(f"the item has no {attr} {what}")
+    return value
+
+
+def _donor(items: Sequence[Item], i: int, attr: str, rng: random.Random) -> Tensor:
     """``attr`` (image / audio / video) of another item of the same kind with another class."""
     me = items[i]
-    pool = [j for j, o in enumerate(items) if j != i and o.kind == me.kind and getattr(o, attr) is not None]
-    different = [j for j in pool if items[j].target_class != me.target_class]
-    if not (different or pool):
-        return None
-    return getattr(items[rng.choice(different or pool)], attr)
+    different = [
+        j
+        for j, o in enumerate(items)
+        if j != i and o.kind == me.kind and getattr(o, attr) is not None and o.target_class != me.target_class
+    ]
+    if not different:  # never an item of the same class, nor another perturbation, in its place
+        raise _NotBuilt(f"no other {me.kind} item with {'an ' if attr == 'image' else ''}{attr} of another class")
+    return getattr(items[rng.choice(different)], attr)
 
 
 # --- conditions ------------------------------------------------------------------------------------
@@ -135,7 +152,8 @@ def _donor(items: Sequence[Item], i: int, attr: str, rng: random.Random) -> Opti
 
 @dataclass(frozen=True)
 class Condition:
-    """A perturbation of clean items: ``make(items, i, ctx)`` returns the perturbed ``items[i]``.
+    """A perturbation of clean items: ``make(items, i, ctx)`` returns the perturbed ``items[i]``
+    (or raises ``_NotBuilt`` with the reason: the item is left out of the condition and counted).
 
     ``kinds``: the item kinds it applies to; ``requires``: the model inputs it needs.
     """
@@ -191,16 +209,19 @@ def _mislead_note(items, i, ctx):
 
 
 def _swap_image(items, i, ctx):
-    other = _donor(items, i, "image", ctx.rng)
-    return _noise_image(items, i, ctx) if other is None else dataclasses.replace(items[i], image=other)
+    _needs(items[i], "image", "to swap")
+    return dataclasses.replace(items[i], image=_donor(items, i, "image", ctx.rng))
 
 
 def _const_image(value):
-    return lambda items, i, ctx: dataclasses.replace(items[i], image=torch.full_like(items[i].image, value))
+    def make(items, i, ctx):
+        return dataclasses.replace(items[i], image=torch.full_like(_needs(items[i], "image", "to replace"), value))
+
+    return make
 
 
 def _noise_image(items, i, ctx):
-    img = items[i].image
+    img = _needs(items[i], "image", "to replace")
     noise = 0.5 + 0.3 * torch.randn(img.shape, generator=ctx.gen)
     return dataclasses.replace(items[i], image=noise.clamp_(0.0, 1.0).to(img.dtype))
 
@@ -209,18 +230,17 @@ def _misaligned(items, i, ctx):
     # The stream the question does not ask about comes from an item of another class.
     it = items[i]
     attr = "audio" if it.kind == "av_visual" else "video"
-    other = _donor(items, i, attr, ctx.rng)
-    if other is None:
-        raise DiagnoseError("misaligned_audio_video needs at least two audio-visual items of the same kind")
-    return dataclasses.replace(it, **{attr: other})
+    _needs(it, attr, "to misalign")
+    return dataclasses.replace(it, **{attr: _donor(items, i, attr, ctx.rng)})
 
 
 def _removed_audio(items, i, ctx):
+    _needs(items[i], "audio", "to remove")  # else the variant would be the clean item
     return dataclasses.replace(items[i], audio=None)
 
 
 def _zeroed_frames(items, i, ctx):
-    return dataclasses.replace(items[i], video=torch.zeros_like(items[i].video))
+    return dataclasses.replace(items[i], video=torch.zeros_like(_needs(items[i], "video", "to zero")))
 
 
 def _mislead_caption(items, i, ctx):
@@ -813,8 +833,10 @@ def diagnose(
         log: where the table and messages go (``None``: nowhere).
 
     Returns a dict with ``"conditions"`` (per condition: ``accuracy``, ``clean_accuracy``,
-    ``flip_rate``, ``causal_effect`` and ``js`` (``mean``, ``std``), ``items``, ``applies_to``,
-    ``description``), ``"clean"`` (accuracy per item kind), ``"skipped"`` (condition -> reason),
+    ``flip_rate``, ``causal_effect`` and ``js`` (``mean``, ``std``), ``items``, ``items_skipped``
+    and ``items_skipped_reasons`` (reason -> count: items the condition could not build, e.g. no
+    image, no donor of another class), ``applies_to``, ``description``), ``"clean"`` (accuracy per
+    item kind), ``"skipped"`` (condition -> reason, also a condition that could build no item),
     ``"attention"`` (``modalities``, ``share`` [layer][modality], ``share_by_prompt_type``,
     ``cohens_d``) and the settings.
     """
@@ -889,11 +911,26 @@ def diagnose(
         from modkern.data import InterferenceTask
 
         classes = sorted(set(classes) | set(InterferenceTask().colours))
-    perturbed = {}
+    # An item a condition cannot build (no image to replace, no donor of another class) is left out
+    # of it and counted with the reason; a condition with no item at all is skipped with the reasons.
+    perturbed, not_built = {}, {}
     for c in run:
         ctx = _condition_ctx(seed, c.name, classes)  # a condition's variants do not depend on the others chosen
-        idx = [i for i, it in enumerate(items) if it.kind in c.kinds]
-        perturbed[c.name] = (idx, [c.make(items, i, ctx) for i in idx])
+        idx, variants, reasons = [], [], {}
+        for i, it in enumerate(items):
+            if it.kind not in c.kinds:
+                continue
+            try:
+                variants.append(c.make(items, i, ctx))
+            except _NotBuilt as exc:
+                reasons[str(exc)] = reasons.get(str(exc), 0) + 1
+                continue
+            idx.append(i)
+        if idx:
+            perturbed[c.name], not_built[c.name] = (idx, variants), reasons
+        else:
+            skipped[c.name] = "; ".join(f"{reason} ({n} item{'s' if n > 1 else ''})" for reason, n in reasons.items())
+    run = [c for c in run if c.name in perturbed]
 
     collate = Collator(spec, tokenizer)
     was_training = model.training
@@ -960,6 +997,8 @@ def diagnose(
             "description": c.description,
             "applies_to": [k for k in c.kinds if k in kinds_present],
             "items": int(cat["idx"].numel()),
+            "items_skipped": sum(not_built[c.name].values()),
+            "items_skipped_reasons": not_built[c.name],
             "accuracy": float(cat["correct"].double().mean()),
             "clean_accuracy": float(cat["clean_correct"].double().mean()),
             "flip_rate": float(cat["flip"].double().mean()),
@@ -1030,6 +1069,8 @@ def format_table(report: dict) -> str:
             f"{name:<26} {c['items']:>5} {c['accuracy']:>6.3f} {c['clean_accuracy']:>6.3f} {c['flip_rate']:>6.3f} "
             f"{ce['mean']:>+7.3f} ± {ce['std']:<5.3f} {js['mean']:>8.2e} ± {js['std']:<6.1e}"
         )
+        for reason, count in c.get("items_skipped_reasons", {}).items():
+            lines.append(f"{'':<26} {count} item(s) left out: {reason}")
     for name, reason in report["skipped"].items():
         lines.append(f"{name:<26} skipped: {reason}")
     att = report.get("attention")

@@ -267,3 +267,85 @@ def test_progress_bar_only_when_its_stream_is_a_terminal(monkeypatch):
     bar.close()
     assert "\r" not in err.getvalue()
     assert lines and lines[-1].startswith("diagnose: 20/20 items (100%)")
+
+
+IMAGE_CONDITIONS = ["swap_image", "black_image", "white_image", "noise_image"]
+
+
+def _text_heavy(items):
+    return [it for it in items if it.kind == "text_heavy"]
+
+
+def test_swap_image_without_a_donor_of_another_class_is_skipped_not_a_noise_image(llava):
+    """max_items=1: one text-heavy item, no image of another class to swap in. The condition is
+    skipped with the reason (it used to run a noise image under the name swap_image)."""
+    kw = dict(tokenizer=TOK, progress=False, log=None, attention=False)
+    report = diagnose(llava, max_items=1, conditions="swap_image,noise_image", **kw)
+    assert "swap_image" not in report["conditions"] and "noise_image" in report["conditions"]
+    assert "another class" in report["skipped"]["swap_image"]
+    # every text-heavy item of one class: no same-class image passed off as a swapped one either
+    items = image_task_items(4)
+    first = _text_heavy(items)[0].target_class
+    one_class = [it for it in items if it.kind == "image_heavy" or it.target_class == first]
+    one_class.append(Item(**{**_text_heavy(items)[0].__dict__, "image": _text_heavy(items)[1].image}))
+    report = diagnose(llava, items=one_class, conditions="swap_image,black_image", **kw)
+    assert "another class" in report["skipped"]["swap_image"] and "swap_image" not in report["conditions"]
+    assert report["conditions"]["black_image"]["items"] == 2
+
+
+def test_items_without_an_image_are_left_out_of_the_image_conditions_with_a_reason(llava):
+    items = image_task_items(3)
+    text = _text_heavy(items)
+    no_image = Item(**{**text[0].__dict__, "image": None})
+    lines = []
+    report = diagnose(
+        llava,
+        tokenizer=TOK,
+        items=[*items, no_image],
+        conditions=IMAGE_CONDITIONS,
+        progress=False,
+        log=lines.append,
+    )
+    assert report["items"]["text_heavy"] == 4 and report["skipped"] == {}
+    for name in IMAGE_CONDITIONS:
+        c = report["conditions"][name]
+        assert c["items"] == 3 and c["items_skipped"] == 1, name
+        assert list(c["items_skipped_reasons"].values()) == [1]
+        assert "no image" in next(iter(c["items_skipped_reasons"]))
+    assert "1 item(s) left out: " in "\n".join(lines)
+    # no text-heavy item with an image at all: the conditions are skipped, not a TypeError
+    report = diagnose(
+        llava,
+        tokenizer=TOK,
+        items=[it for it in items if it.kind == "image_heavy"] + [no_image],
+        conditions=["mislead_text", *IMAGE_CONDITIONS],
+        progress=False,
+        log=None,
+    )
+    assert list(report["conditions"]) == ["mislead_text"]
+    for name in IMAGE_CONDITIONS:
+        assert "no image" in report["skipped"][name], name
+
+
+def test_misaligned_audio_video_with_too_few_items_is_skipped_not_fatal():
+    from modkern.tiny import tiny_qwen2_5_omni
+
+    model, _ = tiny_qwen2_5_omni(len(TOK) + 7, num_layers=1, seed=0)
+    kw = dict(tokenizer=TOK, progress=False, log=None, attention=False)
+    av = "misaligned_audio_video,removed_audio,zeroed_frames"
+    report = diagnose(model, max_items=1, conditions=av, **kw)  # one item of each audio-visual kind
+    assert "another class" in report["skipped"]["misaligned_audio_video"]
+    assert report["conditions"]["removed_audio"]["items"] == 1 and report["conditions"]["zeroed_frames"]["items"] == 1
+    # an item without the stream a condition changes is left out of it (not a TypeError / a no-op variant)
+    from modkern.diagnose import av_task_items
+
+    items = av_task_items(2, mel_bins=8)
+    visual = [it for it in items if it.kind == "av_visual"]
+    sound = [it for it in items if it.kind == "av_audio"]
+    silent = Item(**{**visual[0].__dict__, "audio": None})
+    blind = Item(**{**sound[0].__dict__, "video": None})
+    report = diagnose(model, items=[*items, silent, blind], conditions=av, **kw)
+    cond = report["conditions"]
+    for name, stream in (("removed_audio", "audio"), ("zeroed_frames", "video")):
+        assert cond[name]["items"] == 2 and f"no {stream}" in next(iter(cond[name]["items_skipped_reasons"]))
+    assert cond["misaligned_audio_video"]["items"] == 4 and cond["misaligned_audio_video"]["items_skipped"] == 2
