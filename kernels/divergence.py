@@ -3,10 +3,13 @@
 Same losses and gradients as ``modkern.torch_backend.divergence`` (its docstring has the table).
 Per compared row r, with ``a = p[ref[r]] / T`` and ``b = q[r] / T``:
 
-    forward   pass 1  online max / sum-exp per lane of a and b (one exp per element)
-                      -> (shift, logsum) per row, lse = shift + logsum
-              pass 2  log P = (a - shift_a) - logsum_a, log Q likewise, P, Q, (log M)
-                      -> S_P, S_Q, loss;  stats[r] = (shift_a, logsum_a, shift_b, logsum_b, S_P, S_Q)
+    forward   JS   pass 1  online max / sum-exp per lane of a and b (one exp per element)
+                           -> (shift, logsum) per row, lse = shift + logsum
+                   pass 2  log P = (a - shift_a) - logsum_a, log Q likewise, P, Q, log M
+                           -> S_P, S_Q, loss
+              KL   one pass: pass 1's statistics plus U = sum e^(a - m) (x - y - c0), rescaled
+                           with the running max -> S_P = KL(P||Q) (S_Q likewise), loss
+              stats[r] = (shift_a, logsum_a, shift_b, logsum_b, S_P, S_Q)
     backward  one pass: the wanted gradient(s) of row r from a, b and stats[r], times the incoming
               grad_rows[r] / T -> grad_p[r], grad_q[r] (masked-out rows: zeros, nothing read)
 
@@ -17,8 +20,8 @@ counts the same from the compiled code):
         fwd reads a, b twice (8), + a third pass (4) when a gradient needs the row sums (JS,
         KL's own side), writes each gradient (2); bwd reads and writes each gradient (4)
         -> JS / KL with both gradients 24 B, KL with a detached P 14 B
-    recomputed: fwd reads a, b twice (8); bwd reads a, b once (4) and writes each gradient (2)
-        -> both gradients 16 B, one gradient 14 B
+    recomputed: fwd reads a, b twice (8; KL once, 4); bwd reads a, b once (4) and writes each
+        gradient (2) -> both gradients 16 B (KL 12), one gradient 14 B (KL 10)
 against the minimal 8 / 6 B (SPEC §4). The backward needs no third pass (the row sums are in the
 stats), nothing [R, V] lives between the forward and the backward but the logits themselves, and
 the incoming gradient scales each row before its single rounding to the output dtype (fp16 needs
@@ -144,6 +147,35 @@ def _lse_finish(m, s, inv_t):
 
 
 @triton.jit
+def _online_kl_update(m, s, u, x, t, c, WITH_U: tl.constexpr):
+    # _online_lse_update (the same expressions for m, s: the stats' log-sum-exps are the
+    # two-pass ones - identical in the interpreter) plus, when WITH_U, the running
+    # u = sum e^((x_i - m) / T) t_i with t = x - y - c0 from the raw logits (x - y is exact for
+    # bf16 / fp16 logits), rescaled like s when x raises the max (two FMAs, three selects). A weight
+    # e that underflows to 0 adds 0 (0 * inf: an entry with p = -inf, whatever q is) and drops
+    # the history it rescales (an entry whose probability underflows is 0, as in the two-pass
+    # P (log P - log Q)). A NaN t leaves u NaN; the row is NaN anyway through the other sum.
+    d = x - m
+    e = tl.exp2(-tl.abs(d) * c)
+    up = d > 0
+    s = tl.where(up, s * e + 1.0, s + e)
+    if WITH_U:
+        u = tl.where(e == 0, tl.where(up, t, u), tl.where(up, tl.fma(u, e, t), tl.fma(e, t, u)))
+    return tl.maximum(m, x), s, u
+
+
+@triton.jit
+def _kl_finish(m, s, u, inv_t):
+    # _lse_finish's (shift, logsum) - the same expression - and the row sums S = sum e^(a - shift)
+    # and U = sum e^(a - shift) t (t = x - y - c0): E_P[a - b] = (U / S + c0) / T.
+    mx = tl.max(m, 0)
+    w = tl.exp((m - mx) * inv_t)
+    big_s = tl.sum(s * w, 0)
+    big_u = tl.sum(tl.where(w == 0, 0.0, u * w), 0)
+    return mx * inv_t, tl.log(big_s), big_s, big_u
+
+
+@triton.jit
 def _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND: tl.constexpr):
     # log-probabilities, probabilities, and what each side's log is compared against:
     # JS compares both with log M = logaddexp(log P + log beta, log Q + log(1 - beta));
@@ -233,45 +265,103 @@ def _divergence_fwd_kernel(
     q_base = q_ptr + row * stride_q
     lanes = tl.arange(0, BLOCK)
 
-    # pass 1: log-sum-exp of both rows (of the raw logits, scaled by 1/T inside).
-    m_a = tl.full([BLOCK], _M_INIT, tl.float32)
-    m_b = tl.full([BLOCK], _M_INIT, tl.float32)
-    s_a = tl.zeros([BLOCK], tl.float32)
-    s_b = tl.zeros([BLOCK], tl.float32)
     # Whole blocks load unmasked (a masked load first fills its registers with the -inf default:
     # ~5 instructions per element pair); the last partial block, if any, is one masked step.
     full = (limit // BLOCK) * BLOCK
     c = inv_t * _LOG2E
-    for start in range(0, full, BLOCK):
-        offs = start + lanes
-        m_a, s_a = _online_lse_update(m_a, s_a, _load_block(p_base, offs, 1.0), c)
-        m_b, s_b = _online_lse_update(m_b, s_b, _load_block(q_base, offs, 1.0), c)
-    if full < limit:
-        offs = full + lanes
-        m_a, s_a = _online_lse_update(m_a, s_a, _load_row(p_base, offs, limit, 1.0), c)
-        m_b, s_b = _online_lse_update(m_b, s_b, _load_row(q_base, offs, limit, 1.0), c)
-    sh_a, ls_a = _lse_finish(m_a, s_a, inv_t)
-    sh_b, ls_b = _lse_finish(m_b, s_b, inv_t)
+    if KIND == 0:
+        # JS: two passes. log M = log(beta P + (1 - beta) Q) needs both rows' log-sum-exps at
+        # every element (not a sum of per-element terms that a running max can rescale).
+        # pass 1: log-sum-exp of both rows (of the raw logits, scaled by 1/T inside).
+        m_a = tl.full([BLOCK], _M_INIT, tl.float32)
+        m_b = tl.full([BLOCK], _M_INIT, tl.float32)
+        s_a = tl.zeros([BLOCK], tl.float32)
+        s_b = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, full, BLOCK):
+            offs = start + lanes
+            m_a, s_a = _online_lse_update(m_a, s_a, _load_block(p_base, offs, 1.0), c)
+            m_b, s_b = _online_lse_update(m_b, s_b, _load_block(q_base, offs, 1.0), c)
+        if full < limit:
+            offs = full + lanes
+            m_a, s_a = _online_lse_update(m_a, s_a, _load_row(p_base, offs, limit, 1.0), c)
+            m_b, s_b = _online_lse_update(m_b, s_b, _load_row(q_base, offs, limit, 1.0), c)
+        sh_a, ls_a = _lse_finish(m_a, s_a, inv_t)
+        sh_b, ls_b = _lse_finish(m_b, s_b, inv_t)
 
-    # pass 2: S_P = sum P (logP - xp), S_Q = sum Q (logQ - xq).
-    acc_p = tl.zeros([BLOCK], tl.float32)
-    acc_q = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, full, BLOCK):
-        offs = start + lanes
-        a = _load_block(p_base, offs, inv_t)
-        b = _load_block(q_base, offs, inv_t)
-        _, _, t_p, t_q = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND)
-        acc_p += t_p
-        acc_q += t_q
-    if full < limit:
-        offs = full + lanes
-        a = _load_row(p_base, offs, limit, inv_t)
-        b = _load_row(q_base, offs, limit, inv_t)
-        _, _, t_p, t_q = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND)
-        acc_p += t_p
-        acc_q += t_q
-    s_p = tl.where(active, tl.sum(acc_p, 0), 0.0)
-    s_q = tl.where(active, tl.sum(acc_q, 0), 0.0)
+        # pass 2: S_P = sum P (logP - xp), S_Q = sum Q (logQ - xq).
+        acc_p = tl.zeros([BLOCK], tl.float32)
+        acc_q = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, full, BLOCK):
+            offs = start + lanes
+            a = _load_block(p_base, offs, inv_t)
+            b = _load_block(q_base, offs, inv_t)
+            _, _, t_p, t_q = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND)
+            acc_p += t_p
+            acc_q += t_q
+        if full < limit:
+            offs = full + lanes
+            a = _load_row(p_base, offs, limit, inv_t)
+            b = _load_row(q_base, offs, limit, inv_t)
+            _, _, t_p, t_q = _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND)
+            acc_p += t_p
+            acc_q += t_q
+        s_p = tl.where(active, tl.sum(acc_p, 0), 0.0)
+        s_q = tl.where(active, tl.sum(acc_q, 0), 0.0)
+    else:
+        # KL: one pass. Next to each row's online log-sum-exp, the running U_P = sum e^(a - m_a)
+        # (x - y - c0) (U_Q likewise with y - x + c0): KL(P||Q) = E_P[a - b] - (lse_a - lse_b)
+        #   = U_P / S_P / T - log(S_P / S_Q) + (c0 / T - (shift_a - shift_b)),
+        # with S the sums whose logs are the stats' logsums. The logs' difference is taken as the
+        # log of the ratio (one rounding at the size of the result, not two at ulp(log S) ~ 1e-6
+        # for wide rows), so that near-identical rows (KL ~ 1e-6) keep their precision.
+        m_a = tl.full([BLOCK], _M_INIT, tl.float32)
+        m_b = tl.full([BLOCK], _M_INIT, tl.float32)
+        s_a = tl.zeros([BLOCK], tl.float32)
+        s_b = tl.zeros([BLOCK], tl.float32)
+        u_a = tl.zeros([BLOCK], tl.float32)
+        u_b = tl.zeros([BLOCK], tl.float32)
+        # U sums x - y - c0 with c0 the mean of the finite x - y of the row's first block: a
+        # common offset of the two rows' logits (which the lse difference absorbs) then cancels
+        # before the weighting, not after it (an offset of 1 cost the symmetric loss ~3% at
+        # KL ~ 2e-6). Any c0 gives the same sums in exact arithmetic. The first block (masked:
+        # it may be the whole row) is peeled off the loop to find c0.
+        offs = lanes
+        x = _load_row(p_base, offs, limit, 1.0)
+        y = _load_row(q_base, offs, limit, 1.0)
+        d0 = x - y
+        finite = tl.abs(d0) < float("inf")
+        c0 = tl.sum(tl.where(finite, d0, 0.0), 0) / tl.maximum(tl.sum(finite.to(tl.float32), 0), 1.0)
+        t = d0 - c0
+        m_a, s_a, u_a = _online_kl_update(m_a, s_a, u_a, x, t, c, KIND != 2)
+        m_b, s_b, u_b = _online_kl_update(m_b, s_b, u_b, y, -t, c, KIND != 1)
+        for start in range(BLOCK, full, BLOCK):
+            offs = start + lanes
+            x = _load_block(p_base, offs, 1.0)
+            y = _load_block(q_base, offs, 1.0)
+            t = (x - y) - c0
+            m_a, s_a, u_a = _online_kl_update(m_a, s_a, u_a, x, t, c, KIND != 2)
+            m_b, s_b, u_b = _online_kl_update(m_b, s_b, u_b, y, -t, c, KIND != 1)
+        if (full < limit) & (full > 0):
+            offs = full + lanes
+            x = _load_row(p_base, offs, limit, 1.0)
+            y = _load_row(q_base, offs, limit, 1.0)
+            t = (x - y) - c0
+            m_a, s_a, u_a = _online_kl_update(m_a, s_a, u_a, x, t, c, KIND != 2)
+            m_b, s_b, u_b = _online_kl_update(m_b, s_b, u_b, y, -t, c, KIND != 1)
+        sh_a, ls_a, big_sa, big_ua = _kl_finish(m_a, s_a, u_a, inv_t)
+        sh_b, ls_b, big_sb, big_ub = _kl_finish(m_b, s_b, u_b, inv_t)
+        # Only the sums the kind's loss and gradients use (the backward reads S_P for
+        # kl_forward / symmetric, S_Q for kl_reverse / symmetric); the other is stored as 0.
+        if KIND != 2:
+            s_p = (big_ua / big_sa * inv_t - tl.log(big_sa / big_sb)) + (c0 * inv_t - (sh_a - sh_b))
+            s_p = tl.where(active, s_p, 0.0)
+        else:
+            s_p = tl.full([], 0.0, tl.float32)
+        if KIND != 1:
+            s_q = (big_ub / big_sb * inv_t - tl.log(big_sb / big_sa)) - (c0 * inv_t - (sh_a - sh_b))
+            s_q = tl.where(active, s_q, 0.0)
+        else:
+            s_q = tl.full([], 0.0, tl.float32)
     if KIND == 0:
         loss = beta * s_p + (1.0 - beta) * s_q
     elif KIND == 1:
@@ -279,7 +369,9 @@ def _divergence_fwd_kernel(
     elif KIND == 2:
         loss = s_q
     else:
-        loss = s_p + s_q
+        # S_P + S_Q = E_P[a - b] - E_Q[a - b]: the shifts, log-ratios and c0 cancel exactly here
+        # (summed as computed, log(S_P / S_Q) + log(S_Q / S_P) left ~6e-8 of rounding).
+        loss = tl.where(active, (big_ua / big_sa + big_ub / big_sb) * inv_t, 0.0)
     tl.store(loss_ptr + row, loss)
     tl.store(stats_ptr + row * 6 + 0, sh_a)
     tl.store(stats_ptr + row * 6 + 1, ls_a)
