@@ -125,7 +125,6 @@ def fsdp2_manual(out_dir):
             losses.append(float(out.loss))
     facts = dict(flags=watch.flags, head_flags=watch.head_flags, attack_grads=watch.grads_after_attack)
     _save(out_dir, rank, model, masks=masks, losses=losses, **facts)
-    dist.destroy_process_group()
 
 
 def _rank_trainer(model, args, batches_of_rank, config=CONFIG, trainer_class=None):
@@ -318,10 +317,21 @@ def zero3_bf16_engine(out_dir):
     )
 
 
+def shutdown():
+    """Leave the process group in step with the other rank before the interpreter exits (a rank that
+    exits with live gloo threads can abort with "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main():
     name, out_dir = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
     globals()[name](out_dir)
+    shutdown()
 
 
 if __name__ == "__main__":

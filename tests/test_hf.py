@@ -229,6 +229,9 @@ DDP_SCRIPT = textwrap.dedent(
     if rank == 0:
         with open(os.path.join(out_dir, "logs.json"), "w") as f:
             json.dump(trainer.state.log_history, f)
+    from distributed_workers import shutdown
+
+    shutdown()  # leave the gloo group in step: a rank exiting with live gloo threads can abort
     """
 )
 
