@@ -98,6 +98,22 @@ def check_reduction(reduction) -> str:
     return check_choice("reduction", reduction, REDUCTIONS)
 
 
+def check_reduction_args(reduction, num_items) -> None:
+    """``reduction`` and its divisor ``num_items`` (only meaningful with ``"mean"``)."""
+    check_reduction(reduction)
+    check_num_items(num_items)
+    if num_items is not None and reduction != "mean":
+        raise ValueError(f"num_items is the divisor of reduction='mean'; it has no effect with reduction={reduction!r}")
+
+
+def check_index_vector(name: str, t, rows: int, leading_shape, device, what: str = "an integer tensor"):
+    """A per-row integer tensor (``ref_index``, ``targets``): :func:`check_row_vector`, then int64."""
+    t = check_row_vector(name, t, rows, leading_shape, device)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
+        raise TypeError(f"{name} must be {what}, got {t.dtype}")
+    return t.to(torch.int64).contiguous()
+
+
 def check_row_vector(name: str, t, rows: int, leading_shape, device) -> torch.Tensor:
     """A per-row tensor given as ``[rows]`` or with the leading shape of the rows; flattened."""
     check_tensor(name, t)

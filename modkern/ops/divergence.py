@@ -298,10 +298,7 @@ def _prepare(p_logits, q_logits, temperature, mask, ref_index, reduction, num_it
     if vocab == 0:
         raise ValueError("the vocabulary dimension of the logits must not be empty")
     V.check_positive_number("temperature", temperature, allow_tensor=False)
-    V.check_reduction(reduction)
-    V.check_num_items(num_items)
-    if num_items is not None and reduction != "mean":
-        raise ValueError(f"num_items is the divisor of reduction='mean'; it has no effect with reduction={reduction!r}")
+    V.check_reduction_args(reduction, num_items)
     backend = check_backend(backend)
     leading = q_logits.shape[:-1]
     q2 = q_logits.reshape(-1, vocab)
@@ -314,10 +311,7 @@ def _prepare(p_logits, q_logits, temperature, mask, ref_index, reduction, num_it
                 "shape unless ref_index maps each q row to a p row"
             )
     else:
-        ref_index = V.check_row_vector("ref_index", ref_index, rows, leading, device)
-        if ref_index.dtype.is_floating_point or ref_index.dtype in (torch.bool, torch.complex64, torch.complex128):
-            raise TypeError(f"ref_index must be an integer tensor, got {ref_index.dtype}")
-        ref_index = ref_index.to(torch.int64).contiguous()
+        ref_index = V.check_index_vector("ref_index", ref_index, rows, leading, device)
     mask = V.check_mask("mask", mask, rows, leading, device)
     # Kernels need a unit stride along V; a stride-0 expanded tensor is made contiguous too.
     p2 = p2 if p2.stride(-1) == 1 and p2.stride(0) != 0 else p2.contiguous()

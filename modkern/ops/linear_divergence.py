@@ -366,16 +366,10 @@ def linear_losses(
                     "maps each q row to a p row"
                 )
         else:
-            ref_index = V.check_row_vector("ref_index", ref_index, rows, (rows,), device)
-            if ref_index.dtype.is_floating_point or ref_index.dtype == torch.bool:
-                raise TypeError(f"ref_index must be an integer tensor, got {ref_index.dtype}")
-            ref_index = ref_index.to(torch.int64).contiguous()
+            ref_index = V.check_index_vector("ref_index", ref_index, rows, (rows,), device)
         mask = V.check_mask("mask", mask, rows, (rows,), device)
     if targets is not None:
-        targets = V.check_row_vector("targets", targets, rows, (rows,), device)
-        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-            raise TypeError(f"targets must be an integer tensor of token ids, got {targets.dtype}")
-        targets = targets.to(torch.int64).contiguous()
+        targets = V.check_index_vector("targets", targets, rows, (rows,), device, "an integer tensor of token ids")
     temperature = V.check_positive_number("temperature", temperature, allow_tensor=False)
     beta = V.check_open_unit_interval("beta", beta)
     if chunk_size is None:
@@ -396,10 +390,7 @@ def linear_losses(
 
 def _linear_divergence(divergence, direction, beta, p_hidden, q_hidden, weight, bias, options) -> Tensor:
     reduction, num_items = options.pop("reduction"), options.pop("num_items")
-    V.check_reduction(reduction)
-    V.check_num_items(num_items)
-    if num_items is not None and reduction != "mean":
-        raise ValueError(f"num_items is the divisor of reduction='mean'; it has no effect with reduction={reduction!r}")
+    V.check_reduction_args(reduction, num_items)
     V.check_float_tensor("p_hidden", p_hidden)
     div, _ = linear_losses(
         q_hidden, weight, bias, p_hidden=p_hidden, divergence=divergence, direction=direction, beta=beta, **options
