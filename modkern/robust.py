@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from modkern import _validation as V
 from modkern._reduction import mean_divisor
-from modkern.backend import accumulation_dtype, check_backend
+from modkern.backend import check_backend
 from modkern.delta_init import init_delta
 from modkern.masks import modality_mask
 from modkern.model_hooks import (  # noqa: F401 (re-exported: the objective's public plumbing)
@@ -83,7 +83,7 @@ from modkern.model_hooks import (  # noqa: F401 (re-exported: the objective's pu
 )
 from modkern.ops.adv_step import NORMS, STEPS, masked_adv_step
 from modkern.ops.divergence import DIRECTIONS, fused_js, fused_kl
-from modkern.ops.linear_divergence import linear_losses
+from modkern.ops.linear_divergence import linear_losses, token_ce_rows
 
 IGNORE_INDEX = -100
 SAMPLE_KINDS = ("image_heavy", "text_heavy", "vqa")
@@ -548,14 +548,13 @@ class _Forwards(contextlib.ExitStack):
             return self._run(self.base, inputs)
 
     def head_weights(self):
-        return linear_head_weights(self.model, self.head.module)
+        """``(weight, bias)`` of the head (the chunked path; its suitability was checked when it was chosen)."""
+        return self.head.module.weight, self.head.module.bias
 
     def ce_sum(self, branch: _Branch) -> Tensor:
         """Token-sum next-token CE of the answer rows, in fp32 (fp64 for a fp64 model)."""
         if branch.logits is not None:
-            logits = branch.logits
-            targets = self.rows.targets.to(logits.device)
-            return F.cross_entropy(logits.to(accumulation_dtype(logits)), targets, reduction="sum")
+            return token_ce_rows(branch.logits, self.rows.targets.to(branch.logits.device)).sum()
         weight, bias = self.head_weights()
         targets = self.rows.targets.to(branch.hidden.device)
         _, ce = linear_losses(branch.hidden, weight, bias, targets=targets, **self._chunking())
@@ -644,7 +643,7 @@ def _adversarial_terms(fw: _Forwards, mb: _MicroBatch, clean: _Branch, adv: _Bra
     return ce.sum(), div.sum()
 
 
-def _check_call(config, batch) -> RobustConfig:
+def _check_call(config) -> RobustConfig:
     config = RobustConfig() if config is None else config
     if not isinstance(config, RobustConfig):
         raise TypeError(f"config must be a RobustConfig, got {type(config).__name__}")
@@ -700,7 +699,7 @@ def robust_loss(
         >>> out = robust_loss(model, batch, RobustConfig(epsilon=1e-3, steps=2, lam=0.01))
         >>> out.loss.backward()
     """
-    config = _check_call(config, batch)
+    config = _check_call(config)
     if attack_grad_scale is not None:
         attack_grad_scale = V.check_positive_number("attack_grad_scale", attack_grad_scale)
     mb = _read_batch(model, batch, config)
@@ -739,7 +738,5 @@ def clean_loss(model: nn.Module, batch: dict, num_items_in_batch=None):
     logits = get_logits(output)
     shifted = shifted.to(logits.device)
     rows = shifted != IGNORE_INDEX
-    vocab = logits.shape[-1]
-    answers = logits.reshape(-1, vocab)[rows.reshape(-1)]
-    ce = F.cross_entropy(answers.to(accumulation_dtype(answers)), shifted[rows], reduction="sum")
-    return ce / _normalizer(num_items_in_batch, rows), output
+    answers = logits.reshape(-1, logits.shape[-1])[rows.reshape(-1)]
+    return token_ce_rows(answers, shifted[rows]).sum() / _normalizer(num_items_in_batch, rows), output

@@ -55,8 +55,10 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return F.linear(hidden, weight, bias)
 
 
-def _ce_rows(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-row CE in fp32 (fp64 for fp64 logits); 0 where ``targets == -100``."""
+def token_ce_rows(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-row next-token CE in fp32 (fp64 for fp64 logits); 0 where ``targets == -100``.
+
+    The one CE of the package: the fused-linear chunks and the robust objective's answer rows."""
     logits = logits.to(accumulation_dtype(logits))
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
@@ -136,7 +138,7 @@ def linear_losses_fwd(
     for chunk in _chunks(rows, chunk_size, ref_index, q_hidden.device):
         q_logits = _logits(chunk.slice(q_hidden), weight, bias)
         if targets is not None:
-            ce[chunk.start : chunk.stop] = _ce_rows(q_logits, chunk.slice(targets))
+            ce[chunk.start : chunk.stop] = token_ce_rows(q_logits, chunk.slice(targets))
         if kind != NO_DIVERGENCE:
             p_logits = _logits(p_hidden.index_select(0, chunk.p_rows), weight, bias)
             args = (None, chunk.slice(mask), kind, beta, inv_temperature, False, False, backend)
