@@ -269,14 +269,11 @@ class RobustCollator:
         return batch
 
 
-def collate_samples(samples, encode: Encode, pad_token_id: int = 0, image_transform=None) -> dict:
-    """Encode and right-pad ``samples`` (no copies); see :class:`RobustCollator` for the keys."""
-    encoded = [encode(s) for s in samples]
-    for k, (ids, labels) in enumerate(encoded):
-        if len(ids) != len(labels):
-            raise ValueError(f"encode returned {len(ids)} input ids but {len(labels)} labels for sample {k}")
+def right_pad(encoded, pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, labels)`` ``[n, L]`` from ``(ids, labels)`` lists, right-padded
+    with ``pad_token_id`` / -100 to the longest sequence."""
     length = max(len(ids) for ids, _ in encoded)
-    n = len(samples)
+    n = len(encoded)
     input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
     labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((n, length), dtype=torch.long)
@@ -284,6 +281,16 @@ def collate_samples(samples, encode: Encode, pad_token_id: int = 0, image_transf
         input_ids[k, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         labels[k, : len(lab)] = torch.tensor(lab, dtype=torch.long)
         attention_mask[k, : len(ids)] = 1
+    return input_ids, attention_mask, labels
+
+
+def collate_samples(samples, encode: Encode, pad_token_id: int = 0, image_transform=None) -> dict:
+    """Encode and right-pad ``samples`` (no copies); see :class:`RobustCollator` for the keys."""
+    encoded = [encode(s) for s in samples]
+    for k, (ids, labels) in enumerate(encoded):
+        if len(ids) != len(labels):
+            raise ValueError(f"encode returned {len(ids)} input ids but {len(labels)} labels for sample {k}")
+    input_ids, attention_mask, labels = right_pad(encoded, pad_token_id)
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

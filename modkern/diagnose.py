@@ -56,7 +56,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from modkern.model_hooks import infer_token_ids
+from modkern.robust import IGNORE_INDEX, shift_labels
+
 TOKENIZER_FILE = "modkern_tokenizer.json"  # the demo's word vocabulary next to its checkpoints
 
 # Item kinds and the prompt type each one is (the white-box comparison is between two prompt types).
@@ -405,13 +407,7 @@ class ModelSpec:
     def from_model(cls, model: nn.Module) -> ModelSpec:
         config = model.config
         mt = getattr(config, "model_type", "")
-        tid = {}
-        for name in ("image", "video", "audio"):
-            for attr in (f"{name}_token_id", f"{name}_token_index"):
-                v = getattr(config, attr, None)
-                if isinstance(v, int) and not isinstance(v, bool):
-                    tid[name] = v
-                    break
+        tid = infer_token_ids(model)
         try:
             params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
@@ -529,19 +525,11 @@ class Collator:
         return ids + answer, [IGNORE_INDEX] * len(ids) + answer
 
     def __call__(self, items: Sequence[Item]) -> dict:
+        from modkern.augment import right_pad
         from modkern.tiny import qwen2_vl_pixel_values, qwen_video_pixel_values
 
         s = self.spec
-        encoded = [self.encode(it) for it in items]
-        length = max(len(ids) for ids, _ in encoded)
-        n = len(items)
-        input_ids = torch.full((n, length), self.pad, dtype=torch.long)
-        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((n, length), dtype=torch.long)
-        for k, (ids, lab) in enumerate(encoded):
-            input_ids[k, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            labels[k, : len(lab)] = torch.tensor(lab, dtype=torch.long)
-            attention_mask[k, : len(ids)] = 1
+        input_ids, attention_mask, labels = right_pad([self.encode(it) for it in items], self.pad)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         info = dict(
             patch_size=s.patch_size, temporal_patch_size=s.temporal_patch_size, spatial_merge_size=s.spatial_merge_size
@@ -618,10 +606,6 @@ def _to(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
 
-def _shift(labels: Tensor) -> Tensor:
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
 @dataclass
 class AnswerRows:
     """The answer positions of a batch: ``logits [R, V]`` (fp32), ``target [R]``, ``item [R]``."""
@@ -641,7 +625,7 @@ def _forward(model, batch: dict, device, attentions: bool = False):
     if attentions:
         inputs["output_attentions"] = True
     out = model(**inputs)
-    shifted = _shift(batch["labels"]).to(out.logits.device)
+    shifted = shift_labels(batch["labels"]).to(out.logits.device)
     rows = shifted != IGNORE_INDEX
     b_idx = rows.nonzero()[:, 0]
     ans = AnswerRows(out.logits[rows].float(), shifted[rows], b_idx)
