@@ -95,6 +95,18 @@ def _add_debug(parser):
     )
 
 
+def _add_device(parser):
+    parser.add_argument(
+        "--device", default="auto", type=device_name, help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N"
+    )
+
+
+def _add_no_progress(parser):
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress output (a bar on a terminal, log lines otherwise)"
+    )
+
+
 # --- train ---------------------------------------------------------------------------------------
 
 
@@ -115,13 +127,9 @@ def _add_train(sub):
     p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps per method (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the initial weights and the batches")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument(
-        "--device", default="auto", type=device_name, help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N"
-    )
+    _add_device(p)
     p.add_argument("--quick", action="store_true", help="a reduced smoke run (seconds; for tests)")
-    p.add_argument(
-        "--no-progress", action="store_true", help="no progress output (bars on a terminal, log lines otherwise)"
-    )
+    _add_no_progress(p)
     _add_debug(p)
     p.set_defaults(func=cmd_train)
     return p
@@ -269,9 +277,7 @@ def _add_selfcheck(sub):
         help="compare every op with the float64 reference on this device, with timings",
         description="Run every op on this machine's device against the float64 reference and time both.",
     )
-    p.add_argument(
-        "--device", default="auto", type=device_name, help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N"
-    )
+    _add_device(p)
     p.add_argument(
         "--backend",
         default="all",
@@ -311,13 +317,9 @@ def _add_diagnose(sub):
         "--conditions", default=None, help="comma-separated condition names (default: every one the model can take)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the items and the perturbations")
-    p.add_argument(
-        "--device", default="auto", type=device_name, help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N"
-    )
+    _add_device(p)
     p.add_argument("--no-attention", action="store_true", help="skip the white-box attention analysis")
-    p.add_argument(
-        "--no-progress", action="store_true", help="no progress output (a bar on a terminal, log lines otherwise)"
-    )
+    _add_no_progress(p)
     _add_debug(p)
     p.set_defaults(func=cmd_diagnose)
     return p
