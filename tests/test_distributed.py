@@ -65,6 +65,26 @@ def check_against_reference(r0, r1, expected, init=None, device="cpu"):
         assert moved > 0
 
 
+# per step: clean forward (trainable), K attack forwards (frozen), adversarial forward (trainable)
+FREEZE_PATTERN = [True] + [False] * CONFIG.steps + [True]
+
+
+def check_trainer_run(tmp_path, worker, device, **launch_kw):
+    """Run a Trainer worker on 2 ranks and check what every Trainer engine must give: both ranks equal
+    to the single-process reference, parameters frozen in every attack forward and trainable
+    otherwise, no parameter gradient after an attack, the robust parts logged. Returns the ranks' results."""
+    r0, r1 = launch(tmp_path, worker, device=device, **launch_kw)
+    info = tiny_llava(seed=0)[1]
+    expected = reference_params(lambda: tiny_llava(seed=0), rank_batches(info))
+    init = {n: p.detach() for n, p in tiny_llava(seed=0)[0].named_parameters()}
+    check_against_reference(r0, r1, expected, init, device)
+    for r in (r0, r1):
+        assert [set(f) for f in r["flags"]] == [{w} for w in FREEZE_PATTERN * 2]
+        assert r["attack_grads"] == [[], []]
+        assert len(r["logs"]) == 2 and all(k in r["logs"][0] for k in ("ce_clean", "ce_adv", "consistency"))
+    return r0, r1
+
+
 def test_fsdp2_ranks_with_different_data_stay_paired(tmp_path):
     r0, r1 = launch(tmp_path, "fsdp2_manual")
     info = tiny_llava(seed=0)[1]
@@ -75,11 +95,9 @@ def test_fsdp2_ranks_with_different_data_stay_paired(tmp_path):
     init = {n: p.detach() for n, p in tiny_llava(seed=0)[0].named_parameters()}
     check_against_reference(r0, r1, expected, init)
     for r in (r0, r1):
-        # per step: clean forward (trainable), K attack forwards (frozen), adversarial forward (trainable)
-        pattern = [True] + [False] * CONFIG.steps + [True]
-        assert [set(f) for f in r["flags"]] == [{w} for w in pattern * 2]
+        assert [set(f) for f in r["flags"]] == [{w} for w in FREEZE_PATTERN * 2]
         # the root unit (LM head) stays gathered through the attack: frozen in every attack step too
-        assert [set(f) for f in r["head_flags"]] == [{w} for w in pattern * 2]
+        assert [set(f) for f in r["head_flags"]] == [{w} for w in FREEZE_PATTERN * 2]
         assert r["attack_grads"] == [[], []]  # no parameter gradient after either attack
 
 
@@ -89,18 +107,9 @@ def test_fsdp2_through_the_trainer(tmp_path, device):
     # accelerate ignores the FSDP plugin (its AcceleratorState enables FSDP for GPU-like device types
     # only, not MULTI_CPU, and the Trainer then falls back to DDP), so the worker switches it on the
     # way accelerate does on a GPU; everything else is the stock Trainer + patch_trainer.
-    r0, r1 = launch(tmp_path, "fsdp2_trainer", device=device)
-    info = tiny_llava(seed=0)[1]
-    expected = reference_params(lambda: tiny_llava(seed=0), rank_batches(info))
-    init = {n: p.detach() for n, p in tiny_llava(seed=0)[0].named_parameters()}
-    check_against_reference(r0, r1, expected, init, device)
-    pattern = [True] + [False] * CONFIG.steps + [True]
-    for r in (r0, r1):
-        assert [set(f) for f in r["flags"]] == [{w} for w in pattern * 2]
+    for r in check_trainer_run(tmp_path, "fsdp2_trainer", device):
         # the root unit (LM head) stays gathered through the attack: frozen in every attack step too
-        assert [set(f) for f in r["head_flags"]] == [{w} for w in pattern * 2]
-        assert r["attack_grads"] == [[], []]
-        assert len(r["logs"]) == 2 and all(k in r["logs"][0] for k in ("ce_clean", "ce_adv", "consistency"))
+        assert [set(f) for f in r["head_flags"]] == [{w} for w in FREEZE_PATTERN * 2]
 
 
 def _deepspeed_missing():
@@ -117,16 +126,7 @@ def test_deepspeed_zero3_through_the_trainer(tmp_path, device):
     # ZeRO-3 with every weight partitioned (stage3_param_persistence_threshold=0), through the stock
     # Trainer + patch_trainer. On CPU DeepSpeed's CPU accelerator runs on gloo; accelerate needs its
     # state configured with the gloo backend first (see distributed_workers._accelerate_deepspeed_on_cpu).
-    r0, r1 = launch(tmp_path, "zero3_trainer", timeout=180, device=device)
-    info = tiny_llava(seed=0)[1]
-    expected = reference_params(lambda: tiny_llava(seed=0), rank_batches(info))
-    init = {n: p.detach() for n, p in tiny_llava(seed=0)[0].named_parameters()}
-    check_against_reference(r0, r1, expected, init, device)
-    pattern = [True] + [False] * CONFIG.steps + [True]
-    for r in (r0, r1):
-        assert [set(f) for f in r["flags"]] == [{w} for w in pattern * 2]
-        assert r["attack_grads"] == [[], []]
-        assert len(r["logs"]) == 2 and all(k in r["logs"][0] for k in ("ce_clean", "ce_adv", "consistency"))
+    check_trainer_run(tmp_path, "zero3_trainer", device, timeout=180)
 
 
 @pytest.mark.skipif(_deepspeed_missing() is not None, reason=str(_deepspeed_missing()))
@@ -150,7 +150,6 @@ def test_deepspeed_zero3_bf16_engine(tmp_path):
             assert float(torch.nn.functional.cosine_similarity(got, want, dim=0)) > 0.98, name
             assert 0.95 < float(got.norm() / want.norm()) < 1.05, name
     assert compared >= 15
-    pattern = [True] + [False] * CONFIG.steps + [True]
     for r in (r0, r1):
-        assert [set(f) for f in r["flags"]] == [{w} for w in pattern * 2]
+        assert [set(f) for f in r["flags"]] == [{w} for w in FREEZE_PATTERN * 2]
         assert r["attack_grads"] == [[], []]
