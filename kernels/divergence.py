@@ -229,6 +229,21 @@ def _grad_b(prob_p, prob_q, t_q, s_q, own_scale, inv_t, KIND: tl.constexpr):
 
 
 @triton.jit
+def _row_span(row, ref_ptr, mask_ptr, V, HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr):
+    # The P row compared with Q row ``row`` (ref_index, or the same row), whether the row counts,
+    # and how many of its columns to read: V, or 0 for a masked-out row (its loops run no iteration).
+    if HAS_REF:
+        p_row = tl.load(ref_ptr + row).to(tl.int64)
+    else:
+        p_row = row
+    if HAS_MASK:
+        active = tl.load(mask_ptr + row) != 0
+    else:
+        active = row >= 0
+    return p_row, active, tl.where(active, V, 0)
+
+
+@triton.jit
 def _divergence_fwd_kernel(
     p_ptr,
     q_ptr,
@@ -251,16 +266,8 @@ def _divergence_fwd_kernel(
     # Per row: the loss and the statistics the backward recomputes the gradients from,
     # stats[r] = (shift_a, logsum_a, shift_b, logsum_b, S_P, S_Q) (lse = shift + logsum).
     row = tl.program_id(0).to(tl.int64)
-    if HAS_REF:
-        p_row = tl.load(ref_ptr + row).to(tl.int64)
-    else:
-        p_row = row
-    if HAS_MASK:
-        active = tl.load(mask_ptr + row) != 0
-    else:
-        active = row >= 0
     # masked-out rows run none of the passes below: nothing read
-    limit = tl.where(active, V, 0)
+    p_row, active, limit = _row_span(row, ref_ptr, mask_ptr, V, HAS_REF, HAS_MASK)
     p_base = p_ptr + p_row * stride_p
     q_base = q_ptr + row * stride_q
     lanes = tl.arange(0, BLOCK)
@@ -415,15 +422,7 @@ def _divergence_bwd_kernel(
     # Masked-out rows read nothing and store zeros.
     row = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(1).to(tl.int64) * CHUNK
-    if HAS_REF:
-        p_row = tl.load(ref_ptr + row).to(tl.int64)
-    else:
-        p_row = row
-    if HAS_MASK:
-        active = tl.load(mask_ptr + row) != 0
-    else:
-        active = row >= 0
-    limit = tl.where(active, V, 0)
+    p_row, active, limit = _row_span(row, ref_ptr, mask_ptr, V, HAS_REF, HAS_MASK)
     p_base = p_ptr + p_row * stride_p
     q_base = q_ptr + row * stride_q
     lanes = tl.arange(0, BLOCK)
