@@ -177,13 +177,20 @@ def _kl_finish(m, s, u, inv_t):
 
 @triton.jit
 def _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND: tl.constexpr):
-    # log-probabilities, probabilities, and what each side's log is compared against:
-    # JS compares both with log M = logaddexp(log P + log beta, log Q + log(1 - beta));
-    # KL(P||Q) compares log P with log Q and vice versa. c_p, c_q = log beta, log(1 - beta).
+    # log-probabilities, probabilities, and each side's term P (log P - x) (_terms).
     lp = (a - sh_a) - ls_a
     lq = (b - sh_b) - ls_b
     prob_p = tl.exp2(lp * _LOG2E)
     prob_q = tl.exp2(lq * _LOG2E)
+    t_p, t_q = _terms(lp, lq, prob_p, prob_q, c_p, c_q, KIND)
+    return prob_p, prob_q, t_p, t_q
+
+
+@triton.jit
+def _terms(lp, lq, prob_p, prob_q, c_p, c_q, KIND: tl.constexpr):
+    # What each side's log is compared against: JS compares both with
+    # log M = logaddexp(log P + log beta, log Q + log(1 - beta)); KL(P||Q) compares log P with
+    # log Q and vice versa. c_p, c_q = log beta, log(1 - beta).
     if KIND == 0:
         u = lp + c_p
         v = lq + c_q
@@ -198,7 +205,7 @@ def _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND: tl.constexpr):
     # row is NaN, never a silent 0.
     t_p = tl.where(prob_p == 0, 0.0, prob_p * (lp - xp))
     t_q = tl.where(prob_q == 0, 0.0, prob_q * (lq - xq))
-    return prob_p, prob_q, t_p, t_q
+    return t_p, t_q
 
 
 @triton.jit
@@ -517,6 +524,243 @@ def _divergence_grad_p_shared_kernel(
         tl.store(gp_ptr + n * stride_gp + offs, acc.to(gp_ptr.dtype.element_ty), mask=offs < V)
 
 
+# ------------------------------------------------------------------------------------------------
+# One read: the forward that also writes the gradients (``grad_mode="forward"``)
+#
+# The recomputing pair above reads every logit twice per training step (forward, then backward):
+# 8 + 2 per gradient bytes per bf16 element pair against SPEC §4's 4 + 2. Here one pass writes the
+# loss and the gradients of the reduced loss (times ``weight``: 1 for "sum", 1 / count for
+# "mean"); the backward only multiplies them by the incoming scalar, in place, and skips even
+# that on the device when it is 1 (``_scale_inplace_kernel``).
+#
+# A row of V = 152064 does not fit one program, and its gradients need the row's log-sum-exps
+# (and, for JS and KL's own side, the row sums S = sum P (log P - x)) before any element can be
+# written. So row r is split over NCHUNK programs, program (r, j) holding tile j of both rows in
+# registers from its single load to its stores, and the programs of a row exchange per-tile
+# partials through global memory:
+#
+#   round 1   tile max and sum of 2^(c (x - max)) of both rows -> the row's (shift, logsum)
+#   round 2   (only when a wanted gradient reads S) the tile sums of P (log P - x) -> S_P, S_Q
+#
+# Each program publishes its partials (plain stores, then a release atomic on its flag) and reads
+# its row partners' after an acquire of their flags. A partner whose flag is still 0 after
+# SPIN_POLLS polls is not waited for: the program loads that tile and computes the partner's
+# partial itself with the same jit function over the same tile, so the result does not depend on
+# which program computed a partial. Nothing relies on co-residency or launch order: no deadlock
+# is possible, and under the interpreter (programs run one after another, SPIN_POLLS = 0) every
+# program computes its later partners' partials itself - the tests exercise both ways.
+# Program ids run tile-fastest, so a row's programs are adjacent in launch order and, on a GPU,
+# resident together: the fallback loads are the exception (the static model assumes none).
+#
+# The per-tile loss partials go to ``partials`` [R * NCHUNK, 2] (P's and Q's side) and the row
+# losses are their sums (a [R, NCHUNK] torch reduction). Masked-out rows read nothing, write zero
+# gradients, zero partials, and exchange nothing.
+
+FUSED_BLOCK = 4096  # columns of a row per program (the tile it keeps in registers)
+# Polls of the partners' flags before computing a missing partial from memory (0 in the
+# interpreter, where a later program cannot run while an earlier one waits).
+SPIN_POLLS = 0 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 4096
+
+
+@triton.jit
+def _load_tile(base, offs, V):
+    # One tile of raw logits in fp32; columns at or past V read -inf (probability exactly 0).
+    return tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _tile_lse(x, c):
+    # Round 1 of one tile: its max of the raw logits (floored at _M_INIT, so that an all -inf
+    # tile gives 2^-inf = 0 and not NaN) and e = 2^(c (x - max)), c = log2(e) / T: one MUFU op
+    # per element, reused for P in round 2.
+    mx = tl.maximum(tl.max(x, 0), _M_INIT)
+    e = tl.exp2((x - mx) * c)
+    return mx, e
+
+
+@triton.jit
+def _tile_terms(x, y, mx, ex, my, ey, big_mx, ls_a, big_my, ls_b, inv_t, c_p, c_q, KIND: tl.constexpr):
+    # Round 2 of one tile, from its round-1 values and the row's (max, logsum) of both rows:
+    # log P = (a - shift) - logsum as in the two-pass kernels (shift = max(x) / T, a = x / T),
+    # P = e * e^((max_tile - max_row) / T - logsum) (the round-1 exponential, rescaled by one
+    # per-tile factor: no second MUFU op per element), and _terms' P (log P - x).
+    lp = (x * inv_t - big_mx * inv_t) - ls_a
+    lq = (y * inv_t - big_my * inv_t) - ls_b
+    prob_p = ex * tl.exp((mx - big_mx) * inv_t - ls_a)
+    prob_q = ey * tl.exp((my - big_my) * inv_t - ls_b)
+    t_p, t_q = _terms(lp, lq, prob_p, prob_q, c_p, c_q, KIND)
+    return prob_p, prob_q, t_p, t_q
+
+
+@triton.jit
+def _await_partners(flag_ptr, first, NCHUNK: tl.constexpr, NCHUNK_P2: tl.constexpr, SPIN: tl.constexpr):
+    # Acquire the flags of the row's NCHUNK programs (first = the row's first program id), polling
+    # up to SPIN times while one is 0. Returns (chunk index vector, which partials are published).
+    idx = tl.arange(0, NCHUNK_P2)
+    valid = idx < NCHUNK
+    flags = tl.atomic_add(flag_ptr + first + idx, 0, mask=valid, sem="acquire")
+    polls = 0
+    while (tl.sum(tl.where(valid & (flags == 0), 1, 0), 0) > 0) & (polls < SPIN):
+        flags = tl.atomic_add(flag_ptr + first + idx, 0, mask=valid, sem="acquire")
+        polls += 1
+    return idx, valid & (flags != 0)
+
+
+@triton.jit
+def _publish(flag_ptr, part_ptr, pid, v0, v1, v2, v3, WIDTH: tl.constexpr):
+    # Store this program's partials (the first WIDTH of v0..v3), then release its flag.
+    tl.store(part_ptr + pid * WIDTH + 0, v0)
+    tl.store(part_ptr + pid * WIDTH + 1, v1)
+    if WIDTH == 4:
+        tl.store(part_ptr + pid * WIDTH + 2, v2)
+        tl.store(part_ptr + pid * WIDTH + 3, v3)
+    tl.atomic_xchg(flag_ptr + pid, 1, sem="release")
+
+
+@triton.jit
+def _published(part_ptr, first, idx, have, field, WIDTH: tl.constexpr):
+    # One field of the row's published partials (0 where not published); .cg: from L2, past L1.
+    return tl.load(part_ptr + (first + idx) * WIDTH + field, mask=have, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _divergence_fused_kernel(
+    p_ptr,
+    q_ptr,
+    ref_ptr,
+    mask_ptr,
+    weight_ptr,
+    gp_ptr,
+    gq_ptr,
+    lse_part_ptr,
+    lse_flag_ptr,
+    sum_part_ptr,
+    sum_flag_ptr,
+    V,
+    stride_p,
+    stride_q,
+    stride_gp,
+    stride_gq,
+    inv_t,
+    beta,
+    c_p,
+    c_q,
+    KIND: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WRITE_GP: tl.constexpr,
+    WRITE_GQ: tl.constexpr,
+    NEED_S: tl.constexpr,
+    NCHUNK: tl.constexpr,
+    NCHUNK_P2: tl.constexpr,
+    SPIN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // NCHUNK
+    first = row * NCHUNK
+    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
+    p_row, active, limit = _row_span(row, ref_ptr, mask_ptr, V, HAS_REF, HAS_MASK)
+    p_base = p_ptr + p_row * stride_p
+    q_base = q_ptr + row * stride_q
+    c = inv_t * _LOG2E
+    if active:
+        x = _load_tile(p_base, offs, V)
+        y = _load_tile(q_base, offs, V)
+        mx, ex = _tile_lse(x, c)
+        my, ey = _tile_lse(y, c)
+        sx = tl.sum(ex, 0)
+        sy = tl.sum(ey, 0)
+        # round 1: the row's log-sum-exps
+        if NCHUNK > 1:
+            _publish(lse_flag_ptr, lse_part_ptr, pid, mx, sx, my, sy, 4)
+            idx, have = _await_partners(lse_flag_ptr, first, NCHUNK, NCHUNK_P2, SPIN)
+            mxs = _published(lse_part_ptr, first, idx, have, 0, 4)
+            sxs = _published(lse_part_ptr, first, idx, have, 1, 4)
+            mys = _published(lse_part_ptr, first, idx, have, 2, 4)
+            sys = _published(lse_part_ptr, first, idx, have, 3, 4)
+            for i in range(NCHUNK):
+                if tl.sum(tl.where((idx == i) & ~have, 1, 0), 0) > 0:
+                    o = i * BLOCK + tl.arange(0, BLOCK)
+                    mxi, exi = _tile_lse(_load_tile(p_base, o, V), c)
+                    myi, eyi = _tile_lse(_load_tile(q_base, o, V), c)
+                    mxs = tl.where(idx == i, mxi, mxs)
+                    sxs = tl.where(idx == i, tl.sum(exi, 0), sxs)
+                    mys = tl.where(idx == i, myi, mys)
+                    sys = tl.where(idx == i, tl.sum(eyi, 0), sys)
+            valid = idx < NCHUNK
+            big_mx = tl.max(tl.where(valid, mxs, _M_INIT), 0)
+            big_my = tl.max(tl.where(valid, mys, _M_INIT), 0)
+            ls_a = tl.log(tl.sum(tl.where(valid, sxs * tl.exp((mxs - big_mx) * inv_t), 0.0), 0))
+            ls_b = tl.log(tl.sum(tl.where(valid, sys * tl.exp((mys - big_my) * inv_t), 0.0), 0))
+        else:
+            big_mx = mx
+            big_my = my
+            ls_a = tl.log(sx)
+            ls_b = tl.log(sy)
+        prob_p, prob_q, t_p, t_q = _tile_terms(x, y, mx, ex, my, ey, big_mx, ls_a, big_my, ls_b, inv_t, c_p, c_q, KIND)
+        part_p = tl.sum(t_p, 0)
+        part_q = tl.sum(t_q, 0)
+        # round 2: the row sums S_P, S_Q, when a wanted gradient reads them
+        s_p = part_p
+        s_q = part_q
+        if NEED_S:
+            if NCHUNK > 1:
+                _publish(sum_flag_ptr, sum_part_ptr, pid, part_p, part_q, part_p, part_q, 2)
+                idx, have = _await_partners(sum_flag_ptr, first, NCHUNK, NCHUNK_P2, SPIN)
+                sps = _published(sum_part_ptr, first, idx, have, 0, 2)
+                sqs = _published(sum_part_ptr, first, idx, have, 1, 2)
+                for i in range(NCHUNK):
+                    if tl.sum(tl.where((idx == i) & ~have, 1, 0), 0) > 0:
+                        o = i * BLOCK + tl.arange(0, BLOCK)
+                        xi = _load_tile(p_base, o, V)
+                        yi = _load_tile(q_base, o, V)
+                        mxi, exi = _tile_lse(xi, c)
+                        myi, eyi = _tile_lse(yi, c)
+                        _, _, tpi, tqi = _tile_terms(
+                            xi, yi, mxi, exi, myi, eyi, big_mx, ls_a, big_my, ls_b, inv_t, c_p, c_q, KIND
+                        )
+                        sps = tl.where(idx == i, tl.sum(tpi, 0), sps)
+                        sqs = tl.where(idx == i, tl.sum(tqi, 0), sqs)
+                s_p = tl.sum(sps, 0)
+                s_q = tl.sum(sqs, 0)
+        else:
+            tl.store(sum_part_ptr + pid * 2 + 0, part_p)
+            tl.store(sum_part_ptr + pid * 2 + 1, part_q)
+        w_t = tl.load(weight_ptr).to(tl.float32) * inv_t
+        if KIND == 0:
+            own_a = beta * w_t
+            own_b = (1.0 - beta) * w_t
+        else:
+            own_a = w_t
+            own_b = w_t
+        if WRITE_GP:
+            g = _grad_a(prob_p, prob_q, t_p, s_p, own_a, w_t, KIND)
+            tl.store(gp_ptr + row * stride_gp + offs, g.to(gp_ptr.dtype.element_ty), mask=offs < V)
+        if WRITE_GQ:
+            g = _grad_b(prob_p, prob_q, t_q, s_q, own_b, w_t, KIND)
+            tl.store(gq_ptr + row * stride_gq + offs, g.to(gq_ptr.dtype.element_ty), mask=offs < V)
+    else:
+        tl.store(sum_part_ptr + pid * 2 + 0, 0.0)
+        tl.store(sum_part_ptr + pid * 2 + 1, 0.0)
+        zeros = tl.zeros([BLOCK], tl.float32)
+        if WRITE_GP:
+            tl.store(gp_ptr + row * stride_gp + offs, zeros.to(gp_ptr.dtype.element_ty), mask=offs < V)
+        if WRITE_GQ:
+            tl.store(gq_ptr + row * stride_gq + offs, zeros.to(gq_ptr.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _scale_inplace_kernel(g_ptr, x_ptr, n, BLOCK: tl.constexpr):
+    # x *= g for the gradients the one-read forward stored; nothing read or written when g == 1
+    # (the common loss.backward() of the reduced loss), decided on the device: no host sync.
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n)
+        tl.store(x_ptr + offs, (x.to(tl.float32) * g).to(x_ptr.dtype.element_ty), mask=offs < n)
+
+
 def _mix_coefs(beta: float):
     # c_p, c_q of _row_terms
     return math.log(beta), math.log1p(-beta)
@@ -631,3 +875,101 @@ def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q
             num_warps=_num_warps(block),
         )
     return grad_p, grad_q
+
+
+def _needs_row_sums(spec, write_gp: bool, write_gq: bool) -> bool:
+    # Which gradients read S_P / S_Q (see _grad_a / _grad_b): JS both sides; KL(P||Q) P's own
+    # side, KL(Q||P) Q's; the symmetric KL both.
+    kind = spec.kind_id
+    if kind == 1:
+        return write_gp
+    if kind == 2:
+        return write_gq
+    return write_gp or write_gq
+
+
+def forward_with_grads(p, q, ref_index, mask, weight, spec):
+    """One read of the logits: per-row losses and the gradients of ``weight * sum(losses)``.
+
+    ``weight``: 0-dim fp32 tensor on the logits' device. Returns (loss_rows [R] fp32, grad_p
+    [N, V] or [0], grad_q [R, V] or [0]) in the logits' dtype. A P gradient with ``ref_index``
+    (several Q rows sharing a P row) is not handled here (the caller routes it to the recomputing
+    backward)."""
+    if spec.need_grad_p and ref_index is not None:
+        raise ValueError("forward_with_grads: a P gradient with ref_index needs the recomputing backward")
+    rows, vocab = q.shape
+    write_gp, write_gq = spec.need_grad_p, spec.need_grad_q
+    grad_p = torch.empty_like(p) if write_gp else p.new_empty(0)
+    grad_q = torch.empty_like(q) if write_gq else q.new_empty(0)
+    acc = accumulation_dtype(p)
+    if rows == 0:
+        return torch.zeros(0, dtype=acc, device=q.device), grad_p, grad_q
+    block = min(_block_v(vocab), FUSED_BLOCK)
+    nchunk = triton.cdiv(vocab, block)
+    need_s = _needs_row_sums(spec, write_gp, write_gq)
+    programs = rows * nchunk
+    sums = torch.empty(programs, 2, dtype=acc, device=q.device)
+    exchanging = nchunk > 1
+    lse_part = torch.empty(programs if exchanging else 0, 4, dtype=acc, device=q.device)
+    lse_flag = torch.zeros(programs if exchanging else 0, dtype=torch.int32, device=q.device)
+    sum_flag = torch.zeros(programs if exchanging and need_s else 0, dtype=torch.int32, device=q.device)
+    c_p, c_q = _mix_coefs(spec.beta)
+    _divergence_fused_kernel[(programs,)](
+        p,
+        q,
+        ref_index if ref_index is not None else q,
+        mask if mask is not None else q,
+        weight,
+        grad_p if write_gp else q,
+        grad_q if write_gq else q,
+        lse_part if exchanging else sums,
+        lse_flag if exchanging else lse_flag.new_zeros(1),
+        sums,
+        sum_flag if exchanging and need_s else lse_flag.new_zeros(1),
+        vocab,
+        p.stride(0),
+        q.stride(0),
+        grad_p.stride(0) if write_gp else 0,
+        grad_q.stride(0) if write_gq else 0,
+        float(spec.inv_temperature),
+        float(spec.beta),
+        c_p,
+        c_q,
+        KIND=spec.kind_id,
+        HAS_REF=ref_index is not None,
+        HAS_MASK=mask is not None,
+        WRITE_GP=write_gp,
+        WRITE_GQ=write_gq,
+        NEED_S=need_s,
+        NCHUNK=nchunk,
+        NCHUNK_P2=triton.next_power_of_2(nchunk),
+        SPIN=SPIN_POLLS,
+        BLOCK=block,
+        num_warps=_num_warps(block),
+    )
+    side = sums.view(rows, nchunk, 2).sum(1)
+    return _row_losses(spec, side[:, 0], side[:, 1]), grad_p, grad_q
+
+
+def _row_losses(spec, s_p, s_q):
+    # The row loss from the row sums S_P = sum P (log P - x_P), S_Q likewise (0 on masked rows).
+    kind = spec.kind_id
+    if kind == 0:
+        return spec.beta * s_p + (1.0 - spec.beta) * s_q
+    if kind == 1:
+        return s_p
+    if kind == 2:
+        return s_q
+    return s_p + s_q
+
+
+SCALE_BLOCK = 4096
+
+
+def scale_(grad_scale, *tensors):
+    """``t *= grad_scale`` for each tensor, in place; nothing moves when ``grad_scale == 1``
+    (decided on the device). ``grad_scale``: a 1-element tensor on the tensors' device."""
+    g = grad_scale.reshape(1).to(torch.float32)
+    for t in tensors:
+        if t.numel():
+            _scale_inplace_kernel[(triton.cdiv(t.numel(), SCALE_BLOCK),)](g, t, t.numel(), BLOCK=SCALE_BLOCK, num_warps=8)
