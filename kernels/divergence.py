@@ -557,6 +557,7 @@ def _divergence_grad_p_shared_kernel(
 # gradients, zero partials, and exchange nothing.
 
 FUSED_BLOCK = 4096  # columns of a row per program (the tile it keeps in registers)
+FUSED_WARPS = 8
 # Polls of the partners' flags before computing a missing partial from memory (0 in the
 # interpreter, where a later program cannot run while an earlier one waits).
 SPIN_POLLS = 0 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 4096
@@ -699,32 +700,33 @@ def _divergence_fused_kernel(
             ls_a = tl.log(sx)
             ls_b = tl.log(sy)
         prob_p, prob_q, t_p, t_q = _tile_terms(x, y, mx, ex, my, ey, big_mx, ls_a, big_my, ls_b, inv_t, c_p, c_q, KIND)
-        part_p = tl.sum(t_p, 0)
-        part_q = tl.sum(t_q, 0)
+        # the loss reads S_P (JS, KL(P||Q), symmetric) and S_Q (JS, KL(Q||P), symmetric): an unread
+        # side's terms are never formed
+        part_p = tl.sum(t_p, 0) if KIND != 2 else 0.0
+        part_q = tl.sum(t_q, 0) if KIND != 1 else 0.0
         # round 2: the row sums S_P, S_Q, when a wanted gradient reads them
         s_p = part_p
         s_q = part_q
-        if NEED_S:
-            if NCHUNK > 1:
-                _publish(sum_flag_ptr, sum_part_ptr, pid, part_p, part_q, part_p, part_q, 2)
-                idx, have = _await_partners(sum_flag_ptr, first, NCHUNK, NCHUNK_P2, SPIN)
-                sps = _published(sum_part_ptr, first, idx, have, 0, 2)
-                sqs = _published(sum_part_ptr, first, idx, have, 1, 2)
-                for i in range(NCHUNK):
-                    if tl.sum(tl.where((idx == i) & ~have, 1, 0), 0) > 0:
-                        o = i * BLOCK + tl.arange(0, BLOCK)
-                        xi = _load_tile(p_base, o, V)
-                        yi = _load_tile(q_base, o, V)
-                        mxi, exi = _tile_lse(xi, c)
-                        myi, eyi = _tile_lse(yi, c)
-                        _, _, tpi, tqi = _tile_terms(
-                            xi, yi, mxi, exi, myi, eyi, big_mx, ls_a, big_my, ls_b, inv_t, c_p, c_q, KIND
-                        )
-                        sps = tl.where(idx == i, tl.sum(tpi, 0), sps)
-                        sqs = tl.where(idx == i, tl.sum(tqi, 0), sqs)
-                s_p = tl.sum(sps, 0)
-                s_q = tl.sum(sqs, 0)
-        else:
+        if NEED_S and NCHUNK > 1:
+            _publish(sum_flag_ptr, sum_part_ptr, pid, part_p, part_q, part_p, part_q, 2)
+            idx, have = _await_partners(sum_flag_ptr, first, NCHUNK, NCHUNK_P2, SPIN)
+            sps = _published(sum_part_ptr, first, idx, have, 0, 2)
+            sqs = _published(sum_part_ptr, first, idx, have, 1, 2)
+            for i in range(NCHUNK):
+                if tl.sum(tl.where((idx == i) & ~have, 1, 0), 0) > 0:
+                    o = i * BLOCK + tl.arange(0, BLOCK)
+                    xi = _load_tile(p_base, o, V)
+                    yi = _load_tile(q_base, o, V)
+                    mxi, exi = _tile_lse(xi, c)
+                    myi, eyi = _tile_lse(yi, c)
+                    _, _, tpi, tqi = _tile_terms(
+                        xi, yi, mxi, exi, myi, eyi, big_mx, ls_a, big_my, ls_b, inv_t, c_p, c_q, KIND
+                    )
+                    sps = tl.where(idx == i, tl.sum(tpi, 0), sps)
+                    sqs = tl.where(idx == i, tl.sum(tqi, 0), sqs)
+            s_p = tl.sum(sps, 0)
+            s_q = tl.sum(sqs, 0)
+        else:  # the loss partials only (the row losses sum them), or a one-tile row's sums
             tl.store(sum_part_ptr + pid * 2 + 0, part_p)
             tl.store(sum_part_ptr + pid * 2 + 1, part_q)
         w_t = tl.load(weight_ptr).to(tl.float32) * inv_t
@@ -904,7 +906,7 @@ def forward_with_grads(p, q, ref_index, mask, weight, spec):
     acc = accumulation_dtype(p)
     if rows == 0:
         return torch.zeros(0, dtype=acc, device=q.device), grad_p, grad_q
-    block = min(_block_v(vocab), FUSED_BLOCK)
+    block = max(16, min(triton.next_power_of_2(vocab), FUSED_BLOCK))
     nchunk = triton.cdiv(vocab, block)
     need_s = _needs_row_sums(spec, write_gp, write_gq)
     programs = rows * nchunk
@@ -945,7 +947,7 @@ def forward_with_grads(p, q, ref_index, mask, weight, spec):
         NCHUNK_P2=triton.next_power_of_2(nchunk),
         SPIN=SPIN_POLLS,
         BLOCK=block,
-        num_warps=_num_warps(block),
+        num_warps=min(_num_warps(block), FUSED_WARPS),
     )
     side = sums.view(rows, nchunk, 2).sum(1)
     return _row_losses(spec, side[:, 0], side[:, 1]), grad_p, grad_q
