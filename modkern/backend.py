@@ -31,6 +31,12 @@ ENV_VAR = "MODKERN_BACKEND"
 # Filled in by measurement on the GPU machine; until then Triton is preferred under "auto".
 CUDA_PREFERRED_OPS: frozenset[str] = frozenset()
 
+# What ``grad_mode="auto"`` of fused_js / fused_kl runs: "backward" (the recomputing backward) or
+# "forward" (the one-read forward that writes the gradients). To be set from the GPU check's
+# measurement of both (benchmarks/README.md); until one exists, the mode whose forward keeps
+# nothing [R, V] alive until the backward.
+DIVERGENCE_GRAD_MODE_AUTO = "backward"
+
 
 # The divergence kinds every backend implements, with the integer code the Triton and CUDA kernels
 # take (csrc/divergence_kernels.cuh's enum follows this order; tests/test_cuda_build.py checks it).

@@ -10,7 +10,11 @@ Layers, bottom-up:
    implementations and autograd registered on the forward op, so ``torch.compile(fullgraph=True)``
    traces through them and ``torch.library.opcheck`` passes;
 3. ``FusedDivergence``, a ``torch.autograd.Function`` over the two ops;
-4. ``fused_js`` / ``fused_kl``: argument checks, flattening, reduction.
+4. ``grad_mode="forward"``: ``modkern::divergence_fwd_grads`` (the loss and the gradients of the
+   reduced loss in one read of the logits; Triton: ``_divergence_fused_kernel``, other backends:
+   their forward then their backward) and ``modkern::divergence_scale_`` (the backward: the stored
+   gradients times the incoming scalar, in place), under ``ForwardGradsDivergence``;
+5. ``fused_js`` / ``fused_kl``: argument checks, flattening, reduction.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from torch import Tensor
 
 from modkern import _validation as V
 from modkern._reduction import reduce_rows
+from modkern._reduction import mean_divisor
 from modkern.backend import (
+    DIVERGENCE_GRAD_MODE_AUTO,
     DIVERGENCE_KIND_IDS,
     accumulation_dtype,
     call_impl,
     check_backend,
+    device_guard,
     load_impl,
     saved_grad_dtype,
 )
@@ -37,6 +44,11 @@ KINDS = tuple(DIVERGENCE_KIND_IDS)
 # (shift_a, logsum_a, shift_b, logsum_b, S_P, S_Q), the log-sum-exps kept as shift + logsum.
 STATS_WIDTH = 6
 DIRECTIONS = ("forward", "reverse", "symmetric")
+# "backward": the backward recomputes the gradients from the logits (nothing [R, V] is held between
+# forward and backward); "forward": the forward writes them in the same read of the logits and
+# the backward only scales them (fewer bytes, the gradients held until the backward); "auto":
+# modkern.backend.DIVERGENCE_GRAD_MODE_AUTO (set from a GPU measurement).
+GRAD_MODES = ("auto", "backward", "forward")
 
 
 @dataclass(frozen=True)
@@ -281,6 +293,125 @@ class FusedDivergence(torch.autograd.Function):
         return grad_p, grad_q, None, None, None, None, None, None
 
 
+@torch.library.custom_op("modkern::divergence_fwd_grads", mutates_args=())
+def divergence_fwd_grads(
+    p: Tensor,
+    q: Tensor,
+    ref_index: Optional[Tensor],
+    mask: Optional[Tensor],
+    weight: Tensor,
+    kind: str,
+    beta: float,
+    inv_temperature: float,
+    need_grad_p: bool,
+    need_grad_q: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (loss_rows [R], grad_p [N, V] or [0], grad_q [R, V] or [0]): the per-row losses and
+    the gradients of ``weight * loss_rows.sum()`` (``weight``: a 0-dim fp32 tensor), in one call.
+
+    A backend module with ``forward_with_grads`` (Triton) reads the logits once; any other runs its
+    forward, then its backward with ``weight`` as every row's incoming gradient."""
+    _check_ref_index_values(ref_index, p.shape[0])
+    spec = DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend)
+    module = load_impl("divergence", backend, q.device, (p.dtype, q.dtype))
+    with device_guard(q.device):
+        if hasattr(module, "forward_with_grads"):
+            return module.forward_with_grads(p, q, ref_index, mask, weight, spec)
+        rows, stats, gp, gq = module.forward(p, q, ref_index, mask, spec)
+        grad_rows = weight.to(stats.dtype).expand(q.shape[0])
+        grad_p, grad_q = module.backward(grad_rows, p, q, ref_index, mask, stats, gp, gq, spec)
+        return rows, grad_p.clone() if grad_p is p else grad_p, grad_q.clone() if grad_q is q else grad_q
+
+
+@divergence_fwd_grads.register_fake
+def _(p, q, ref_index, mask, weight, kind, beta, inv_temperature, need_grad_p, need_grad_q, backend):
+    return (
+        q.new_empty((q.shape[0],), dtype=accumulation_dtype(p)),
+        torch.empty_like(p) if need_grad_p else p.new_empty(0),
+        torch.empty_like(q) if need_grad_q else q.new_empty(0),
+    )
+
+
+@torch.library.custom_op("modkern::divergence_scale_", mutates_args=("grad_p", "grad_q"))
+def divergence_scale_(grad_scale: Tensor, grad_p: Tensor, grad_q: Tensor, backend: str) -> None:
+    """``grad_p *= grad_scale``, ``grad_q *= grad_scale`` in place (fp32 products). The Triton
+    backend moves nothing when the scale is 1, decided on the device (no host sync)."""
+    tensors = [t for t in (grad_p, grad_q) if t.numel()]
+    if not tensors:
+        return
+    module = load_impl("divergence", backend, tensors[0].device, tuple(t.dtype for t in tensors))
+    with device_guard(tensors[0].device):
+        if hasattr(module, "scale_"):
+            module.scale_(grad_scale, *tensors)
+            return
+        for t in tensors:
+            t.copy_(t * grad_scale.to(device=t.device, dtype=accumulation_dtype(t)))
+
+
+@divergence_scale_.register_fake
+def _(grad_scale, grad_p, grad_q, backend):
+    return None
+
+
+class ForwardGradsDivergence(torch.autograd.Function):
+    """``weight * sum_r loss_r`` whose forward also computes the gradients (``grad_mode="forward"``).
+
+    ``ForwardGradsDivergence.apply(p, q, ref_index, mask, weight, kind, beta, temperature,
+    backend)``, arguments as in :class:`FusedDivergence` plus ``weight`` (0-dim fp32: 1 for
+    ``reduction="sum"``, 1 / count for ``"mean"``); returns the reduced loss. The backward scales
+    the stored gradients by the incoming gradient in place and returns them: one backward per
+    forward (a second one, with ``retain_graph=True``, raises PyTorch's "modified by an inplace
+    operation" error rather than returning twice-scaled gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, p, q, ref_index, mask, weight, kind, beta, temperature, backend):
+        need_grad_p, need_grad_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        rows, grad_p, grad_q = torch.ops.modkern.divergence_fwd_grads(
+            p, q, ref_index, mask, weight, kind, beta, 1.0 / temperature, need_grad_p, need_grad_q, backend
+        )
+        ctx.save_for_backward(grad_p, grad_q)
+        ctx.need_grads = (need_grad_p, need_grad_q)
+        ctx.backend = backend
+        return rows.sum() * weight
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_p, grad_q = ctx.saved_tensors
+        need_grad_p, need_grad_q = ctx.need_grads
+        torch.ops.modkern.divergence_scale_(grad_loss, grad_p, grad_q, ctx.backend)
+        return (grad_p if need_grad_p else None), (grad_q if need_grad_q else None), *(None,) * 7
+
+
+def _uses_forward_grads(grad_mode, reduction, p2, q2, ref_index) -> bool:
+    """Whether this call takes the one-read path: ``grad_mode`` resolves to ``"forward"``, the loss is
+    reduced (the backward then gets one scalar), a gradient is wanted, the logits are not fp16
+    (whose small gradient entries need the recomputing backward's scaling before rounding), and no
+    P gradient is shared by ``ref_index`` copies."""
+    mode = DIVERGENCE_GRAD_MODE_AUTO if grad_mode == "auto" else grad_mode
+    wants_p = p2.requires_grad and torch.is_grad_enabled()
+    wants_q = q2.requires_grad and torch.is_grad_enabled()
+    return (
+        mode == "forward"
+        and reduction != "none"
+        and (wants_p or wants_q)
+        and q2.dtype != torch.float16
+        and not (wants_p and ref_index is not None)
+    )
+
+
+def _reduction_weight(reduction, num_items, mask, rows: int, device) -> Tensor:
+    """The 0-dim fp32 weight of every row in the reduced loss: 1 for ``"sum"``, 1 / the mean's
+    divisor (``modkern._reduction.mean_divisor``) for ``"mean"``. No host synchronization."""
+    if reduction == "sum":
+        return torch.ones((), dtype=torch.float32, device=device)
+    divisor = mean_divisor(num_items, mask, rows, device, torch.float32)
+    if isinstance(divisor, Tensor):
+        return divisor.reshape(()).reciprocal()
+    return torch.full((), 1.0 / divisor, dtype=torch.float32, device=device)
+
+
 def _prepare(p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend):
     """Shared argument checks; returns flattened 2-D logits and per-row tensors."""
     V.check_float_tensor("p_logits", p_logits)
@@ -319,10 +450,18 @@ def _prepare(p_logits, q_logits, temperature, mask, ref_index, reduction, num_it
     return p2, q2, ref_index, mask, leading, backend
 
 
-def _divergence(kind, beta, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend):
+def _divergence(
+    kind, beta, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend, grad_mode
+):
+    V.check_choice("grad_mode", grad_mode, GRAD_MODES)
     p2, q2, ref_index, mask, leading, backend = _prepare(
         p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend
     )
+    if _uses_forward_grads(grad_mode, reduction, p2, q2, ref_index):
+        weight = _reduction_weight(reduction, num_items, mask, q2.shape[0], q2.device)
+        return ForwardGradsDivergence.apply(
+            p2, q2, ref_index, mask, weight, kind, beta, float(temperature), backend
+        )
     rows = FusedDivergence.apply(p2, q2, ref_index, mask, kind, beta, float(temperature), backend)
     if reduction == "none":
         return rows.reshape(leading)
@@ -340,6 +479,7 @@ def fused_js(
     reduction: str = "mean",
     num_items=None,
     backend: str = "auto",
+    grad_mode: str = "auto",
 ) -> Tensor:
     r"""Generalized Jensen-Shannon divergence between two softmax distributions, from raw logits.
 
@@ -361,6 +501,15 @@ def fused_js(
             when none counts).
         num_items: int or 0-dim tensor; when given, ``"mean"`` divides the sum by it instead.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see ``modkern.backend``).
+        grad_mode: where the gradients are computed. ``"backward"``: the backward reads the logits
+            again and recomputes them (nothing ``[R, V]`` held in between). ``"forward"``: the
+            forward writes them in its one read of the logits (Triton: rows split over programs
+            that exchange row statistics) and the backward only scales them, in place - fewer
+            bytes moved, the gradients held until the backward, one backward per forward. It
+            applies to ``"sum"`` / ``"mean"`` with a gradient wanted, not to fp16 logits or to a
+            P gradient shared through ``ref_index`` (those take ``"backward"``). ``"auto"``:
+            ``modkern.backend.DIVERGENCE_GRAD_MODE_AUTO``, ``"backward"`` until a GPU measurement
+            says otherwise.
 
     Gradients flow to whichever logits require grad, in their dtype; accumulation is fp32.
 
@@ -370,7 +519,9 @@ def fused_js(
         >>> fused_js(clean, adv, mask=labels != -100).backward()
     """
     beta = V.check_open_unit_interval("beta", beta)
-    return _divergence("js", beta, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend)
+    return _divergence(
+        "js", beta, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend, grad_mode
+    )
 
 
 def fused_kl(
@@ -384,6 +535,7 @@ def fused_kl(
     reduction: str = "mean",
     num_items=None,
     backend: str = "auto",
+    grad_mode: str = "auto",
 ) -> Tensor:
     r"""Kullback-Leibler divergence between two softmax distributions, from raw logits.
 
@@ -401,5 +553,15 @@ def fused_kl(
     """
     V.check_choice("direction", direction, DIRECTIONS)
     return _divergence(
-        "kl_" + direction, 0.5, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend
+        "kl_" + direction,
+        0.5,
+        p_logits,
+        q_logits,
+        temperature,
+        mask,
+        ref_index,
+        reduction,
+        num_items,
+        backend,
+        grad_mode,
     )
