@@ -1,0 +1,251 @@
+"""fused_js / fused_kl with ``grad_mode="forward"`` (the forward writes the gradients, the backward
+scales them) against the float64 reference and against ``grad_mode="backward"``.
+
+On the Triton backend this runs ``_divergence_fused_kernel``: rows split over tile programs that
+exchange per-tile partials. Tests shrink its tile (``FUSED_BLOCK``) so that rows of a few hundred
+columns span many programs; under the interpreter the programs run one after another, so every
+program but the row's last computes some partner partials from memory (the fallback) while reading
+the earlier ones as published - both ways of getting a partial are exercised in every row.
+
+Tolerances are those of tests/test_divergence.py (same inputs, same fp32 accumulation, the
+gradients rounded once to the input dtype): its ``_check_grad`` is reused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, backend_params
+from test_divergence import CASES, LOSS_ATOL, LOSS_RTOL, PEAKED_CASES, _check_grad, _logits, poison_allocations
+
+import modkern
+
+__all__ = ["poison_allocations"]  # the autouse fixture: outputs start as NaN
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    try:
+        from modkern.kernels import divergence as kd
+    except ImportError:  # pragma: no cover - without triton
+        return
+    monkeypatch.setattr(kd, "FUSED_BLOCK", 64)
+
+
+def _reduced(case, p, q, reduction, num_items=None, **kw):
+    fn, ref_fn, ckw = CASES[case]
+    return fn, ref_fn, {**ckw, **kw, "reduction": reduction, "num_items": num_items}
+
+
+def _run(case, p, q, backend, reduction="mean", num_items=None, grad_scale=2.5, **kw):
+    """The forward-mode loss and gradients of grad_scale * loss, next to float64's."""
+    fn, ref_fn, kw = _reduced(case, p, q, reduction, num_items, **kw)
+    loss = fn(p, q, backend=backend, grad_mode="forward", **kw)
+    p64 = p.detach().double().requires_grad_(p.requires_grad)
+    q64 = q.detach().double().requires_grad_(q.requires_grad)
+    expected = ref_fn(p64, q64, **kw)
+    torch.testing.assert_close(loss.double(), expected, rtol=LOSS_RTOL, atol=LOSS_ATOL)
+    inputs = [t for t in (p, q) if t.requires_grad]
+    grads = torch.autograd.grad(loss * grad_scale, inputs)
+    grads64 = torch.autograd.grad(expected * grad_scale, [t for t in (p64, q64) if t.requires_grad])
+    for g, g64 in zip(grads, grads64):
+        _check_grad(g, g64, p.dtype)
+    return loss, grads
+
+
+def _node_name(loss):
+    """The divergence node in the graph of ``loss``: "ForwardGradsDivergenceBackward" or
+    "FusedDivergenceBackward" (reductions and views sit above the latter)."""
+    stack, seen = [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "Divergence" in type(node).__name__:
+            return type(node).__name__
+        stack.extend(n for n, _ in node.next_functions)
+    return ""
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab", [1, 7, 300])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, vocab, dtype, backend):
+    p = _logits((5, vocab), dtype)
+    q = _logits((5, vocab), dtype)
+    mask = torch.tensor([True, False, True, True, True], device=DEVICE)
+    loss, grads = _run(case, p, q, backend, mask=mask)
+    assert "ForwardGrads" in _node_name(loss)
+    for g in grads:
+        assert (g[1] == 0).all()  # the masked-out row
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("which", ["p", "q"])
+def test_gradient_to_one_input(case, which, backend):
+    p = _logits((3, 300), torch.float32, requires_grad=which == "p")
+    q = _logits((3, 300), torch.float32, requires_grad=which == "q")
+    _run(case, p, q, backend, reduction="sum", temperature=0.7)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("reduction,num_items", [("sum", None), ("mean", None), ("mean", 7), ("mean", "tensor")])
+def test_reductions_and_num_items(reduction, num_items, backend):
+    if num_items == "tensor":
+        num_items = torch.tensor(9, device=DEVICE)
+    p = _logits((4, 2, 130), torch.float32)
+    q = _logits((4, 2, 130), torch.float32)
+    mask = torch.rand(4, 2, device=DEVICE) < 0.6
+    mask[0, 0] = True
+    _run("js_0.5", p, q, backend, reduction=reduction, num_items=num_items, mask=mask)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", ["js_0.5", "kl_forward", "kl_symmetric"])
+def test_ref_index_with_q_gradient(case, backend):
+    # k = 3 perturbed copies per clean row, P detached: the one-read path applies.
+    p = _logits((2, 300), torch.float32, requires_grad=False)
+    q = _logits((6, 300), torch.float32)
+    ref_index = torch.tensor([0, 0, 0, 1, 1, 1], device=DEVICE)
+    loss, _ = _run(case, p, q, backend, ref_index=ref_index)
+    assert "ForwardGrads" in _node_name(loss)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_single_row_all_masked_and_empty(backend):
+    p = _logits((1, 300), torch.float32)
+    q = _logits((1, 300), torch.float32)
+    _run("kl_forward", p, q, backend)
+    mask = torch.zeros(3, dtype=torch.bool, device=DEVICE)
+    p = _logits((3, 300), torch.float32)
+    q = _logits((3, 300), torch.float32)
+    loss = modkern.fused_js(p, q, mask=mask, backend=backend, grad_mode="forward")
+    loss.backward()
+    assert loss.item() == 0.0 and (p.grad == 0).all() and (q.grad == 0).all()
+    p = _logits((0, 300), torch.float32)
+    q = _logits((0, 300), torch.float32)
+    loss = modkern.fused_kl(p, q, backend=backend, grad_mode="forward")
+    loss.backward()
+    assert loss.item() == 0.0 and q.grad.shape == (0, 300)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_same_as_recomputing_backward(backend):
+    # Both modes compute the same quantities: the losses and gradients agree to fp32 rounding
+    # (relative to the largest entry: entries where P - Q cancels differ in their last bits).
+    p = _logits((6, 1000), torch.float32)
+    q = _logits((6, 1000), torch.float32)
+    out = {}
+    for mode in ("backward", "forward"):
+        p.grad = q.grad = None
+        loss = modkern.fused_js(p, q, beta=0.3, temperature=0.8, backend=backend, grad_mode=mode)
+        (3.0 * loss).backward()
+        out[mode] = (loss.detach(), p.grad.clone(), q.grad.clone())
+    for a, b in zip(out["backward"], out["forward"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_one_backward_per_forward(backend):
+    # The backward scales the stored gradients in place: a second backward through the same graph
+    # is refused by PyTorch's saved-tensor version check instead of scaling them twice.
+    p = _logits((2, 300), torch.float32)
+    q = _logits((2, 300), torch.float32)
+    loss = modkern.fused_kl(p, q, backend=backend, grad_mode="forward")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_where_forward_mode_does_not_apply(backend):
+    # reduction="none", fp16 logits, a P gradient shared through ref_index and no gradient at all
+    # take the recomputing path (FusedDivergence), with correct results.
+    p = _logits((4, 300), torch.float32)
+    q = _logits((4, 300), torch.float32)
+    out = modkern.fused_kl(p, q, reduction="none", backend=backend, grad_mode="forward")
+    assert "FusedDivergence" in _node_name(out)
+    h = _logits((4, 300), torch.float16)
+    assert "FusedDivergence" in _node_name(modkern.fused_kl(h, h.detach(), backend=backend, grad_mode="forward"))
+    shared = modkern.fused_js(p[:2], q, ref_index=torch.tensor([0, 0, 1, 1], device=DEVICE), grad_mode="forward")
+    assert "FusedDivergence" in _node_name(shared)
+    with torch.no_grad():
+        assert modkern.fused_js(p, q, backend=backend, grad_mode="forward").grad_fn is None
+
+
+def test_auto_is_backward_until_measured():
+    from modkern.backend import DIVERGENCE_GRAD_MODE_AUTO
+
+    assert DIVERGENCE_GRAD_MODE_AUTO in ("backward", "forward")
+    p = _logits((2, 50), torch.float32)
+    loss = modkern.fused_js(p, p.detach() + 1)
+    expected = "ForwardGrads" if DIVERGENCE_GRAD_MODE_AUTO == "forward" else "FusedDivergence"
+    assert expected in _node_name(loss)
+
+
+def test_bad_grad_mode_is_named():
+    p = _logits((2, 50), torch.float32)
+    with pytest.raises(ValueError, match="grad_mode"):
+        modkern.fused_js(p, p, grad_mode="later")
+
+
+@pytest.mark.parametrize("case", list(PEAKED_CASES))
+@pytest.mark.parametrize("backend", backend_params())
+def test_fp32_gradients_on_peaked_distributions(case, backend):
+    # The precision bar of tests/test_divergence.py (T = 0.5, std 3, V = 3001, beta = 0.8): fp32
+    # gradients within 1.5e-4 relative L2 error of float64. Rows span 47 programs of 64 columns.
+    fused, reference, kw = PEAKED_CASES[case]
+    gen = torch.Generator().manual_seed(1)
+    p32 = (torch.randn(4, 3001, generator=gen) * 3).to(DEVICE)
+    q32 = (torch.randn(4, 3001, generator=gen) * 3).to(DEVICE)
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        p = p32.to(dtype).requires_grad_()
+        q = q32.to(dtype).requires_grad_()
+        if dtype == torch.float64:
+            loss = reference(p, q, temperature=0.5, reduction="sum", **kw)
+        else:
+            loss = fused(p, q, temperature=0.5, reduction="sum", backend=backend, grad_mode="forward", **kw)
+        grads[dtype] = [g.double() for g in torch.autograd.grad(loss, (p, q))]
+    for name, g32, g64 in zip(("p", "q"), grads[torch.float32], grads[torch.float64]):
+        err = float((g32 - g64).norm() / g64.norm())
+        assert err <= 1.5e-4, f"grad {name}: relative L2 error {err:.3g} vs float64"
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_torch_compile_fullgraph(backend):
+    p = _logits((3, 200), torch.float32)
+    q = _logits((3, 200), torch.float32)
+
+    def step(p, q):
+        return modkern.fused_kl(p, q, backend=backend, grad_mode="forward")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(p, q)
+    gp, gq = torch.autograd.grad(loss * 2.0, (p, q))
+    ref_loss = step(p, q)
+    rp, rq = torch.autograd.grad(ref_loss * 2.0, (p, q))
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(gp, rp)
+    torch.testing.assert_close(gq, rq)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_opcheck(backend):
+    p = _logits((3, 130), torch.float32, requires_grad=False)
+    q = _logits((3, 130), torch.float32, requires_grad=False)
+    weight = torch.tensor(0.5, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.modkern.divergence_fwd_grads.default,
+        (p, q, None, None, weight, "js", 0.5, 1.0, True, True, backend),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    g = torch.randn(3, 130, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.modkern.divergence_scale_.default,
+        (torch.tensor(2.0, device=DEVICE), g, g.new_empty(0), backend),
+        test_utils=("test_schema", "test_faketensor"),
+    )
