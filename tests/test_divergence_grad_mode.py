@@ -194,9 +194,14 @@ def test_bad_grad_mode_is_named():
 
 @pytest.mark.parametrize("case", list(PEAKED_CASES))
 @pytest.mark.parametrize("backend", backend_params())
-def test_fp32_gradients_on_peaked_distributions(case, backend):
+def test_fp32_gradients_on_peaked_distributions(case, backend, monkeypatch):
     # The precision bar of tests/test_divergence.py (T = 0.5, std 3, V = 3001, beta = 0.8): fp32
-    # gradients within 1.5e-4 relative L2 error of float64. Rows span 47 programs of 64 columns.
+    # gradients within 1.5e-4 relative L2 error of float64. Rows span 3 programs of 1024 columns
+    # (the interpreter's fallback is quadratic in the programs per row).
+    if backend == "triton":
+        from modkern.kernels import divergence as kd
+
+        monkeypatch.setattr(kd, "FUSED_BLOCK", 1024)
     fused, reference, kw = PEAKED_CASES[case]
     gen = torch.Generator().manual_seed(1)
     p32 = (torch.randn(4, 3001, generator=gen) * 3).to(DEVICE)
