@@ -906,7 +906,8 @@ def forward_with_grads(p, q, ref_index, mask, weight, spec):
     acc = accumulation_dtype(p)
     if rows == 0:
         return torch.zeros(0, dtype=acc, device=q.device), grad_p, grad_q
-    block = max(16, min(triton.next_power_of_2(vocab), FUSED_BLOCK))
+    # fp32 tiles take twice the registers of bf16 ones: half the columns per program
+    block = max(16, min(triton.next_power_of_2(vocab), FUSED_BLOCK // (2 if p.element_size() == 4 else 1)))
     nchunk = triton.cdiv(vocab, block)
     need_s = _needs_row_sums(spec, write_gp, write_gq)
     programs = rows * nchunk
@@ -947,7 +948,7 @@ def forward_with_grads(p, q, ref_index, mask, weight, spec):
         NCHUNK_P2=triton.next_power_of_2(nchunk),
         SPIN=SPIN_POLLS,
         BLOCK=block,
-        num_warps=min(_num_warps(block), FUSED_WARPS),
+        num_warps=max(1, min(block // 128, FUSED_WARPS)),
     )
     side = sums.view(rows, nchunk, 2).sum(1)
     return _row_losses(spec, side[:, 0], side[:, 1]), grad_p, grad_q

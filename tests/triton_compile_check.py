@@ -117,6 +117,10 @@ def _divergence(kd, vocab, dtype, kind, gp, gq, with_ref, with_mask):
     loss, stats, saved_p, saved_q = kd.forward(p, q, ref, mask, spec)
     stats.uniform_()  # garbage from the compile-only launch: keep the host-side code sane
     kd.backward(torch.ones(rows), p, q, ref, mask, stats, saved_p, saved_q, spec)
+    # grad_mode="forward": the one-read kernel (no P gradient shared through ref_index) and its scale
+    if not (gp and with_ref) and dtype != torch.float16:
+        _, gp_out, gq_out = kd.forward_with_grads(p, q, ref, mask, torch.ones(()), spec)
+        kd.scale_(torch.full((), 2.0), *(g for g in (gp_out, gq_out) if g.numel()))
 
 
 def adv_step_cases(full: bool):
