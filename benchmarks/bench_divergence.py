@@ -28,7 +28,15 @@ else:  # smoke-test sizes: the CPU run checks that the suite works, it measures 
     SHAPES = [(256, 4096)]
     DTYPES = (torch.float32,)
 
-MODES = {"fwd": 0, "fwd_bwd_q": 1, "fwd_bwd_pq": 2}  # mode -> number of gradients
+# mode -> (number of gradients, grad_mode); the "_forward_grads" modes time the one-read forward
+# that writes the gradients (modkern-triton only: elsewhere it is the same forward + backward)
+MODES = {
+    "fwd": (0, "backward"),
+    "fwd_bwd_q": (1, "backward"),
+    "fwd_bwd_pq": (2, "backward"),
+    "fwd_bwd_q_forward_grads": (1, "forward"),
+    "fwd_bwd_pq_forward_grads": (2, "forward"),
+}
 OPS = {
     "fused_js": (modkern.fused_js, reference.js_divergence, {"beta": 0.5}),
     "fused_kl": (modkern.fused_kl, reference.kl_divergence, {"direction": "forward"}),
@@ -47,11 +55,11 @@ def _liger_loss(op):
     )
 
 
-def _loss_fn(provider, op):
+def _loss_fn(provider, op, grad_mode="backward"):
     fused, ref, kwargs = OPS[op]
     if provider.startswith("modkern-"):
         backend = provider.split("-", 1)[1]
-        return lambda p, q: fused(p, q, backend=backend, **kwargs)
+        return lambda p, q: fused(p, q, backend=backend, grad_mode=grad_mode, **kwargs)
     if provider == "eager":
         return lambda p, q: ref(p, q, **kwargs)
     if provider == "compile":
@@ -75,13 +83,15 @@ def _call(loss_fn, p, q, n_grads):
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("provider", provider_params(liger=liger_status()))
 def test_divergence(benchmark, provider, op, mode, shape, dtype):
-    n_grads = MODES[mode]
+    n_grads, grad_mode = MODES[mode]
     if provider == "liger" and n_grads == 2:
         pytest.skip("Liger's JSD / KL return no gradient for the target (p) logits")
+    if grad_mode == "forward" and provider != "modkern-triton":
+        pytest.skip("grad_mode='forward' has its own kernel on the Triton backend only")
     rows, vocab = shape
     elem = torch.empty((), dtype=dtype).element_size()
     bytes_moved = (2 + n_grads) * rows * vocab * elem
-    loss_fn = _loss_fn(provider, op)
+    loss_fn = _loss_fn(provider, op, grad_mode)
 
     calls = []
     for _ in range(rotation_sets(2 * rows * vocab * elem)):

@@ -243,7 +243,7 @@ fi
 
 # --- headline benchmarks (torch + triton; they need no build) ---------------------------------
 HEAD_DIV='R4096xV152064 and bfloat16 and fwd_bwd and (modkern-triton or modkern-torch)'
-bench div 110 benchmarks/bench_divergence.py -k "$HEAD_DIV"
+bench div 130 benchmarks/bench_divergence.py -k "$HEAD_DIV"
 bench pgd 45 benchmarks/bench_adv_step.py -k "test_masked_adv_step and raw and (modkern-triton or modkern-torch)"
 bench e2e 120 benchmarks/bench_robust_step.py
 if [ -f benchmarks/bench_linear_divergence.py ]; then
