@@ -975,4 +975,6 @@ def scale_(grad_scale, *tensors):
     g = grad_scale.reshape(1).to(torch.float32)
     for t in tensors:
         if t.numel():
-            _scale_inplace_kernel[(triton.cdiv(t.numel(), SCALE_BLOCK),)](g, t, t.numel(), BLOCK=SCALE_BLOCK, num_warps=8)
+            _scale_inplace_kernel[(triton.cdiv(t.numel(), SCALE_BLOCK),)](
+                g, t, t.numel(), BLOCK=SCALE_BLOCK, num_warps=8
+            )

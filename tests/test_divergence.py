@@ -437,6 +437,11 @@ def test_fp32_gradients_on_peaked_distributions(case, backend):
     # have log P ~ 0 next to a log-sum-exp ~ 20. Every backend's fp32 gradients within 1.5e-4
     # relative L2 error of float64 (forming lse = max + log-sum before subtracting it cost the
     # kernels ~3.5e-4 and torch's CPU log_softmax ~2.6e-4; see kernels/divergence.py _lse_finish).
+    check_peaked_gradients(case, backend)
+
+
+def check_peaked_gradients(case, backend, **options):
+    """The peaked-row precision bar, shared with tests/test_divergence_grad_mode.py."""
     fused, reference, kw = PEAKED_CASES[case]
     gen = torch.Generator().manual_seed(1)
     p32 = (torch.randn(4, 3001, generator=gen) * 3).to(DEVICE)
@@ -448,7 +453,7 @@ def test_fp32_gradients_on_peaked_distributions(case, backend):
         if dtype == torch.float64:
             loss = reference(p, q, temperature=0.5, reduction="sum", **kw)
         else:
-            loss = fused(p, q, temperature=0.5, reduction="sum", backend=backend, **kw)
+            loss = fused(p, q, temperature=0.5, reduction="sum", backend=backend, **kw, **options)
         grads[dtype] = [g.double() for g in torch.autograd.grad(loss, (p, q))]
     for name, g32, g64 in zip(("p", "q"), grads[torch.float32], grads[torch.float64]):
         err = float((g32 - g64).norm() / g64.norm())

@@ -16,7 +16,16 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DEVICE, backend_params
-from test_divergence import CASES, LOSS_ATOL, LOSS_RTOL, PEAKED_CASES, _check_grad, _logits, poison_allocations
+from test_divergence import (
+    CASES,
+    LOSS_ATOL,
+    LOSS_RTOL,
+    PEAKED_CASES,
+    _check_grad,
+    _logits,
+    check_peaked_gradients,
+    poison_allocations,
+)
 
 import modkern
 
@@ -202,22 +211,7 @@ def test_fp32_gradients_on_peaked_distributions(case, backend, monkeypatch):
         from modkern.kernels import divergence as kd
 
         monkeypatch.setattr(kd, "FUSED_BLOCK", 1024)
-    fused, reference, kw = PEAKED_CASES[case]
-    gen = torch.Generator().manual_seed(1)
-    p32 = (torch.randn(4, 3001, generator=gen) * 3).to(DEVICE)
-    q32 = (torch.randn(4, 3001, generator=gen) * 3).to(DEVICE)
-    grads = {}
-    for dtype in (torch.float64, torch.float32):
-        p = p32.to(dtype).requires_grad_()
-        q = q32.to(dtype).requires_grad_()
-        if dtype == torch.float64:
-            loss = reference(p, q, temperature=0.5, reduction="sum", **kw)
-        else:
-            loss = fused(p, q, temperature=0.5, reduction="sum", backend=backend, grad_mode="forward", **kw)
-        grads[dtype] = [g.double() for g in torch.autograd.grad(loss, (p, q))]
-    for name, g32, g64 in zip(("p", "q"), grads[torch.float32], grads[torch.float64]):
-        err = float((g32 - g64).norm() / g64.norm())
-        assert err <= 1.5e-4, f"grad {name}: relative L2 error {err:.3g} vs float64"
+    check_peaked_gradients(case, backend, grad_mode="forward")
 
 
 @pytest.mark.parametrize("backend", backend_params())

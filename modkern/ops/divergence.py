@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 
 from modkern import _validation as V
-from modkern._reduction import reduce_rows
-from modkern._reduction import mean_divisor
+from modkern._reduction import mean_divisor, reduce_rows
 from modkern.backend import (
     DIVERGENCE_GRAD_MODE_AUTO,
     DIVERGENCE_KIND_IDS,
@@ -450,18 +449,14 @@ def _prepare(p_logits, q_logits, temperature, mask, ref_index, reduction, num_it
     return p2, q2, ref_index, mask, leading, backend
 
 
-def _divergence(
-    kind, beta, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend, grad_mode
-):
+def _divergence(kind, beta, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend, grad_mode):
     V.check_choice("grad_mode", grad_mode, GRAD_MODES)
     p2, q2, ref_index, mask, leading, backend = _prepare(
         p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend
     )
     if _uses_forward_grads(grad_mode, reduction, p2, q2, ref_index):
         weight = _reduction_weight(reduction, num_items, mask, q2.shape[0], q2.device)
-        return ForwardGradsDivergence.apply(
-            p2, q2, ref_index, mask, weight, kind, beta, float(temperature), backend
-        )
+        return ForwardGradsDivergence.apply(p2, q2, ref_index, mask, weight, kind, beta, float(temperature), backend)
     rows = FusedDivergence.apply(p2, q2, ref_index, mask, kind, beta, float(temperature), backend)
     if reduction == "none":
         return rows.reshape(leading)
