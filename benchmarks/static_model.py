@@ -311,7 +311,7 @@ def _forward_grads_case(kind, grad_p, grad_q, dtype_name="bfloat16"):
     elem = torch.empty((), dtype=dtype).element_size()
     n_grads = int(grad_p) + int(grad_q)
     block = min(kd.FUSED_BLOCK, 1 << (V - 1).bit_length())
-    rounds = 1 + int(kd._needs_row_sums(DivergenceSpec.of(kind, 0.5, 1.0, grad_p, grad_q), grad_p, grad_q))
+    rounds = 1 + int(DivergenceSpec.of(kind, 0.5, 1.0, grad_p, grad_q).grads_read_row_sums)
     geometry = {
         "_divergence_fused_kernel": (block, R * math.ceil(V / block), rounds),
         # per gradient tensor; only when the incoming gradient is not 1 (op total, grad != 1)

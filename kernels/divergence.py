@@ -879,17 +879,6 @@ def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q
     return grad_p, grad_q
 
 
-def _needs_row_sums(spec, write_gp: bool, write_gq: bool) -> bool:
-    # Which gradients read S_P / S_Q (see _grad_a / _grad_b): JS both sides; KL(P||Q) P's own
-    # side, KL(Q||P) Q's; the symmetric KL both.
-    kind = spec.kind_id
-    if kind == 1:
-        return write_gp
-    if kind == 2:
-        return write_gq
-    return write_gp or write_gq
-
-
 def forward_with_grads(p, q, ref_index, mask, weight, spec):
     """One read of the logits: per-row losses and the gradients of ``weight * sum(losses)``.
 
@@ -909,13 +898,11 @@ def forward_with_grads(p, q, ref_index, mask, weight, spec):
     # fp32 tiles take twice the registers of bf16 ones: half the columns per program
     block = max(16, min(triton.next_power_of_2(vocab), FUSED_BLOCK // (2 if p.element_size() == 4 else 1)))
     nchunk = triton.cdiv(vocab, block)
-    need_s = _needs_row_sums(spec, write_gp, write_gq)
     programs = rows * nchunk
+    exchanging = nchunk > 1  # a one-tile row exchanges nothing: its scratch pointers go unread
     sums = torch.empty(programs, 2, dtype=acc, device=q.device)
-    exchanging = nchunk > 1
-    lse_part = torch.empty(programs if exchanging else 0, 4, dtype=acc, device=q.device)
-    lse_flag = torch.zeros(programs if exchanging else 0, dtype=torch.int32, device=q.device)
-    sum_flag = torch.zeros(programs if exchanging and need_s else 0, dtype=torch.int32, device=q.device)
+    lse_part = torch.empty(programs, 4, dtype=acc, device=q.device) if exchanging else sums
+    flags = torch.zeros(2, programs if exchanging else 1, dtype=torch.int32, device=q.device)  # per round
     c_p, c_q = _mix_coefs(spec.beta)
     _divergence_fused_kernel[(programs,)](
         p,
@@ -925,10 +912,10 @@ def forward_with_grads(p, q, ref_index, mask, weight, spec):
         weight,
         grad_p if write_gp else q,
         grad_q if write_gq else q,
-        lse_part if exchanging else sums,
-        lse_flag if exchanging else lse_flag.new_zeros(1),
+        lse_part,
+        flags[0],
         sums,
-        sum_flag if exchanging and need_s else lse_flag.new_zeros(1),
+        flags[1],
         vocab,
         p.stride(0),
         q.stride(0),
@@ -943,7 +930,7 @@ def forward_with_grads(p, q, ref_index, mask, weight, spec):
         HAS_MASK=mask is not None,
         WRITE_GP=write_gp,
         WRITE_GQ=write_gq,
-        NEED_S=need_s,
+        NEED_S=spec.grads_read_row_sums,
         NCHUNK=nchunk,
         NCHUNK_P2=triton.next_power_of_2(nchunk),
         SPIN=SPIN_POLLS,
@@ -951,19 +938,7 @@ def forward_with_grads(p, q, ref_index, mask, weight, spec):
         num_warps=max(1, min(block // 128, FUSED_WARPS)),
     )
     side = sums.view(rows, nchunk, 2).sum(1)
-    return _row_losses(spec, side[:, 0], side[:, 1]), grad_p, grad_q
-
-
-def _row_losses(spec, s_p, s_q):
-    # The row loss from the row sums S_P = sum P (log P - x_P), S_Q likewise (0 on masked rows).
-    kind = spec.kind_id
-    if kind == 0:
-        return spec.beta * s_p + (1.0 - spec.beta) * s_q
-    if kind == 1:
-        return s_p
-    if kind == 2:
-        return s_q
-    return s_p + s_q
+    return spec.row_loss(side[:, 0], side[:, 1]), grad_p, grad_q
 
 
 SCALE_BLOCK = 4096

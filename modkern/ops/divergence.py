@@ -89,6 +89,26 @@ class DivergenceSpec:
             return True
         return self.need_grad_q and stored_grad_q.dim() != 2
 
+    @property
+    def grads_read_row_sums(self) -> bool:
+        """Whether a wanted gradient reads the row sums S_P / S_Q: JS's both sides, KL(P||Q)'s P
+        side, KL(Q||P)'s Q side, the symmetric KL's both (the other KL sides are P - Q)."""
+        if self.kind == "kl_forward":
+            return self.need_grad_p
+        if self.kind == "kl_reverse":
+            return self.need_grad_q
+        return self.need_grad_p or self.need_grad_q
+
+    def row_loss(self, s_p, s_q):
+        """The per-row loss from the row sums S_P = sum P (log P - x_P) and S_Q likewise."""
+        if self.kind == "js":
+            return self.beta * s_p + (1.0 - self.beta) * s_q
+        if self.kind == "kl_forward":
+            return s_p
+        if self.kind == "kl_reverse":
+            return s_q
+        return s_p + s_q
+
     @staticmethod
     def of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend="auto") -> DivergenceSpec:
         return DivergenceSpec(kind, float(beta), float(inv_temperature), bool(need_grad_p), bool(need_grad_q), backend)
@@ -320,7 +340,7 @@ def divergence_fwd_grads(
         rows, stats, gp, gq = module.forward(p, q, ref_index, mask, spec)
         grad_rows = weight.to(stats.dtype).expand(q.shape[0])
         grad_p, grad_q = module.backward(grad_rows, p, q, ref_index, mask, stats, gp, gq, spec)
-        return rows, grad_p.clone() if grad_p is p else grad_p, grad_q.clone() if grad_q is q else grad_q
+        return rows, grad_p, grad_q
 
 
 @divergence_fwd_grads.register_fake

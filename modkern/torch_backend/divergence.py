@@ -60,7 +60,8 @@ def _shift_logsum(x: torch.Tensor) -> torch.Tensor:
 
 
 def _terms(a, b, kind: str, beta: float):
-    """Log-probabilities, probabilities, the row sums S_P/S_Q, the per-row loss, and log M."""
+    """Log-probabilities, probabilities, what each side's log is compared with, and the row sums
+    S_P / S_Q (the loss is ``spec.row_loss(S_P, S_Q)``)."""
     log_p = _log_softmax(a)
     log_q = _log_softmax(b)
     prob_p, prob_q = log_p.exp(), log_q.exp()
@@ -72,13 +73,7 @@ def _terms(a, b, kind: str, beta: float):
         ref_p, ref_q = log_q, log_p
     s_p = _zero_where_zero(prob_p * (log_p - ref_p), prob_p).sum(-1)
     s_q = _zero_where_zero(prob_q * (log_q - ref_q), prob_q).sum(-1)
-    loss = {
-        "js": lambda: beta * s_p + (1.0 - beta) * s_q,
-        "kl_forward": lambda: s_p,
-        "kl_reverse": lambda: s_q,
-        "kl_symmetric": lambda: s_p + s_q,
-    }[kind]()
-    return log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, loss
+    return log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q
 
 
 def _row_grads(kind, beta, log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, want_a, want_b):
@@ -114,7 +109,8 @@ def forward(p, q, ref_index, mask, spec):
     acc = accumulation_dtype(p)
     a = _gather_p(p, ref_index).to(acc) * inv_temperature
     b = q.to(acc) * inv_temperature
-    log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, loss = _terms(a, b, kind, beta)
+    log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q = _terms(a, b, kind, beta)
+    loss = spec.row_loss(s_p, s_q)
     store_p = spec.stores_grad_p(ref_index)
     ga, gb = _row_grads(kind, beta, log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, store_p, need_grad_q)
     active = None if mask is None else mask[:, None]
@@ -153,7 +149,7 @@ def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q
     acc = accumulation_dtype(p)
     a = _gather_p(p, ref_index).to(acc) * inv_temperature
     b = q.to(acc) * inv_temperature
-    log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, _ = _terms(a, b, kind, beta)
+    log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q = _terms(a, b, kind, beta)
     ga, _ = _row_grads(kind, beta, log_p, log_q, prob_p, prob_q, ref_p, ref_q, s_p, s_q, True, False)
     contrib = ga * (grad_rows[:, None] * inv_temperature)
     if mask is not None:
