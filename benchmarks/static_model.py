@@ -235,32 +235,44 @@ def model_kernel(name, kernel, elems_per_iter: int, programs: int, ptxas: dict, 
 # the cases
 
 
-def _divergence_case(kind, grad_p, grad_q, dtype_name="bfloat16"):
+def _divergence_case(kind, grad_p, grad_q, dtype_name="bfloat16", grad_mode="backward"):
     import torch
     from modkern.kernels import divergence as kd
 
     from modkern.ops.divergence import DivergenceSpec
 
     dtype = getattr(torch, dtype_name)
-    block = kd._block_v(V)
     rows = 4  # rows are not specialized: the same kernels as R = 4096
+    spec = DivergenceSpec.of(kind, 0.5, 1.0, grad_p, grad_q)
+    elem = torch.empty((), dtype=dtype).element_size()
+    n_grads = int(grad_p) + int(grad_q)
 
     def launch():
         p = torch.randn(rows, V, dtype=dtype)
         q = torch.randn(rows, V, dtype=dtype)
-        spec = DivergenceSpec.of(kind, 0.5, 1.0, grad_p, grad_q)
+        if grad_mode == "forward":
+            _, gp, gq = kd.forward_with_grads(p, q, None, None, torch.ones(()), spec)
+            kd.scale_(torch.full((), 2.0), *(g for g in (gp, gq) if g.numel()))
+            return
         _, stats, gp, gq = kd.forward(p, q, None, None, spec)
         if grad_p or grad_q:
             kd.backward(torch.ones(rows), p, q, None, None, stats, gp, gq, spec)
 
-    elem = torch.empty((), dtype=dtype).element_size()
-    n_grads = int(grad_p) + int(grad_q)
-    chunk = block * kd.BWD_BLOCKS_PER_PROGRAM
-    geometry = {"_divergence_fwd_kernel": (block, R), "_divergence_bwd_kernel": (block, R * math.ceil(V / chunk))}
+    if grad_mode == "forward":
+        block = kd._fused_block(V, elem)
+        geometry = {
+            "_divergence_fused_kernel": (block, R * math.ceil(V / block), 1 + int(spec.grads_read_row_sums)),
+            # per gradient tensor; only when the incoming gradient is not 1 (op total, grad != 1)
+            "_scale_inplace_kernel": (kd.SCALE_BLOCK, R * V // kd.SCALE_BLOCK, "grad != 1"),
+        }
+    else:
+        block = kd._block_v(V)
+        chunk = block * kd.BWD_BLOCKS_PER_PROGRAM
+        geometry = {"_divergence_fwd_kernel": (block, R), "_divergence_bwd_kernel": (block, R * math.ceil(V / chunk))}
     mode = "fwd" if n_grads == 0 else ("fwd_bwd_q" if n_grads == 1 else "fwd_bwd_pq")
     bench_key = {
         "op": "fused_js" if kind == "js" else "fused_kl",
-        "mode": mode,
+        "mode": mode + ("_forward_grads" if grad_mode == "forward" else ""),
         "shape": f"R={R} V={V}",
         "dtype": dtype_name,
     }
@@ -292,40 +304,6 @@ def _pgd_case(delta_dtype_name):
     return launch, geometry, B * L * H, 2 * ed + 2 + 1 / H, bench_key
 
 
-def _forward_grads_case(kind, grad_p, grad_q, dtype_name="bfloat16"):
-    import torch
-    from modkern.kernels import divergence as kd
-
-    from modkern.ops.divergence import DivergenceSpec
-
-    dtype = getattr(torch, dtype_name)
-    rows = 4
-
-    def launch():
-        p = torch.randn(rows, V, dtype=dtype)
-        q = torch.randn(rows, V, dtype=dtype)
-        spec = DivergenceSpec.of(kind, 0.5, 1.0, grad_p, grad_q)
-        _, gp, gq = kd.forward_with_grads(p, q, None, None, torch.ones(()), spec)
-        kd.scale_(torch.full((), 2.0), *(g for g in (gp, gq) if g.numel()))
-
-    elem = torch.empty((), dtype=dtype).element_size()
-    n_grads = int(grad_p) + int(grad_q)
-    block = min(kd.FUSED_BLOCK, 1 << (V - 1).bit_length())
-    rounds = 1 + int(DivergenceSpec.of(kind, 0.5, 1.0, grad_p, grad_q).grads_read_row_sums)
-    geometry = {
-        "_divergence_fused_kernel": (block, R * math.ceil(V / block), rounds),
-        # per gradient tensor; only when the incoming gradient is not 1 (op total, grad != 1)
-        "_scale_inplace_kernel": (kd.SCALE_BLOCK, R * V // kd.SCALE_BLOCK, "grad != 1"),
-    }
-    bench_key = {
-        "op": "fused_js" if kind == "js" else "fused_kl",
-        "mode": ("fwd_bwd_q" if n_grads == 1 else "fwd_bwd_pq") + "_forward_grads",
-        "shape": f"R={R} V={V}",
-        "dtype": dtype_name,
-    }
-    return launch, geometry, R * V, (2 + n_grads) * elem, bench_key
-
-
 CASES = {
     f"fused_js fwd+bwd dP dQ, R={R} V={V} bf16": lambda: _divergence_case("js", True, True),
     f"fused_js fwd+bwd dQ, R={R} V={V} bf16": lambda: _divergence_case("js", False, True),
@@ -336,9 +314,11 @@ CASES = {
     f"fused_kl fwd+bwd dQ (P detached), R={R} V={V} fp32": lambda: _divergence_case(
         "kl_forward", False, True, "float32"
     ),
-    f"fused_js fwd+bwd dP dQ, grad_mode=forward, R={R} V={V} bf16": lambda: _forward_grads_case("js", True, True),
-    f"fused_kl fwd+bwd dQ (P detached), grad_mode=forward, R={R} V={V} bf16": lambda: _forward_grads_case(
-        "kl_forward", False, True
+    f"fused_js fwd+bwd dP dQ, grad_mode=forward, R={R} V={V} bf16": lambda: _divergence_case(
+        "js", True, True, grad_mode="forward"
+    ),
+    f"fused_kl fwd+bwd dQ (P detached), grad_mode=forward, R={R} V={V} bf16": lambda: _divergence_case(
+        "kl_forward", False, True, grad_mode="forward"
     ),
     "masked_adv_step raw+linf 18x1000x4096, fp32 delta, bf16 grad": lambda: _pgd_case("float32"),
     "masked_adv_step raw+linf 18x1000x4096, bf16 delta, bf16 grad": lambda: _pgd_case("bfloat16"),

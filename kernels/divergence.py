@@ -879,6 +879,12 @@ def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q
     return grad_p, grad_q
 
 
+def _fused_block(vocab: int, element_size: int) -> int:
+    # Columns per program of the one-read kernel: FUSED_BLOCK, halved for fp32 tiles (twice the
+    # registers of bf16 ones), fewer for a narrower row.
+    return max(16, min(triton.next_power_of_2(vocab), FUSED_BLOCK // (2 if element_size == 4 else 1)))
+
+
 def forward_with_grads(p, q, ref_index, mask, weight, spec):
     """One read of the logits: per-row losses and the gradients of ``weight * sum(losses)``.
 
@@ -895,8 +901,7 @@ def forward_with_grads(p, q, ref_index, mask, weight, spec):
     acc = accumulation_dtype(p)
     if rows == 0:
         return torch.zeros(0, dtype=acc, device=q.device), grad_p, grad_q
-    # fp32 tiles take twice the registers of bf16 ones: half the columns per program
-    block = max(16, min(triton.next_power_of_2(vocab), FUSED_BLOCK // (2 if p.element_size() == 4 else 1)))
+    block = _fused_block(vocab, p.element_size())
     nchunk = triton.cdiv(vocab, block)
     programs = rows * nchunk
     exchanging = nchunk > 1  # a one-tile row exchanges nothing: its scratch pointers go unread

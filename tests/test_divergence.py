@@ -460,17 +460,18 @@ def check_peaked_gradients(case, backend, **options):
         assert err <= 1.5e-4, f"grad {name}: relative L2 error {err:.3g} vs float64"
 
 
-def _divergence_node(out):
+def _divergence_node(out, name="FusedDivergence"):
+    """The first autograd node of ``out``'s graph whose type name contains ``name``."""
     stack, seen = [out.grad_fn], set()
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if "FusedDivergence" in type(node).__name__:
+        if name in type(node).__name__:
             return node
         stack.extend(n for n, _ in node.next_functions)
-    raise AssertionError("no FusedDivergence node in the graph")
+    raise AssertionError(f"no {name} node in the graph")
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -22,6 +22,7 @@ from test_divergence import (
     LOSS_RTOL,
     PEAKED_CASES,
     _check_grad,
+    _divergence_node,
     _logits,
     check_peaked_gradients,
     poison_allocations,
@@ -41,14 +42,10 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(kd, "FUSED_BLOCK", 64)
 
 
-def _reduced(case, p, q, reduction, num_items=None, **kw):
-    fn, ref_fn, ckw = CASES[case]
-    return fn, ref_fn, {**ckw, **kw, "reduction": reduction, "num_items": num_items}
-
-
 def _run(case, p, q, backend, reduction="mean", num_items=None, grad_scale=2.5, **kw):
     """The forward-mode loss and gradients of grad_scale * loss, next to float64's."""
-    fn, ref_fn, kw = _reduced(case, p, q, reduction, num_items, **kw)
+    fn, ref_fn, case_kw = CASES[case]
+    kw = {**case_kw, **kw, "reduction": reduction, "num_items": num_items}
     loss = fn(p, q, backend=backend, grad_mode="forward", **kw)
     p64 = p.detach().double().requires_grad_(p.requires_grad)
     q64 = q.detach().double().requires_grad_(q.requires_grad)
@@ -63,18 +60,9 @@ def _run(case, p, q, backend, reduction="mean", num_items=None, grad_scale=2.5, 
 
 
 def _node_name(loss):
-    """The divergence node in the graph of ``loss``: "ForwardGradsDivergenceBackward" or
+    """The divergence node of ``loss``'s graph: "ForwardGradsDivergenceBackward" or
     "FusedDivergenceBackward" (reductions and views sit above the latter)."""
-    stack, seen = [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if "Divergence" in type(node).__name__:
-            return type(node).__name__
-        stack.extend(n for n, _ in node.next_functions)
-    return ""
+    return type(_divergence_node(loss, "Divergence")).__name__
 
 
 @pytest.mark.parametrize("backend", backend_params())
