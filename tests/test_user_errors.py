@@ -56,21 +56,17 @@ def test_init_delta_negative_epsilon_tensor():
 
 def test_unreadable_bad_scalars_give_nan_not_a_silent_answer(unreadable):
     delta, grad, mask = _pgd_inputs()
-    for kwargs in (
-        dict(alpha=ALPHA, epsilon=torch.tensor(-1.0, device=DEVICE)),
-        dict(alpha=torch.tensor(-0.1, device=DEVICE), epsilon=EPS),
-    ):
-        out = modkern.masked_adv_step(delta, grad, mask, inplace=False, backend="torch", **kwargs)
-        assert torch.isnan(out[mask]).all(), kwargs
-    assert torch.isnan(modkern.init_delta(delta, mask, epsilon=torch.tensor(-1.0, device=DEVICE))[mask]).all()
-    # integer tensors too (an int -1 epsilon used to clamp every masked entry to -1, silently)
-    for kwargs in (
-        dict(alpha=ALPHA, epsilon=torch.tensor(-1, device=DEVICE)),
-        dict(alpha=torch.tensor(-1, device=DEVICE), epsilon=EPS),
-    ):
-        out = modkern.masked_adv_step(delta, grad, mask, inplace=False, backend="torch", **kwargs)
-        assert torch.isnan(out[mask]).all(), kwargs
-    assert torch.isnan(modkern.init_delta(delta, mask, epsilon=torch.tensor(-1, device=DEVICE))[mask]).all()
+    # float tensors, and integer ones too (an int -1 epsilon used to clamp every masked entry to
+    # -1, silently)
+    for bad_alpha, bad_epsilon in ((-0.1, -1.0), (-1, -1)):
+        for kwargs in (
+            dict(alpha=ALPHA, epsilon=torch.tensor(bad_epsilon, device=DEVICE)),
+            dict(alpha=torch.tensor(bad_alpha, device=DEVICE), epsilon=EPS),
+        ):
+            out = modkern.masked_adv_step(delta, grad, mask, inplace=False, backend="torch", **kwargs)
+            assert torch.isnan(out[mask]).all(), kwargs
+        epsilon = torch.tensor(bad_epsilon, device=DEVICE)
+        assert torch.isnan(modkern.init_delta(delta, mask, epsilon=epsilon)[mask]).all()
     # good values are untouched by the device-side check
     good = modkern.masked_adv_step(
         delta, grad, mask, alpha=torch.tensor(ALPHA, device=DEVICE), epsilon=torch.tensor(EPS, device=DEVICE)
