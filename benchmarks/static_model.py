@@ -38,15 +38,20 @@ compare like with like. Reuse through L2 is not modelled (V = 152064 rows are re
 The one-read kernel (``_divergence_fused_kernel``, ``grad_mode="forward"``) has no loop over V: a
 program holds one tile in registers from its load to its stores and waits in between for its row
 partners' partials (one or two exchange rounds). Its counts are those of the code outside loops
-(the loops are the flag polling and the fallback that computes a missing partner's partial, which
-the model assumes never runs), and it gets a fourth term, residency (Little's law): an SM holds
+(the loops are the polling of the partners' words and the fallback that computes a missing
+partner's partial, which the model assumes never runs: the kernel enters it only after one check
+that a partial is missing), and it gets a fourth term, residency (Little's law): an SM holds
 ``CTAs x BLOCK`` elements, each for the tile's load latency, the exchange rounds and its own
 instructions at the SM's issue rate:
 
     t_resident = (LATENCY + rounds x EXCHANGE + BLOCK x instr / (128 x clock)) / (CTAs x BLOCK x SMs)
 
-``EXCHANGE_S`` (1 us per round: a release, an acquire poll and a partials load, each an L2 round
-trip, plus waiting for the row's slowest program) is an assumption for the GPU run to correct.
+``EXCHANGE_S`` per round = 1.5 L2 round trips (the partial's relaxed 64-bit atomic exchange
+reaching L2, then one relaxed atomic poll of the row's words; ``L2_ROUND_TRIP_S`` = 0.3 us with the
+memory system loaded) + 0.1 us for the row's last program (its programs start within ~1/10 of a
+program's life): 0.55 us, an assumption for the GPU run to correct (``*_forward_grads`` in its
+headline set). The first protocol (plain stores, a release fence, a flag, an acquire poll, a load of
+the partials) was 3.5 trips (1.15 us; modelled then as 1 us).
 Its backward (``_scale_inplace_kernel``) moves nothing when the incoming gradient is 1 (the
 ``op total`` rows); ``op total, grad != 1`` adds its read and write of every gradient.
 """
@@ -73,7 +78,15 @@ ISSUE_PER_CLK = 128  # thread-instructions per SM per clock (4 schedulers x 32 l
 MUFU_PER_CLK = 16  # sm_90: ex2 / lg2 / rcp / rsqrt results per SM per clock
 COPY_BPS = 4.3e12  # H200 device-to-device copy, read + write (SPEC §6)
 LATENCY_S = 800e-9  # loaded HBM latency the bytes in flight must cover
-EXCHANGE_S = 1.0e-6  # one round of the one-read kernel's partials exchange (assumed; see above)
+# One round of the one-read kernel's partials exchange (see above): the partial's relaxed 64-bit
+# atomic exchange reaches L2 (half a round trip), one relaxed atomic poll of the row's words comes
+# back with them (one round trip), plus the wait for the row's last program. The first protocol
+# (stores, a release fence, a flag, an acquire poll, a load of the partials: 3.5 trips) came to
+# 1.15 us with the same constants (it was modelled as 1 us).
+L2_ROUND_TRIP_S = 0.3e-6  # an atomic to L2 and back, with the memory system loaded (assumed)
+EXCHANGE_TRIPS = 1.5
+EXCHANGE_SKEW_S = 0.1e-6  # the row's programs start within ~1/10 of a program's life (assumed)
+EXCHANGE_S = EXCHANGE_TRIPS * L2_ROUND_TRIP_S + EXCHANGE_SKEW_S
 REGS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 MAX_CTAS_PER_SM = 32
@@ -380,6 +393,9 @@ def build(arch: int = 90) -> dict:
             "mufu_per_clk_per_sm": MUFU_PER_CLK,
             "copy_bytes_per_s": COPY_BPS,
             "latency_s": LATENCY_S,
+            "l2_round_trip_s": L2_ROUND_TRIP_S,
+            "exchange_trips": EXCHANGE_TRIPS,
+            "exchange_skew_s": EXCHANGE_SKEW_S,
             "exchange_s": EXCHANGE_S,
         },
         "arch": f"sm_{arch}",

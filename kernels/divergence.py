@@ -73,6 +73,7 @@ _LN2 = tl.constexpr(math.log(2.0))
 _LOG2E = tl.constexpr(1.0 / math.log(2.0))
 # Start of the running max: finite, so x - m is never -inf - -inf (no guard per element).
 _M_INIT = tl.constexpr(-3.4028234663852886e38)
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 def _block_v(vocab: int) -> int:
@@ -201,10 +202,17 @@ def _terms(lp, lq, prob_p, prob_q, c_p, c_q, KIND: tl.constexpr):
     else:
         xp = lq
         xq = lp
-    # P (log P - x) with 0 log 0 = 0; a NaN P (NaN logit) is not == 0 and propagates, so a broken
-    # row is NaN, never a silent 0.
-    t_p = tl.where(prob_p == 0, 0.0, prob_p * (lp - xp))
-    t_q = tl.where(prob_q == 0, 0.0, prob_q * (lq - xq))
+    # P (log P - x) with 0 log 0 = 0; a NaN P (NaN logit) propagates, so a broken row is NaN, never
+    # a silent 0. JS: log P - log M <= -log beta is never +inf, and it is -inf or NaN (-inf - -inf)
+    # only where P == 0, so flooring it at -FLT_MAX (maximum returns the non-NaN operand) gives
+    # 0 * -FLT_MAX = 0 there in one instruction. KL: log P - log Q is +inf where Q underflows to 0,
+    # and P may be 0 there too: the explicit select.
+    if KIND == 0:
+        t_p = prob_p * tl.maximum(lp - xp, -_FLT_MAX)
+        t_q = prob_q * tl.maximum(lq - xq, -_FLT_MAX)
+    else:
+        t_p = tl.where(prob_p == 0, 0.0, prob_p * (lp - xp))
+        t_q = tl.where(prob_q == 0, 0.0, prob_q * (lq - xq))
     return t_p, t_q
 
 
@@ -535,93 +543,121 @@ def _divergence_grad_p_shared_kernel(
 #
 # A row of V = 152064 does not fit one program, and its gradients need the row's log-sum-exps
 # (and, for JS and KL's own side, the row sums S = sum P (log P - x)) before any element can be
-# written. So row r is split over NCHUNK programs, program (r, j) holding tile j of both rows in
-# registers from its single load to its stores, and the programs of a row exchange per-tile
-# partials through global memory:
+# written. So row r is split over NCHUNK programs, program (r, j) holding tile j of both rows from
+# its single load to its stores, and the programs of a row exchange per-tile partials through
+# global memory:
 #
 #   round 1   tile max and sum of 2^(c (x - max)) of both rows -> the row's (shift, logsum)
 #   round 2   (only when a wanted gradient reads S) the tile sums of P (log P - x) -> S_P, S_Q
 #
-# Each program publishes its partials (plain stores, then a release atomic on its flag) and reads
-# its row partners' after an acquire of their flags. A partner whose flag is still 0 after
-# SPIN_POLLS polls is not waited for: the program loads that tile and computes the partner's
-# partial itself with the same jit function over the same tile, so the result does not depend on
-# which program computed a partial. Nothing relies on co-residency or launch order: no deadlock
-# is possible, and under the interpreter (programs run one after another, SPIN_POLLS = 0) every
-# program computes its later partners' partials itself - the tests exercise both ways.
-# Program ids run tile-fastest, so a row's programs are adjacent in launch order and, on a GPU,
-# resident together: the fallback loads are the exception (the static model assumes none).
+# What limits this design is residency, not bytes (benchmarks/static_model.py): an SM streams
+# only as many tiles as its registers hold, each held for its load latency plus the exchange
+# rounds. So a program holds its tiles raw, in the logits' dtype (a bf16 tile in half the
+# registers of an fp32 copy), and converts them again after each round - re-deriving P, Q and the
+# terms costs MUFU and instruction issue, which have room, where holding them would cost
+# registers, which have none - and one round costs one L2 round trip: each partial is a
+# self-validating 64-bit word (two fp32 values, never all-zero bits: a (max, sum) pair has a
+# non-zero max or a sum >= 1, and a zero row-sum partial is published as -0.0), written with one
+# relaxed atomic exchange into zeroed scratch and polled with relaxed atomic reads of the row's
+# words - no flag, no release fence, no second load of the values.
+#
+# A partner whose words are still 0 after SPIN_POLLS polls is not waited for: the program loads
+# that tile and computes the partner's partial itself with the same jit function over the same
+# tile, so the result does not depend on which program computed a partial. Nothing relies on
+# co-residency or launch order: no deadlock is possible, and under the interpreter (programs run
+# one after another, SPIN_POLLS = 0) every program computes its later partners' partials itself -
+# the tests exercise both ways. Program ids run tile-fastest, so a row's programs are adjacent in
+# launch order and, on a GPU, resident together: the fallback loads are the exception (the static
+# model assumes none).
 #
 # The per-tile loss partials go to ``partials`` [R * NCHUNK, 2] (P's and Q's side) and the row
 # losses are their sums (a [R, NCHUNK] torch reduction). Masked-out rows read nothing, write zero
 # gradients, zero partials, and exchange nothing.
 
-FUSED_BLOCK = 4096  # columns of a row per program (the tile it keeps in registers)
-FUSED_WARPS = 8
-# Polls of the partners' flags before computing a missing partial from memory (0 in the
+FUSED_BLOCK = 4096  # columns of a row per program (the tile it holds), halved for fp32
+# 32 columns per thread (4 warps for a bf16 tile): the per-program work (the tile reductions, the
+# exchange, combining the row's partials) spread over more columns than at 16 per thread, for ~60%
+# more registers per thread - the same per column.
+FUSED_COLUMNS_PER_THREAD = 32
+# Register cap of the one-round kinds (no row sums: KL with a detached P), so that 3 programs of 4
+# warps share an SM: 135 registers without spills on sm_90 (benchmarks/static_model.py). The
+# two-round kinds hold both terms of every column across round 2 and would spill under it.
+FUSED_MAXNREG_ONE_ROUND = 168
+# Polls of the partners' words before computing a missing partial from memory (0 in the
 # interpreter, where a later program cannot run while an earlier one waits).
 SPIN_POLLS = 0 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 4096
 
 
 @triton.jit
-def _load_tile(base, offs, V):
-    # One tile of raw logits in fp32; columns at or past V read -inf (probability exactly 0).
-    return tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+def _load_raw(base, offs, V):
+    # One tile of raw logits in their own dtype (what a program holds across the exchanges);
+    # columns at or past V read -inf (probability exactly 0).
+    return tl.load(base + offs, mask=offs < V, other=float("-inf"))
 
 
 @triton.jit
-def _tile_lse(x, c):
-    # Round 1 of one tile: its max of the raw logits (floored at _M_INIT, so that an all -inf
-    # tile gives 2^-inf = 0 and not NaN) and e = 2^(c (x - max)), c = log2(e) / T: one MUFU op
-    # per element, reused for P in round 2.
+def _tile_lse(xr, c):
+    # Round 1 of one raw tile: its max of the logits (floored at _M_INIT, so that an all -inf tile
+    # gives 2^-inf = 0 and not NaN) and the sum of 2^(c (x - max)), c = log2(e) / T.
+    x = xr.to(tl.float32)
     mx = tl.maximum(tl.max(x, 0), _M_INIT)
-    e = tl.exp2((x - mx) * c)
-    return mx, e
+    return mx, tl.sum(tl.exp2((x - mx) * c), 0)
 
 
 @triton.jit
-def _tile_terms(x, y, mx, ex, my, ey, big_mx, ls_a, big_my, ls_b, inv_t, c_p, c_q, KIND: tl.constexpr):
-    # Round 2 of one tile, from its round-1 values and the row's (max, logsum) of both rows:
-    # log P = (a - shift) - logsum as in the two-pass kernels (shift = max(x) / T, a = x / T),
-    # P = e * e^((max_tile - max_row) / T - logsum) (the round-1 exponential, rescaled by one
-    # per-tile factor: no second MUFU op per element), and _terms' P (log P - x).
-    lp = (x * inv_t - big_mx * inv_t) - ls_a
-    lq = (y * inv_t - big_my * inv_t) - ls_b
-    prob_p = ex * tl.exp((mx - big_mx) * inv_t - ls_a)
-    prob_q = ey * tl.exp((my - big_my) * inv_t - ls_b)
-    t_p, t_q = _terms(lp, lq, prob_p, prob_q, c_p, c_q, KIND)
-    return prob_p, prob_q, t_p, t_q
+def _tile_terms(xr, yr, sh_a, ls_a, sh_b, ls_b, inv_t, c_p, c_q, KIND: tl.constexpr):
+    # _row_terms of one raw tile pair: a = x / T, log P = (a - shift) - logsum with shift = the
+    # row's max(x) / T, as in the two-pass kernels.
+    return _row_terms(xr.to(tl.float32) * inv_t, yr.to(tl.float32) * inv_t, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND)
 
 
 @triton.jit
-def _await_partners(flag_ptr, first, NCHUNK: tl.constexpr, NCHUNK_P2: tl.constexpr, SPIN: tl.constexpr):
-    # Acquire the flags of the row's NCHUNK programs (first = the row's first program id), polling
-    # up to SPIN times while one is 0. Returns (chunk index vector, which partials are published).
+def _word(hi, lo):
+    # Two fp32 values as one int64 (hi's bits above lo's), published with one 64-bit atomic.
+    h = hi.to(tl.uint32, bitcast=True).to(tl.int64)
+    lo_bits = lo.to(tl.uint32, bitcast=True).to(tl.int64)
+    return (h << 32) | lo_bits
+
+
+@triton.jit
+def _unword(w):
+    # _word's inverse: (hi, lo) as fp32.
+    hi = (w >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+    lo = (w & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    return hi, lo
+
+
+@triton.jit
+def _nonzero_bits(v):
+    # v with +0.0 published as -0.0: the same value in every sum, but a word with a set bit.
+    return tl.where(v == 0.0, -tl.abs(v), v)
+
+
+@triton.jit
+def _await_words(words_ptr, first, WIDTH: tl.constexpr, NCHUNK: tl.constexpr, NCHUNK_P2: tl.constexpr, SPIN):
+    # The WIDTH (1 or 2) words of each of the row's NCHUNK programs (first = the row's first
+    # program id), polled with relaxed atomic reads up to SPIN times while one is 0 (unpublished).
+    # Returns (chunk index vector, which programs' words are all published, the words).
     idx = tl.arange(0, NCHUNK_P2)
     valid = idx < NCHUNK
-    flags = tl.atomic_add(flag_ptr + first + idx, 0, mask=valid, sem="acquire")
+    base = words_ptr + (first + idx) * WIDTH
+    w0 = tl.atomic_add(base, 0, mask=valid, sem="relaxed")
+    w1 = w0
+    if WIDTH == 2:
+        w1 = tl.atomic_add(base + 1, 0, mask=valid, sem="relaxed")
     polls = 0
-    while (tl.sum(tl.where(valid & (flags == 0), 1, 0), 0) > 0) & (polls < SPIN):
-        flags = tl.atomic_add(flag_ptr + first + idx, 0, mask=valid, sem="acquire")
+    while (tl.sum(tl.where(valid & ((w0 == 0) | (w1 == 0)), 1, 0), 0) > 0) & (polls < SPIN):
+        w0 = tl.atomic_add(base, 0, mask=valid, sem="relaxed")
+        if WIDTH == 2:
+            w1 = tl.atomic_add(base + 1, 0, mask=valid, sem="relaxed")
         polls += 1
-    return idx, valid & (flags != 0)
+    return idx, valid & (w0 != 0) & (w1 != 0), w0, w1
 
 
 @triton.jit
-def _publish(flag_ptr, part_ptr, pid, v0, v1, v2, v3, WIDTH: tl.constexpr):
-    # Store this program's partials (the first WIDTH of v0..v3), then release its flag.
-    tl.store(part_ptr + pid * WIDTH + 0, v0)
-    tl.store(part_ptr + pid * WIDTH + 1, v1)
-    if WIDTH == 4:
-        tl.store(part_ptr + pid * WIDTH + 2, v2)
-        tl.store(part_ptr + pid * WIDTH + 3, v3)
-    tl.atomic_xchg(flag_ptr + pid, 1, sem="release")
-
-
-@triton.jit
-def _published(part_ptr, first, idx, have, field, WIDTH: tl.constexpr):
-    # One field of the row's published partials (0 where not published); .cg: from L2, past L1.
-    return tl.load(part_ptr + (first + idx) * WIDTH + field, mask=have, other=0.0, cache_modifier=".cg")
+def _any_missing(idx, have, NCHUNK: tl.constexpr):
+    # Whether one of the row's NCHUNK partials is not in ``have``.
+    return tl.sum(tl.where(have | (idx >= NCHUNK), 0, 1), 0) > 0
 
 
 @triton.jit
@@ -633,10 +669,9 @@ def _divergence_fused_kernel(
     weight_ptr,
     gp_ptr,
     gq_ptr,
-    lse_part_ptr,
-    lse_flag_ptr,
-    sum_part_ptr,
-    sum_flag_ptr,
+    lse_words_ptr,
+    sum_words_ptr,
+    part_ptr,
     V,
     stride_p,
     stride_q,
@@ -654,7 +689,7 @@ def _divergence_fused_kernel(
     NEED_S: tl.constexpr,
     NCHUNK: tl.constexpr,
     NCHUNK_P2: tl.constexpr,
-    SPIN: tl.constexpr,
+    SPIN,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -666,29 +701,27 @@ def _divergence_fused_kernel(
     q_base = q_ptr + row * stride_q
     c = inv_t * _LOG2E
     if active:
-        x = _load_tile(p_base, offs, V)
-        y = _load_tile(q_base, offs, V)
-        mx, ex = _tile_lse(x, c)
-        my, ey = _tile_lse(y, c)
-        sx = tl.sum(ex, 0)
-        sy = tl.sum(ey, 0)
+        xr = _load_raw(p_base, offs, V)
+        yr = _load_raw(q_base, offs, V)
+        mx, sx = _tile_lse(xr, c)
+        my, sy = _tile_lse(yr, c)
         # round 1: the row's log-sum-exps
         if NCHUNK > 1:
-            _publish(lse_flag_ptr, lse_part_ptr, pid, mx, sx, my, sy, 4)
-            idx, have = _await_partners(lse_flag_ptr, first, NCHUNK, NCHUNK_P2, SPIN)
-            mxs = _published(lse_part_ptr, first, idx, have, 0, 4)
-            sxs = _published(lse_part_ptr, first, idx, have, 1, 4)
-            mys = _published(lse_part_ptr, first, idx, have, 2, 4)
-            sys = _published(lse_part_ptr, first, idx, have, 3, 4)
-            for i in range(NCHUNK):
-                if tl.sum(tl.where((idx == i) & ~have, 1, 0), 0) > 0:
-                    o = i * BLOCK + tl.arange(0, BLOCK)
-                    mxi, exi = _tile_lse(_load_tile(p_base, o, V), c)
-                    myi, eyi = _tile_lse(_load_tile(q_base, o, V), c)
-                    mxs = tl.where(idx == i, mxi, mxs)
-                    sxs = tl.where(idx == i, tl.sum(exi, 0), sxs)
-                    mys = tl.where(idx == i, myi, mys)
-                    sys = tl.where(idx == i, tl.sum(eyi, 0), sys)
+            tl.atomic_xchg(lse_words_ptr + pid * 2, _word(mx, sx), sem="relaxed")
+            tl.atomic_xchg(lse_words_ptr + pid * 2 + 1, _word(my, sy), sem="relaxed")
+            idx, have, wx, wy = _await_words(lse_words_ptr, first, 2, NCHUNK, NCHUNK_P2, SPIN)
+            mxs, sxs = _unword(wx)
+            mys, sys = _unword(wy)
+            if _any_missing(idx, have, NCHUNK):  # the fallback (on a GPU, the exception)
+                for i in range(NCHUNK):
+                    if _any_missing(idx, have | (idx != i), NCHUNK):
+                        o = i * BLOCK + tl.arange(0, BLOCK)
+                        mxi, sxi = _tile_lse(_load_raw(p_base, o, V), c)
+                        myi, syi = _tile_lse(_load_raw(q_base, o, V), c)
+                        mxs = tl.where(idx == i, mxi, mxs)
+                        sxs = tl.where(idx == i, sxi, sxs)
+                        mys = tl.where(idx == i, myi, mys)
+                        sys = tl.where(idx == i, syi, sys)
             valid = idx < NCHUNK
             big_mx = tl.max(tl.where(valid, mxs, _M_INIT), 0)
             big_my = tl.max(tl.where(valid, mys, _M_INIT), 0)
@@ -699,36 +732,36 @@ def _divergence_fused_kernel(
             big_my = my
             ls_a = tl.log(sx)
             ls_b = tl.log(sy)
-        prob_p, prob_q, t_p, t_q = _tile_terms(x, y, mx, ex, my, ey, big_mx, ls_a, big_my, ls_b, inv_t, c_p, c_q, KIND)
+        sh_a = big_mx * inv_t
+        sh_b = big_my * inv_t
+        prob_p, prob_q, t_p, t_q = _tile_terms(xr, yr, sh_a, ls_a, sh_b, ls_b, inv_t, c_p, c_q, KIND)
         # the loss reads S_P (JS, KL(P||Q), symmetric) and S_Q (JS, KL(Q||P), symmetric): an unread
         # side's terms are never formed
         part_p = tl.sum(t_p, 0) if KIND != 2 else 0.0
         part_q = tl.sum(t_q, 0) if KIND != 1 else 0.0
+        tl.store(part_ptr + pid * 2 + 0, part_p)
+        tl.store(part_ptr + pid * 2 + 1, part_q)
         # round 2: the row sums S_P, S_Q, when a wanted gradient reads them
         s_p = part_p
         s_q = part_q
         if NEED_S and NCHUNK > 1:
-            _publish(sum_flag_ptr, sum_part_ptr, pid, part_p, part_q, part_p, part_q, 2)
-            idx, have = _await_partners(sum_flag_ptr, first, NCHUNK, NCHUNK_P2, SPIN)
-            sps = _published(sum_part_ptr, first, idx, have, 0, 2)
-            sqs = _published(sum_part_ptr, first, idx, have, 1, 2)
-            for i in range(NCHUNK):
-                if tl.sum(tl.where((idx == i) & ~have, 1, 0), 0) > 0:
-                    o = i * BLOCK + tl.arange(0, BLOCK)
-                    xi = _load_tile(p_base, o, V)
-                    yi = _load_tile(q_base, o, V)
-                    mxi, exi = _tile_lse(xi, c)
-                    myi, eyi = _tile_lse(yi, c)
-                    _, _, tpi, tqi = _tile_terms(
-                        xi, yi, mxi, exi, myi, eyi, big_mx, ls_a, big_my, ls_b, inv_t, c_p, c_q, KIND
-                    )
-                    sps = tl.where(idx == i, tl.sum(tpi, 0), sps)
-                    sqs = tl.where(idx == i, tl.sum(tqi, 0), sqs)
-            s_p = tl.sum(sps, 0)
-            s_q = tl.sum(sqs, 0)
-        else:  # the loss partials only (the row losses sum them), or a one-tile row's sums
-            tl.store(sum_part_ptr + pid * 2 + 0, part_p)
-            tl.store(sum_part_ptr + pid * 2 + 1, part_q)
+            tl.atomic_xchg(sum_words_ptr + pid, _word(_nonzero_bits(part_p), _nonzero_bits(part_q)), sem="relaxed")
+            idx, have, ws, ws_ = _await_words(sum_words_ptr, first, 1, NCHUNK, NCHUNK_P2, SPIN)
+            sps, sqs = _unword(ws)
+            if _any_missing(idx, have, NCHUNK):
+                for i in range(NCHUNK):
+                    if _any_missing(idx, have | (idx != i), NCHUNK):
+                        o = i * BLOCK + tl.arange(0, BLOCK)
+                        xi = _load_raw(p_base, o, V)
+                        yi = _load_raw(q_base, o, V)
+                        _, _, tpi, tqi = _tile_terms(xi, yi, sh_a, ls_a, sh_b, ls_b, inv_t, c_p, c_q, KIND)
+                        sps = tl.where(idx == i, tl.sum(tpi, 0), sps)
+                        sqs = tl.where(idx == i, tl.sum(tqi, 0), sqs)
+            s_p = tl.sum(tl.where(idx < NCHUNK, sps, 0.0), 0)
+            s_q = tl.sum(tl.where(idx < NCHUNK, sqs, 0.0), 0)
+            # the terms again from the raw tiles held across the round (registers are what this
+            # kernel is short of; see above)
+            prob_p, prob_q, t_p, t_q = _tile_terms(xr, yr, sh_a, ls_a, sh_b, ls_b, inv_t, c_p, c_q, KIND)
         w_t = tl.load(weight_ptr).to(tl.float32) * inv_t
         if KIND == 0:
             own_a = beta * w_t
@@ -743,8 +776,8 @@ def _divergence_fused_kernel(
             g = _grad_b(prob_p, prob_q, t_q, s_q, own_b, w_t, KIND)
             tl.store(gq_ptr + row * stride_gq + offs, g.to(gq_ptr.dtype.element_ty), mask=offs < V)
     else:
-        tl.store(sum_part_ptr + pid * 2 + 0, 0.0)
-        tl.store(sum_part_ptr + pid * 2 + 1, 0.0)
+        tl.store(part_ptr + pid * 2 + 0, 0.0)
+        tl.store(part_ptr + pid * 2 + 1, 0.0)
         zeros = tl.zeros([BLOCK], tl.float32)
         if WRITE_GP:
             tl.store(gp_ptr + row * stride_gp + offs, zeros.to(gp_ptr.dtype.element_ty), mask=offs < V)
@@ -885,6 +918,16 @@ def _fused_block(vocab: int, element_size: int) -> int:
     return max(16, min(triton.next_power_of_2(vocab), FUSED_BLOCK // (2 if element_size == 4 else 1)))
 
 
+def _fused_launch(block: int, element_size: int, two_rounds: bool) -> dict:
+    # num_warps (and the register cap) of the one-read kernel for a tile of ``block`` columns: fp32
+    # tiles hold half the columns per thread (twice the registers per column).
+    columns = FUSED_COLUMNS_PER_THREAD // (2 if element_size == 4 else 1)
+    options = {"num_warps": max(1, min(8, block // (32 * columns)))}
+    if not two_rounds and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        options["maxnreg"] = FUSED_MAXNREG_ONE_ROUND
+    return options
+
+
 def forward_with_grads(p, q, ref_index, mask, weight, spec):
     """One read of the logits: per-row losses and the gradients of ``weight * sum(losses)``.
 
@@ -904,10 +947,12 @@ def forward_with_grads(p, q, ref_index, mask, weight, spec):
     block = _fused_block(vocab, p.element_size())
     nchunk = triton.cdiv(vocab, block)
     programs = rows * nchunk
-    exchanging = nchunk > 1  # a one-tile row exchanges nothing: its scratch pointers go unread
-    sums = torch.empty(programs, 2, dtype=acc, device=q.device)
-    lse_part = torch.empty(programs, 4, dtype=acc, device=q.device) if exchanging else sums
-    flags = torch.zeros(2, programs if exchanging else 1, dtype=torch.int32, device=q.device)  # per round
+    need_s = spec.grads_read_row_sums
+    partials = torch.empty(programs, 2, dtype=acc, device=q.device)
+    # zeroed scratch: the round-1 words (2 per program), then the round-2 words (1 per program);
+    # a one-tile row exchanges nothing and its pointers go unread
+    n_words = (2 + int(need_s)) * programs if nchunk > 1 else 1
+    words = torch.zeros(n_words, dtype=torch.int64, device=q.device)
     c_p, c_q = _mix_coefs(spec.beta)
     _divergence_fused_kernel[(programs,)](
         p,
@@ -917,10 +962,9 @@ def forward_with_grads(p, q, ref_index, mask, weight, spec):
         weight,
         grad_p if write_gp else q,
         grad_q if write_gq else q,
-        lse_part,
-        flags[0],
-        sums,
-        flags[1],
+        words,
+        words[2 * programs :] if need_s and nchunk > 1 else words,
+        partials,
         vocab,
         p.stride(0),
         q.stride(0),
@@ -935,14 +979,14 @@ def forward_with_grads(p, q, ref_index, mask, weight, spec):
         HAS_MASK=mask is not None,
         WRITE_GP=write_gp,
         WRITE_GQ=write_gq,
-        NEED_S=spec.grads_read_row_sums,
+        NEED_S=need_s,
         NCHUNK=nchunk,
         NCHUNK_P2=triton.next_power_of_2(nchunk),
         SPIN=SPIN_POLLS,
         BLOCK=block,
-        num_warps=max(1, min(block // 128, FUSED_WARPS)),
+        **_fused_launch(block, p.element_size(), need_s),
     )
-    side = sums.view(rows, nchunk, 2).sum(1)
+    side = partials.view(rows, nchunk, 2).sum(1)
     return spec.row_loss(side[:, 0], side[:, 1]), grad_p, grad_q
 
 
