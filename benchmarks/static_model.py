@@ -38,9 +38,11 @@ compare like with like. Reuse through L2 is not modelled (V = 152064 rows are re
 The one-read kernel (``_divergence_fused_kernel``, ``grad_mode="forward"``) has no loop over V: a
 program holds one tile in registers from its load to its stores and waits in between for its row
 partners' partials (one or two exchange rounds). Its counts are those of the code outside loops
-(the loops are the polling of the partners' words and the fallback that computes a missing
-partner's partial, which the model assumes never runs: the kernel enters it only after one check
-that a partial is missing), and it gets a fourth term, residency (Little's law): an SM holds
+of the kernel compiled once more without the branch that computes a missing partner's partial
+from memory (which the model assumes never runs: a program enters it only after one check that a
+partial is missing): the path every program takes (the loops left are the polling of the
+partners' words). Its registers and occupancy are those of the kernel as launched. It gets a
+fourth term, residency (Little's law): an SM holds
 ``CTAs x BLOCK`` elements, each for the tile's load latency, the exchange rounds and its own
 instructions at the SM's issue rate:
 
@@ -184,12 +186,16 @@ def ctas_per_sm(registers: int, warps: int, shared: int) -> int:
     return max(0, min(by_regs, by_warps, by_smem, MAX_CTAS_PER_SM))
 
 
-def model_kernel(name, kernel, elems_per_iter: int, programs: int, ptxas: dict, exchange_rounds=None) -> dict:
+def model_kernel(
+    name, kernel, elems_per_iter: int, programs: int, ptxas: dict, exchange_rounds=None, counted=None
+) -> dict:
     """``exchange_rounds``: None for a streaming kernel (its loops over the row are the work); a
-    number for the one-read kernel (the code outside loops is the work, plus the residency term)."""
+    number for the one-read kernel (the code outside loops is the work, plus the residency term).
+    ``counted``: the compiled kernel whose SASS gives the counts (the one-read kernel without its
+    fallback branch), when not ``kernel`` itself; registers and occupancy are ``kernel``'s."""
     warps = kernel.metadata.num_warps
     threads = warps * 32
-    instrs = parse_sass(sass_of(kernel.asm["cubin"]))
+    instrs = parse_sass(sass_of((counted or kernel).asm["cubin"]))
     if exchange_rounds is None:
         bodies = [b for b in loops(instrs) if body_counts(b)["ldg"] > 0]
     else:
@@ -264,6 +270,13 @@ def _divergence_case(kind, grad_p, grad_q, dtype_name="bfloat16", grad_mode="bac
         p = torch.randn(rows, V, dtype=dtype)
         q = torch.randn(rows, V, dtype=dtype)
         if grad_mode == "forward":
+            # first the kernel without its fallback branch (the path every program takes: the
+            # model's counts), then the kernel as launched (its registers and occupancy)
+            kd._STATIC_MODEL_COMMON_PATH = True
+            try:
+                kd.forward_with_grads(p, q, None, None, torch.ones(()), spec)
+            finally:
+                kd._STATIC_MODEL_COMMON_PATH = False
             _, gp, gq = kd.forward_with_grads(p, q, None, None, torch.ones(()), spec)
             kd.scale_(torch.full((), 2.0), *(g for g in (gp, gq) if g.numel()))
             return
@@ -354,12 +367,17 @@ def build(arch: int = 90) -> dict:
         before = len(tcc.COMPILED)
         launch()
         op_t, scale_t = 0.0, 0.0
-        for name, kernel in tcc.COMPILED[before:]:
+        compiled = tcc.COMPILED[before:]
+        # the one-read kernel compiles twice: without its fallback (counted), then as launched
+        fused = [k for n, k in compiled if n == "_divergence_fused_kernel"]
+        compiled = [(n, k) for n, k in compiled if n != "_divergence_fused_kernel" or k is not fused[0]]
+        for name, kernel in compiled:
             elems_per_iter, programs, *extra = geometry[name]
             scale_pass = extra == ["grad != 1"]
             rounds = extra[0] if extra and not scale_pass else None
             report = tcc.ptxas_report(kernel.asm["ptx"], arch)
-            rec = model_kernel(name, kernel, elems_per_iter, programs, report, exchange_rounds=rounds)
+            counted = fused[0] if name == "_divergence_fused_kernel" else None
+            rec = model_kernel(name, kernel, elems_per_iter, programs, report, exchange_rounds=rounds, counted=counted)
             t = rec.pop("t_s_per_elem")
             if scale_pass:  # one launch per [R, V] gradient
                 scale_t += t

@@ -178,42 +178,33 @@ def _kl_finish(m, s, u, inv_t):
 
 @triton.jit
 def _row_terms(a, b, sh_a, ls_a, sh_b, ls_b, c_p, c_q, KIND: tl.constexpr):
-    # log-probabilities, probabilities, and each side's term P (log P - x) (_terms).
+    # log-probabilities, probabilities, and each side's term P (log P - x), where JS compares both
+    # logs with log M = logaddexp(log P + log beta, log Q + log(1 - beta)) (c_p, c_q = log beta,
+    # log(1 - beta)) and KL(P||Q) compares log P with log Q and vice versa.
+    # 0 log 0 = 0; a NaN P (NaN logit) propagates, so a broken row is NaN, never a silent 0. JS:
+    # log P - log M <= -log beta is never +inf, and it is -inf or NaN (-inf - -inf) only where
+    # P == 0, so flooring it at -FLT_MAX (maximum returns the non-NaN operand) gives
+    # 0 * -FLT_MAX = 0 there in one instruction. KL: log P - log Q is +inf where Q underflows to 0,
+    # and P may be 0 there too: the explicit select.
+    # JS forms log M before the probabilities: fewer values live at once (the one-read kernel
+    # holds the terms of 32 columns per thread under a register cap).
     lp = (a - sh_a) - ls_a
     lq = (b - sh_b) - ls_b
-    prob_p = tl.exp2(lp * _LOG2E)
-    prob_q = tl.exp2(lq * _LOG2E)
-    t_p, t_q = _terms(lp, lq, prob_p, prob_q, c_p, c_q, KIND)
-    return prob_p, prob_q, t_p, t_q
-
-
-@triton.jit
-def _terms(lp, lq, prob_p, prob_q, c_p, c_q, KIND: tl.constexpr):
-    # What each side's log is compared against: JS compares both with
-    # log M = logaddexp(log P + log beta, log Q + log(1 - beta)); KL(P||Q) compares log P with
-    # log Q and vice versa. c_p, c_q = log beta, log(1 - beta).
     if KIND == 0:
         u = lp + c_p
         v = lq + c_q
         hi = tl.maximum(u, v)
         lm = hi + _fast_log2(1.0 + tl.exp2((tl.minimum(u, v) - hi) * _LOG2E)) * _LN2
-        xp = lm
-        xq = lm
+        prob_p = tl.exp2(lp * _LOG2E)
+        t_p = prob_p * tl.maximum(lp - lm, -_FLT_MAX)
+        prob_q = tl.exp2(lq * _LOG2E)
+        t_q = prob_q * tl.maximum(lq - lm, -_FLT_MAX)
     else:
-        xp = lq
-        xq = lp
-    # P (log P - x) with 0 log 0 = 0; a NaN P (NaN logit) propagates, so a broken row is NaN, never
-    # a silent 0. JS: log P - log M <= -log beta is never +inf, and it is -inf or NaN (-inf - -inf)
-    # only where P == 0, so flooring it at -FLT_MAX (maximum returns the non-NaN operand) gives
-    # 0 * -FLT_MAX = 0 there in one instruction. KL: log P - log Q is +inf where Q underflows to 0,
-    # and P may be 0 there too: the explicit select.
-    if KIND == 0:
-        t_p = prob_p * tl.maximum(lp - xp, -_FLT_MAX)
-        t_q = prob_q * tl.maximum(lq - xq, -_FLT_MAX)
-    else:
-        t_p = tl.where(prob_p == 0, 0.0, prob_p * (lp - xp))
-        t_q = tl.where(prob_q == 0, 0.0, prob_q * (lq - xq))
-    return t_p, t_q
+        prob_p = tl.exp2(lp * _LOG2E)
+        prob_q = tl.exp2(lq * _LOG2E)
+        t_p = tl.where(prob_p == 0, 0.0, prob_p * (lp - lq))
+        t_q = tl.where(prob_q == 0, 0.0, prob_q * (lq - lp))
+    return prob_p, prob_q, t_p, t_q
 
 
 @triton.jit
@@ -579,13 +570,17 @@ FUSED_BLOCK = 4096  # columns of a row per program (the tile it holds), halved f
 # exchange, combining the row's partials) spread over more columns than at 16 per thread, for ~60%
 # more registers per thread - the same per column.
 FUSED_COLUMNS_PER_THREAD = 32
-# Register cap of the one-round kinds (no row sums: KL with a detached P), so that 3 programs of 4
-# warps share an SM: 135 registers without spills on sm_90 (benchmarks/static_model.py). The
-# two-round kinds hold both terms of every column across round 2 and would spill under it.
-FUSED_MAXNREG_ONE_ROUND = 168
+# Register cap so that 3 programs of 4 warps share an SM (sm_90: 168 x 128 x 3 <= 65536): JS with
+# both gradients holds 4 values per column across round 2 and compiles to 168 registers without
+# spills (benchmarks/static_model.py); uncapped, ptxas takes ~180 and fits only 2 programs.
+FUSED_MAXNREG = 168
 # Polls of the partners' words before computing a missing partial from memory (0 in the
 # interpreter, where a later program cannot run while an earlier one waits).
 SPIN_POLLS = 0 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 4096
+# Set only by benchmarks/static_model.py, which compiles the kernel a second time without the
+# fallback branch to count the instructions of the path every program takes. A kernel launched
+# with it would use a missing partial as 0: never set it elsewhere.
+_STATIC_MODEL_COMMON_PATH = False
 
 
 @triton.jit
@@ -691,6 +686,7 @@ def _divergence_fused_kernel(
     NCHUNK_P2: tl.constexpr,
     SPIN,
     BLOCK: tl.constexpr,
+    FALLBACK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // NCHUNK
@@ -712,7 +708,7 @@ def _divergence_fused_kernel(
             idx, have, wx, wy = _await_words(lse_words_ptr, first, 2, NCHUNK, NCHUNK_P2, SPIN)
             mxs, sxs = _unword(wx)
             mys, sys = _unword(wy)
-            if _any_missing(idx, have, NCHUNK):  # the fallback (on a GPU, the exception)
+            if FALLBACK and _any_missing(idx, have, NCHUNK):  # the fallback (on a GPU, the exception)
                 for i in range(NCHUNK):
                     if _any_missing(idx, have | (idx != i), NCHUNK):
                         o = i * BLOCK + tl.arange(0, BLOCK)
@@ -748,7 +744,7 @@ def _divergence_fused_kernel(
             tl.atomic_xchg(sum_words_ptr + pid, _word(_nonzero_bits(part_p), _nonzero_bits(part_q)), sem="relaxed")
             idx, have, ws, ws_ = _await_words(sum_words_ptr, first, 1, NCHUNK, NCHUNK_P2, SPIN)
             sps, sqs = _unword(ws)
-            if _any_missing(idx, have, NCHUNK):
+            if FALLBACK and _any_missing(idx, have, NCHUNK):
                 for i in range(NCHUNK):
                     if _any_missing(idx, have | (idx != i), NCHUNK):
                         o = i * BLOCK + tl.arange(0, BLOCK)
@@ -757,11 +753,14 @@ def _divergence_fused_kernel(
                         _, _, tpi, tqi = _tile_terms(xi, yi, sh_a, ls_a, sh_b, ls_b, inv_t, c_p, c_q, KIND)
                         sps = tl.where(idx == i, tl.sum(tpi, 0), sps)
                         sqs = tl.where(idx == i, tl.sum(tqi, 0), sqs)
+                # this program's own terms again, from its tile reloaded (an L2 hit): on this path
+                # they are not held across the partners' terms, which would double the registers
+                # the kernel needs everywhere
+                xr = _load_raw(p_base, offs, V)
+                yr = _load_raw(q_base, offs, V)
+                prob_p, prob_q, t_p, t_q = _tile_terms(xr, yr, sh_a, ls_a, sh_b, ls_b, inv_t, c_p, c_q, KIND)
             s_p = tl.sum(tl.where(idx < NCHUNK, sps, 0.0), 0)
             s_q = tl.sum(tl.where(idx < NCHUNK, sqs, 0.0), 0)
-            # the terms again from the raw tiles held across the round (registers are what this
-            # kernel is short of; see above)
-            prob_p, prob_q, t_p, t_q = _tile_terms(xr, yr, sh_a, ls_a, sh_b, ls_b, inv_t, c_p, c_q, KIND)
         w_t = tl.load(weight_ptr).to(tl.float32) * inv_t
         if KIND == 0:
             own_a = beta * w_t
@@ -918,13 +917,13 @@ def _fused_block(vocab: int, element_size: int) -> int:
     return max(16, min(triton.next_power_of_2(vocab), FUSED_BLOCK // (2 if element_size == 4 else 1)))
 
 
-def _fused_launch(block: int, element_size: int, two_rounds: bool) -> dict:
+def _fused_launch(block: int, element_size: int) -> dict:
     # num_warps (and the register cap) of the one-read kernel for a tile of ``block`` columns: fp32
     # tiles hold half the columns per thread (twice the registers per column).
     columns = FUSED_COLUMNS_PER_THREAD // (2 if element_size == 4 else 1)
     options = {"num_warps": max(1, min(8, block // (32 * columns)))}
-    if not two_rounds and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        options["maxnreg"] = FUSED_MAXNREG_ONE_ROUND
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        options["maxnreg"] = FUSED_MAXNREG
     return options
 
 
@@ -984,7 +983,8 @@ def forward_with_grads(p, q, ref_index, mask, weight, spec):
         NCHUNK_P2=triton.next_power_of_2(nchunk),
         SPIN=SPIN_POLLS,
         BLOCK=block,
-        **_fused_launch(block, p.element_size(), need_s),
+        FALLBACK=not _STATIC_MODEL_COMMON_PATH,
+        **_fused_launch(block, p.element_size()),
     )
     side = partials.view(rows, nchunk, 2).sum(1)
     return spec.row_loss(side[:, 0], side[:, 1]), grad_p, grad_q
