@@ -80,6 +80,29 @@ def check_positive_number(name: str, value, *, allow_tensor: bool = True, open_u
     return float(value)
 
 
+def check_finite_factor(name: str, value, device):
+    """``None``, a finite Python real, or a 0-dim real tensor on ``device`` (or a CPU scalar
+    tensor): a constant factor of a result. A tensor's value is checked where it is readable (CPU,
+    eager); elsewhere a non-finite factor makes the result non-finite by itself."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a number or a 0-dim tensor, got shape {tuple(value.shape)}")
+        if value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number or a 0-dim real tensor, got dtype {value.dtype}")
+        if value.device != device and value.device.type != "cpu":
+            raise ValueError(f"{name} is on {value.device} but the tensors are on {device}")
+        if readable(value) and not bool(torch.isfinite(value)):
+            raise ValueError(f"{name} must be finite, got {value.item()}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number or a 0-dim tensor, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
 def check_open_unit_interval(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number in (0, 1), got {type(value).__name__}")

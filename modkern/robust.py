@@ -82,7 +82,7 @@ from modkern.model_hooks import (  # noqa: F401 (re-exported: the objective's pu
     wrapper_forward_context,
 )
 from modkern.ops.adv_step import NORMS, STEPS, masked_adv_step
-from modkern.ops.divergence import DIRECTIONS, fused_js, fused_kl
+from modkern.ops.divergence import DIRECTIONS, GRAD_MODES, fused_js, fused_kl
 from modkern.ops.linear_divergence import linear_losses, token_ce_rows
 
 IGNORE_INDEX = -100
@@ -124,6 +124,10 @@ class RobustConfig:
         kl_direction: ``"forward"`` KL(clean || adv), ``"reverse"`` or ``"symmetric"``.
         beta: JS mixture weight in (0, 1).
         temperature: softmax temperature of the divergence.
+        divergence_grad_mode: the divergence's ``grad_mode`` on the logits path (``"auto"``,
+            ``"backward"``, ``"forward"``: see :func:`modkern.fused_js`; the weight
+            ``lam / num_items`` is its ``scale``, so a ``"forward"`` backward moves nothing under
+            a plain ``loss.backward()``). The chunked head computes its own gradients.
         step: PGD direction, ``"raw"`` (the paper's), ``"sign"``, ``"l2"``, ``"l2_token"``, ``"linf"``.
         norm: projection, ``"linf"`` (the paper's), ``"l2"``, ``"l2_token"`` or None.
         init: ``"random"`` (``init_delta`` in the ``norm`` ball) or ``"zero"``.
@@ -163,6 +167,7 @@ class RobustConfig:
     kl_direction: str = "forward"
     beta: float = 0.5
     temperature: float = 1.0
+    divergence_grad_mode: str = "auto"
     step: str = "raw"
     norm: Optional[str] = "linf"
     init: str = "random"
@@ -197,6 +202,7 @@ class RobustConfig:
         V.check_choice("kl_direction", self.kl_direction, DIRECTIONS)
         self.beta = V.check_open_unit_interval("beta", self.beta)
         self.temperature = V.check_positive_number("temperature", self.temperature, allow_tensor=False)
+        V.check_choice("divergence_grad_mode", self.divergence_grad_mode, GRAD_MODES)
         V.check_choice("step", self.step, STEPS)
         V.check_choice("norm", self.norm, NORMS)
         V.check_choice("init", self.init, INITS)
@@ -608,19 +614,26 @@ def _attack(fw: _Forwards, mb: _MicroBatch, mask: Tensor, config: RobustConfig, 
 
 
 def _adversarial_terms(fw: _Forwards, mb: _MicroBatch, clean: _Branch, adv: _Branch, config: RobustConfig):
-    """Token sums ``(CE_adv, D(clean.detach() || adv))`` over the answer rows (D None when disabled).
+    """``(CE_adv, lam * D(clean.detach() || adv) / denom)``: the adversarial CE as a token sum over the
+    answer rows, the consistency term normalized (None when disabled).
 
     Copies compare their k-th answer row with the k-th answer row of their clean sample
-    (``ref_index``). On the chunked path both come from one pass over the logits chunks.
+    (``ref_index``). On the chunked path both come from one pass over the logits chunks. On the
+    logits path the weight ``lam / denom`` is the divergence's ``scale``: with
+    ``grad_mode="forward"`` it is folded into the gradients its forward writes.
     """
     if not config.uses_divergence:
         return fw.ce_sum(adv), None
     ref_rows = fw.rows.ref_rows(mb.ref_index)
     device = (adv.logits if adv.logits is not None else adv.hidden).device  # the head's (device_map models)
     ref_rows = None if ref_rows is None else ref_rows.to(device)
+    lam_over_denom = config.lam / fw.rows.denom
+    if isinstance(lam_over_denom, torch.Tensor):
+        lam_over_denom = lam_over_denom.to(device)
     options = dict(temperature=config.temperature, ref_index=ref_rows, backend=config.backend)
     if adv.logits is not None:
         p, q = clean.logits.detach(), adv.logits
+        options.update(scale=lam_over_denom, grad_mode=config.divergence_grad_mode)
         if config.divergence == "kl":
             div = fused_kl(p, q, direction=config.kl_direction, reduction="sum", **options)
         else:
@@ -640,7 +653,7 @@ def _adversarial_terms(fw: _Forwards, mb: _MicroBatch, clean: _Branch, adv: _Bra
         chunk_size=config.chunk_size,
         **options,
     )
-    return ce.sum(), div.sum()
+    return ce.sum(), div.sum() * lam_over_denom
 
 
 def _check_call(config) -> RobustConfig:
@@ -711,10 +724,10 @@ def robust_loss(
         mask = _modality_mask(fw, mb, model, config)
         delta = _attack(fw, mb, mask, config, attack_grad_scale)
         adv = fw.perturbed(mb.replay_inputs, delta, mask)
-        ce_adv, div = _adversarial_terms(fw, mb, clean, adv, config)
+        ce_adv, consistency = _adversarial_terms(fw, mb, clean, adv, config)
 
     denom = fw.rows.denom
-    consistency = config.lam * div / denom if div is not None else ce_adv.new_zeros(())
+    consistency = consistency if consistency is not None else ce_adv.new_zeros(())
     ce_clean, ce_adv = ce_clean / denom, ce_adv / denom
     return RobustOutput(
         loss=ce_clean + ce_adv + consistency,

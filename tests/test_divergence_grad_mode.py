@@ -206,6 +206,49 @@ def test_auto_is_backward_until_measured():
     assert expected in _node_name(loss)
 
 
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("mode", ["backward", "forward"])
+@pytest.mark.parametrize("kind", ["float", "tensor", "tensor_requires_grad"])
+def test_scale(kind, mode, backend, monkeypatch):
+    # scale=s is s * the loss, gradients included. In forward mode a constant scale is folded into
+    # the gradients the forward writes: the backward's in-place scale gets the outer gradient (1
+    # for loss.backward()), i.e. nothing to scale; a scale that requires grad stays outside and
+    # gets its own gradient (the unscaled loss).
+    p = _logits((4, 300), torch.float32, requires_grad=False)
+    q = _logits((4, 300), torch.float32)
+    s = 0.375 if kind == "float" else torch.tensor(0.375, device=DEVICE, requires_grad=kind.endswith("grad"))
+    seen = []
+    import modkern.ops.divergence as ops_div
+
+    real = ops_div.ForwardGradsDivergence.backward
+
+    def spy(ctx, grad_loss):
+        seen.append(float(grad_loss))
+        return real(ctx, grad_loss)
+
+    monkeypatch.setattr(ops_div.ForwardGradsDivergence, "backward", staticmethod(spy))
+    loss = modkern.fused_kl(p, q, backend=backend, grad_mode=mode, scale=s, num_items=7)
+    (gq,) = torch.autograd.grad(loss, (q,), retain_graph=kind.endswith("grad"))
+    base = modkern.fused_kl(p, q, backend=backend, grad_mode="backward", num_items=7)
+    (bq,) = torch.autograd.grad(base, (q,))
+    torch.testing.assert_close(loss, 0.375 * base, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gq, 0.375 * bq, rtol=1e-5, atol=1e-7)
+    if mode == "forward":
+        assert seen == ([0.375] if kind.endswith("grad") else [1.0])
+    if kind.endswith("grad"):
+        (gs,) = torch.autograd.grad(loss, (s,))
+        torch.testing.assert_close(gs, base.detach(), rtol=1e-6, atol=0)
+
+
+def test_bad_scale_is_named():
+    p = _logits((2, 50), torch.float32)
+    for bad, err in [("x", TypeError), (True, TypeError), (float("inf"), ValueError), (torch.ones(2), ValueError)]:
+        with pytest.raises(err, match="scale"):
+            modkern.fused_js(p, p.detach(), scale=bad)
+    with pytest.raises(ValueError, match="scale"):
+        modkern.fused_kl(p, p.detach(), scale=torch.tensor(float("nan")), grad_mode="forward")
+
+
 def test_bad_grad_mode_is_named():
     p = _logits((2, 50), torch.float32)
     with pytest.raises(ValueError, match="grad_mode"):

@@ -78,6 +78,7 @@ def full_logits(model, batch):
         (dict(kl_direction="sideways"), ValueError, "kl_direction"),
         (dict(beta=1.0), ValueError, "beta"),
         (dict(temperature=0), ValueError, "temperature"),
+        (dict(divergence_grad_mode="later"), ValueError, "divergence_grad_mode"),
         (dict(step="adam"), ValueError, "step"),
         (dict(norm="l3"), ValueError, "norm"),
         (dict(init="gauss"), ValueError, "init"),
@@ -483,6 +484,20 @@ def test_answer_rows_and_chunked_head_equal_the_full_logit_objective(models, nam
     for chunk_size in (1, 2, None):
         chunked = loss_and_grads(model, batch, cfg.replace(lm_head="chunked", chunk_size=chunk_size), num_items=13)
         assert_same_objective(chunked, full)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "js"])
+def test_divergence_grad_mode_forward_is_the_same_objective(models, divergence):
+    # The one-read divergence (its gradients written in the forward, lam / num_items folded in as
+    # its scale) against the recomputing backward: the same loss, parts and parameter gradients.
+    model, info = models["llava"]
+    batch = make_batch(info, 3, seed=8, kinds=["image_heavy", "text_heavy", "image_heavy"], copies=((0, 7),))
+    cfg = RobustConfig(lam=0.5, divergence=divergence, steps=1, epsilon=0.05, alpha=1.0, lm_head="rows")
+    one_read = loss_and_grads(model, batch, cfg.replace(divergence_grad_mode="forward"), num_items=13)
+    assert float(one_read[0].consistency) > 0
+    assert_same_objective(
+        one_read, loss_and_grads(model, batch, cfg.replace(divergence_grad_mode="backward"), num_items=13)
+    )
 
 
 def head_batch_sizes(model):

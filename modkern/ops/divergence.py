@@ -469,18 +469,26 @@ def _prepare(p_logits, q_logits, temperature, mask, ref_index, reduction, num_it
     return p2, q2, ref_index, mask, leading, backend
 
 
-def _divergence(kind, beta, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend, grad_mode):
+def _divergence(
+    kind, beta, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend, grad_mode, scale
+):
     V.check_choice("grad_mode", grad_mode, GRAD_MODES)
     p2, q2, ref_index, mask, leading, backend = _prepare(
         p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend
     )
+    scale = V.check_finite_factor("scale", scale, q2.device)
     if _uses_forward_grads(grad_mode, reduction, p2, q2, ref_index):
         weight = _reduction_weight(reduction, num_items, mask, q2.shape[0], q2.device)
-        return ForwardGradsDivergence.apply(p2, q2, ref_index, mask, weight, kind, beta, float(temperature), backend)
+        # a constant scale goes into the gradients the forward writes (the backward then gets the
+        # caller's outer gradient, often 1, and moves nothing); one that requires grad stays outside
+        folded = scale is not None and not (isinstance(scale, Tensor) and scale.requires_grad)
+        if folded:
+            weight = weight * (scale.to(device=q2.device, dtype=torch.float32) if isinstance(scale, Tensor) else scale)
+        out = ForwardGradsDivergence.apply(p2, q2, ref_index, mask, weight, kind, beta, float(temperature), backend)
+        return out if scale is None or folded else out * scale
     rows = FusedDivergence.apply(p2, q2, ref_index, mask, kind, beta, float(temperature), backend)
-    if reduction == "none":
-        return rows.reshape(leading)
-    return reduce_rows(rows, mask, reduction, num_items)
+    out = rows.reshape(leading) if reduction == "none" else reduce_rows(rows, mask, reduction, num_items)
+    return out if scale is None else out * scale
 
 
 def fused_js(
@@ -495,6 +503,7 @@ def fused_js(
     num_items=None,
     backend: str = "auto",
     grad_mode: str = "auto",
+    scale=None,
 ) -> Tensor:
     r"""Generalized Jensen-Shannon divergence between two softmax distributions, from raw logits.
 
@@ -525,6 +534,12 @@ def fused_js(
             P gradient shared through ``ref_index`` (those take ``"backward"``). ``"auto"``:
             ``modkern.backend.DIVERGENCE_GRAD_MODE_AUTO``, ``"backward"`` until a GPU measurement
             says otherwise.
+        scale: a constant factor of the result (finite number or 0-dim tensor):
+            ``fused_js(..., scale=lam)`` is ``lam * fused_js(...)``. With ``grad_mode="forward"``
+            the gradients written in the forward are those of the scaled loss, so the backward
+            moves nothing when its incoming gradient is 1 (it scales every gradient in place
+            otherwise): fold a loss weight here (e.g. ``lam / num_tokens``) rather than
+            multiplying the result. A tensor that requires grad is applied to the result instead.
 
     Gradients flow to whichever logits require grad, in their dtype; accumulation is fp32.
 
@@ -535,7 +550,7 @@ def fused_js(
     """
     beta = V.check_open_unit_interval("beta", beta)
     return _divergence(
-        "js", beta, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend, grad_mode
+        "js", beta, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend, grad_mode, scale
     )
 
 
@@ -551,6 +566,7 @@ def fused_kl(
     num_items=None,
     backend: str = "auto",
     grad_mode: str = "auto",
+    scale=None,
 ) -> Tensor:
     r"""Kullback-Leibler divergence between two softmax distributions, from raw logits.
 
@@ -579,4 +595,5 @@ def fused_kl(
         num_items,
         backend,
         grad_mode,
+        scale,
     )
