@@ -346,6 +346,15 @@ CASES = {
     f"fused_kl fwd+bwd dQ (P detached), grad_mode=forward, R={R} V={V} bf16": lambda: _divergence_case(
         "kl_forward", False, True, grad_mode="forward"
     ),
+    f"fused_js fwd+bwd dQ, grad_mode=forward, R={R} V={V} bf16": lambda: _divergence_case(
+        "js", False, True, grad_mode="forward"
+    ),
+    f"fused_kl fwd+bwd dP dQ, grad_mode=forward, R={R} V={V} bf16": lambda: _divergence_case(
+        "kl_forward", True, True, grad_mode="forward"
+    ),
+    f"fused_kl fwd+bwd dQ (P detached), grad_mode=forward, R={R} V={V} fp32": lambda: _divergence_case(
+        "kl_forward", False, True, "float32", grad_mode="forward"
+    ),
     "masked_adv_step raw+linf 18x1000x4096, fp32 delta, bf16 grad": lambda: _pgd_case("float32"),
     "masked_adv_step raw+linf 18x1000x4096, bf16 delta, bf16 grad": lambda: _pgd_case("bfloat16"),
 }

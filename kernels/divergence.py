@@ -629,30 +629,48 @@ def _nonzero_bits(v):
 
 
 @triton.jit
-def _await_words(words_ptr, first, WIDTH: tl.constexpr, NCHUNK: tl.constexpr, NCHUNK_P2: tl.constexpr, SPIN):
+def _await_words(
+    words_ptr, first, own, own0, own1, WIDTH: tl.constexpr, NCHUNK: tl.constexpr, NCHUNK_P2: tl.constexpr, SPIN
+):
     # The WIDTH (1 or 2) words of each of the row's NCHUNK programs (first = the row's first
     # program id), polled with relaxed atomic reads up to SPIN times while one is 0 (unpublished).
-    # Returns (chunk index vector, which programs' words are all published, the words).
+    # All the words of a poll are one [NCHUNK_P2, WIDTH] atomic, so their L2 round trips overlap.
+    # The program's own words (own = its chunk index; own0, own1 = the words it published) are
+    # taken as they are, not polled: its own exchange may still be on its way to L2. Returns
+    # (chunk index vector, which programs' words are all published, the words of column 0 and of
+    # column WIDTH - 1).
     idx = tl.arange(0, NCHUNK_P2)
     valid = idx < NCHUNK
-    base = words_ptr + (first + idx) * WIDTH
-    w0 = tl.atomic_add(base, 0, mask=valid, sem="relaxed")
-    w1 = w0
-    if WIDTH == 2:
-        w1 = tl.atomic_add(base + 1, 0, mask=valid, sem="relaxed")
+    polled = valid & (idx != own)
+    col = tl.arange(0, WIDTH)[None, :]
+    ptrs = words_ptr + (first + idx)[:, None] * WIDTH + col
+    mine = tl.where(col == 0, own0, own1)
+    w = tl.where((idx == own)[:, None], mine, tl.atomic_add(ptrs, 0, mask=polled[:, None], sem="relaxed"))
     polls = 0
-    while (tl.sum(tl.where(valid & ((w0 == 0) | (w1 == 0)), 1, 0), 0) > 0) & (polls < SPIN):
-        w0 = tl.atomic_add(base, 0, mask=valid, sem="relaxed")
-        if WIDTH == 2:
-            w1 = tl.atomic_add(base + 1, 0, mask=valid, sem="relaxed")
+    while (tl.sum(tl.sum(tl.where(polled[:, None] & (w == 0), 1, 0), 1), 0) > 0) & (polls < SPIN):
+        w = tl.where((idx == own)[:, None], mine, tl.atomic_add(ptrs, 0, mask=polled[:, None], sem="relaxed"))
         polls += 1
-    return idx, valid & (w0 != 0) & (w1 != 0), w0, w1
+    have = valid & (tl.min(tl.where(w != 0, 1, 0), 1) > 0)
+    if WIDTH == 2:
+        w0, w1 = tl.split(w)
+    else:
+        w0 = tl.sum(w, 1)
+        w1 = w0
+    return idx, have, w0, w1
 
 
 @triton.jit
 def _any_missing(idx, have, NCHUNK: tl.constexpr):
     # Whether one of the row's NCHUNK partials is not in ``have``.
     return tl.sum(tl.where(have | (idx >= NCHUNK), 0, 1), 0) > 0
+
+
+@triton.jit
+def _model_keeps_the_check(part_ptr, pid):
+    # The fallback's stand-in in the variant the static model compiles (FALLBACK=False, never
+    # launched): a side effect so that the "is a partial missing" check every program runs stays in
+    # the counted code.
+    tl.store(part_ptr + pid * 2, float("nan"))
 
 
 @triton.jit
@@ -703,21 +721,28 @@ def _divergence_fused_kernel(
         my, sy = _tile_lse(yr, c)
         # round 1: the row's log-sum-exps
         if NCHUNK > 1:
-            tl.atomic_xchg(lse_words_ptr + pid * 2, _word(mx, sx), sem="relaxed")
-            tl.atomic_xchg(lse_words_ptr + pid * 2 + 1, _word(my, sy), sem="relaxed")
-            idx, have, wx, wy = _await_words(lse_words_ptr, first, 2, NCHUNK, NCHUNK_P2, SPIN)
+            word_x = _word(mx, sx)
+            word_y = _word(my, sy)
+            tl.atomic_xchg(lse_words_ptr + pid * 2, word_x, sem="relaxed")
+            tl.atomic_xchg(lse_words_ptr + pid * 2 + 1, word_y, sem="relaxed")
+            idx, have, wx, wy = _await_words(
+                lse_words_ptr, first, pid - first, word_x, word_y, 2, NCHUNK, NCHUNK_P2, SPIN
+            )
             mxs, sxs = _unword(wx)
             mys, sys = _unword(wy)
-            if FALLBACK and _any_missing(idx, have, NCHUNK):  # the fallback (on a GPU, the exception)
-                for i in range(NCHUNK):
-                    if _any_missing(idx, have | (idx != i), NCHUNK):
-                        o = i * BLOCK + tl.arange(0, BLOCK)
-                        mxi, sxi = _tile_lse(_load_raw(p_base, o, V), c)
-                        myi, syi = _tile_lse(_load_raw(q_base, o, V), c)
-                        mxs = tl.where(idx == i, mxi, mxs)
-                        sxs = tl.where(idx == i, sxi, sxs)
-                        mys = tl.where(idx == i, myi, mys)
-                        sys = tl.where(idx == i, syi, sys)
+            if _any_missing(idx, have, NCHUNK):  # the fallback (on a GPU, the exception)
+                if FALLBACK:
+                    for i in range(NCHUNK):
+                        if _any_missing(idx, have | (idx != i), NCHUNK):
+                            o = i * BLOCK + tl.arange(0, BLOCK)
+                            mxi, sxi = _tile_lse(_load_raw(p_base, o, V), c)
+                            myi, syi = _tile_lse(_load_raw(q_base, o, V), c)
+                            mxs = tl.where(idx == i, mxi, mxs)
+                            sxs = tl.where(idx == i, sxi, sxs)
+                            mys = tl.where(idx == i, myi, mys)
+                            sys = tl.where(idx == i, syi, sys)
+                else:
+                    _model_keeps_the_check(part_ptr, pid)
             valid = idx < NCHUNK
             big_mx = tl.max(tl.where(valid, mxs, _M_INIT), 0)
             big_my = tl.max(tl.where(valid, mys, _M_INIT), 0)
@@ -741,24 +766,30 @@ def _divergence_fused_kernel(
         s_p = part_p
         s_q = part_q
         if NEED_S and NCHUNK > 1:
-            tl.atomic_xchg(sum_words_ptr + pid, _word(_nonzero_bits(part_p), _nonzero_bits(part_q)), sem="relaxed")
-            idx, have, ws, ws_ = _await_words(sum_words_ptr, first, 1, NCHUNK, NCHUNK_P2, SPIN)
+            word_s = _word(_nonzero_bits(part_p), _nonzero_bits(part_q))
+            tl.atomic_xchg(sum_words_ptr + pid, word_s, sem="relaxed")
+            idx, have, ws, ws_ = _await_words(
+                sum_words_ptr, first, pid - first, word_s, word_s, 1, NCHUNK, NCHUNK_P2, SPIN
+            )
             sps, sqs = _unword(ws)
-            if FALLBACK and _any_missing(idx, have, NCHUNK):
-                for i in range(NCHUNK):
-                    if _any_missing(idx, have | (idx != i), NCHUNK):
-                        o = i * BLOCK + tl.arange(0, BLOCK)
-                        xi = _load_raw(p_base, o, V)
-                        yi = _load_raw(q_base, o, V)
-                        _, _, tpi, tqi = _tile_terms(xi, yi, sh_a, ls_a, sh_b, ls_b, inv_t, c_p, c_q, KIND)
-                        sps = tl.where(idx == i, tl.sum(tpi, 0), sps)
-                        sqs = tl.where(idx == i, tl.sum(tqi, 0), sqs)
-                # this program's own terms again, from its tile reloaded (an L2 hit): on this path
-                # they are not held across the partners' terms, which would double the registers
-                # the kernel needs everywhere
-                xr = _load_raw(p_base, offs, V)
-                yr = _load_raw(q_base, offs, V)
-                prob_p, prob_q, t_p, t_q = _tile_terms(xr, yr, sh_a, ls_a, sh_b, ls_b, inv_t, c_p, c_q, KIND)
+            if _any_missing(idx, have, NCHUNK):
+                if FALLBACK:
+                    for i in range(NCHUNK):
+                        if _any_missing(idx, have | (idx != i), NCHUNK):
+                            o = i * BLOCK + tl.arange(0, BLOCK)
+                            xi = _load_raw(p_base, o, V)
+                            yi = _load_raw(q_base, o, V)
+                            _, _, tpi, tqi = _tile_terms(xi, yi, sh_a, ls_a, sh_b, ls_b, inv_t, c_p, c_q, KIND)
+                            sps = tl.where(idx == i, tl.sum(tpi, 0), sps)
+                            sqs = tl.where(idx == i, tl.sum(tqi, 0), sqs)
+                    # this program's own terms again, from its tile reloaded (an L2 hit): on this
+                    # path they are not held across the partners' terms, which would double the
+                    # registers the kernel needs everywhere
+                    xr = _load_raw(p_base, offs, V)
+                    yr = _load_raw(q_base, offs, V)
+                    prob_p, prob_q, t_p, t_q = _tile_terms(xr, yr, sh_a, ls_a, sh_b, ls_b, inv_t, c_p, c_q, KIND)
+                else:
+                    _model_keeps_the_check(part_ptr, pid)
             s_p = tl.sum(tl.where(idx < NCHUNK, sps, 0.0), 0)
             s_q = tl.sum(tl.where(idx < NCHUNK, sqs, 0.0), 0)
         w_t = tl.load(weight_ptr).to(tl.float32) * inv_t

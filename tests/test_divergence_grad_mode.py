@@ -238,11 +238,15 @@ def test_scale(kind, mode, backend, monkeypatch):
     if kind.endswith("grad"):
         (gs,) = torch.autograd.grad(loss, (s,))
         torch.testing.assert_close(gs, base.detach(), rtol=1e-6, atol=0)
+    # a float64 scale leaves the result in the accumulation dtype, in every mode
+    wide = modkern.fused_kl(p, q, backend=backend, grad_mode=mode, scale=torch.tensor(0.375, dtype=torch.float64))
+    assert wide.dtype == torch.float32
 
 
 def test_bad_scale_is_named():
     p = _logits((2, 50), torch.float32)
-    for bad, err in [("x", TypeError), (True, TypeError), (float("inf"), ValueError), (torch.ones(2), ValueError)]:
+    bad_scales = [("x", TypeError), (True, TypeError), (float("inf"), ValueError), (10**400, ValueError)]
+    for bad, err in bad_scales + [(torch.ones(2), ValueError)]:
         with pytest.raises(err, match="scale"):
             modkern.fused_js(p, p.detach(), scale=bad)
     with pytest.raises(ValueError, match="scale"):

@@ -477,13 +477,15 @@ def _divergence(
         p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend
     )
     scale = V.check_finite_factor("scale", scale, q2.device)
+    if isinstance(scale, Tensor):  # the result keeps the accumulation dtype whatever the scale's
+        scale = scale.to(device=q2.device, dtype=accumulation_dtype(p2))
     if _uses_forward_grads(grad_mode, reduction, p2, q2, ref_index):
         weight = _reduction_weight(reduction, num_items, mask, q2.shape[0], q2.device)
         # a constant scale goes into the gradients the forward writes (the backward then gets the
         # caller's outer gradient, often 1, and moves nothing); one that requires grad stays outside
         folded = scale is not None and not (isinstance(scale, Tensor) and scale.requires_grad)
         if folded:
-            weight = weight * (scale.to(device=q2.device, dtype=torch.float32) if isinstance(scale, Tensor) else scale)
+            weight = weight * scale
         out = ForwardGradsDivergence.apply(p2, q2, ref_index, mask, weight, kind, beta, float(temperature), backend)
         return out if scale is None or folded else out * scale
     rows = FusedDivergence.apply(p2, q2, ref_index, mask, kind, beta, float(temperature), backend)
