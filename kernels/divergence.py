@@ -629,6 +629,13 @@ def _nonzero_bits(v):
 
 
 @triton.jit
+def _poll(ptrs, polled, is_own, mine):
+    # One poll of the [NCHUNK_P2, WIDTH] words: relaxed atomic reads of the partners', this
+    # program's own as it published them.
+    return tl.where(is_own[:, None], mine, tl.atomic_add(ptrs, 0, mask=polled[:, None], sem="relaxed"))
+
+
+@triton.jit
 def _await_words(
     words_ptr, first, own, own0, own1, WIDTH: tl.constexpr, NCHUNK: tl.constexpr, NCHUNK_P2: tl.constexpr, SPIN
 ):
@@ -645,10 +652,10 @@ def _await_words(
     col = tl.arange(0, WIDTH)[None, :]
     ptrs = words_ptr + (first + idx)[:, None] * WIDTH + col
     mine = tl.where(col == 0, own0, own1)
-    w = tl.where((idx == own)[:, None], mine, tl.atomic_add(ptrs, 0, mask=polled[:, None], sem="relaxed"))
+    w = _poll(ptrs, polled, idx == own, mine)
     polls = 0
     while (tl.sum(tl.sum(tl.where(polled[:, None] & (w == 0), 1, 0), 1), 0) > 0) & (polls < SPIN):
-        w = tl.where((idx == own)[:, None], mine, tl.atomic_add(ptrs, 0, mask=polled[:, None], sem="relaxed"))
+        w = _poll(ptrs, polled, idx == own, mine)
         polls += 1
     have = valid & (tl.min(tl.where(w != 0, 1, 0), 1) > 0)
     if WIDTH == 2:

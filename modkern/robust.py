@@ -727,7 +727,8 @@ def robust_loss(
         ce_adv, consistency = _adversarial_terms(fw, mb, clean, adv, config)
 
     denom = fw.rows.denom
-    consistency = consistency if consistency is not None else ce_adv.new_zeros(())
+    if consistency is None:  # disabled
+        consistency = ce_adv.new_zeros(())
     ce_clean, ce_adv = ce_clean / denom, ce_adv / denom
     return RobustOutput(
         loss=ce_clean + ce_adv + consistency,
