@@ -2,7 +2,7 @@
 
 Same objective as ``modkern.robust`` (SPEC §2), for a causal LM that takes ``inputs_embeds``::
 
-    L = CE(clean) + CE(adv) + lam * KL(P_clean.detach() || Q_adv)   over shifted answer rows
+    L = CE(clean) + CE(adv) + lam / B * sum_rows KL(Q_adv || P_clean.detach())   over shifted answer rows
 
 with ``adv = embeds + delta * M`` after ``steps`` PGD updates (raw gradient, Linf clamp) from a
 U(-eps, eps) start. The *style* follows the public repository of the paper
@@ -17,7 +17,9 @@ U(-eps, eps) start. The *style* follows the public repository of the paper
 - the cross entropies use shifted ``.contiguous()`` copies of the full logits, selected by the
   attention mask (boolean indexing: more copies);
 - the consistency term loops over samples, copies each sample's answer rows out with
-  ``masked_select``, and takes the full-vocabulary ``log_softmax`` of both branches in fp32.
+  ``masked_select``, takes the full-vocabulary ``log_softmax`` of both branches in fp32, sums
+  ``F.kl_div(log P.detach(), Q)`` (KL(Q||P)) over the rows and divides by the number of samples.
+  (The batches here have no heuristic copies, so the copies' clean pairs do not arise.)
 
 Two deliberate differences from the official code, so that both sides compute the same number:
 answer rows are the *shifted* positions (the official code compares unshifted ones), and the
@@ -127,7 +129,6 @@ def eager_robust_loss(
     vocab = combined_logits.shape[-1]
     shift_labels = labels[:, 1:]
     total = combined_logits.new_zeros((), dtype=torch.float32)
-    count = 0
     for i in range(batch_size):
         answer = (shift_labels[i] != -100).unsqueeze(-1)
         n_rows = int(answer.sum())  # host sync, as in the official code's .view(size, -1, V)
@@ -138,9 +139,8 @@ def eager_robust_loss(
             clean_rows = clean_logits[i, :-1].masked_select(answer).view(n_rows, vocab)
         log_q = F.log_softmax(adv_rows.float() / temperature, dim=-1)
         log_p = F.log_softmax(clean_rows.float() / temperature, dim=-1)
-        total = total + F.kl_div(log_q, log_p, reduction="sum", log_target=True)
-        count += n_rows
-    consistency = total / max(count, 1)
+        total = total + F.kl_div(log_p, log_q, reduction="sum", log_target=True)  # KL(Q || P)
+    consistency = total / batch_size
 
     loss = ce_clean + ce_adv + lam * consistency
     return loss, {"ce_clean": ce_clean.detach(), "ce_adv": ce_adv.detach(), "consistency": consistency.detach()}

@@ -1,27 +1,34 @@
 """Heuristic augmentation for modality-robust fine-tuning (the paper's data side).
 
-Every sample has a *kind* that says which modality carries the answer:
+Every sample has a *kind* that says which modality carries the answer. By default the copies are
+the official code's (``LlavaDataset`` of the paper's repository):
 
-* ``"image_heavy"`` - the answer is in the image; the text may mislead. Copies get a misleading
-  description ("The image shows a dog." for a cat) or an unrelated fact in front of the question,
-  in the sample's ``context`` slot (replacing a caption that was there, if any).
-* ``"text_heavy"`` - the answer is in the text; the image is irrelevant. Copies get another
-  sample's image (swapped), a black, a white or a noise image.
+* ``"image_heavy"`` - the answer is in the image; the text may mislead. Two copies, each with a
+  text right before the question (after the sample's ``context``, kept): a related sentence,
+  ``"This picture seems to depict a {option}."`` with an option drawn from all the classes (it may
+  name the right one) or the sample's first ``facts`` entry when it has one (``related_text``); and
+  a paragraph of 10 sentences drawn with replacement from a pool of 88 irrelevant or false
+  statements (``unrelated_paragraph``, :data:`modkern.distractors.IRRELEVANT_SENTENCES`).
+* ``"text_heavy"`` - the answer is in the text; the image is irrelevant. The clean sample's image is
+  replaced by uniform noise (so the real image is no shortcut), and three copies get another
+  sample's image, a black and a white image.
 * ``"vqa"`` - both matter; no copies.
 
-A copy keeps the answer of its clean sample, so its answer tokens (and the rows the consistency
-loss compares) pair up one-to-one with the clean sample's. :class:`RobustCollator` puts the clean
-samples first and the copies after them, and returns ``ref_index`` (each row's clean sample,
-itself for clean samples) and ``sample_kind`` (copies keep their source's kind) next to the usual
-``input_ids`` / ``attention_mask`` / ``labels`` / ``pixel_values``: the batch format of
-:func:`modkern.robust.robust_loss`.
+The kinds and number of copies are options of :class:`AugmentConfig` (the earlier transforms
+``misleading_text`` - a wrong class in the context slot -, ``unrelated_text`` - one fact - and
+``noise_image`` stay available). A copy keeps the answer of its clean sample, so its answer tokens
+(and the rows the consistency loss compares) pair up one-to-one with the clean sample's.
+:class:`RobustCollator` puts the clean samples first and the copies after them, and returns
+``ref_index`` (each row's clean sample, itself for clean samples) and ``sample_kind`` (copies keep
+their source's kind) next to the usual ``input_ids`` / ``attention_mask`` / ``labels`` /
+``pixel_values``: the batch format of :func:`modkern.robust.robust_loss`.
 
 Example::
 
     aug = HeuristicAugmenter(AugmentConfig(classes=("cat", "dog")), seed=0)
     collate = RobustCollator(encode, augmenter=aug, pad_token_id=0)
     batch = collate([Sample("What animal is this?", "cat", image, "image_heavy")])
-    # batch["ref_index"] == tensor([0, 0]); batch["sample_kind"] == ["image_heavy", "image_heavy"]
+    # batch["ref_index"] == tensor([0, 0, 0]); batch["sample_kind"] == ["image_heavy"] * 3
 """
 
 from __future__ import annotations
@@ -35,10 +42,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from modkern.distractors import IRRELEVANT_SENTENCES
 from modkern.robust import SAMPLE_KINDS
 
-TEXT_TRANSFORMS = ("misleading_text", "unrelated_text")
+TEXT_TRANSFORMS = ("related_text", "unrelated_paragraph", "misleading_text", "unrelated_text")
 IMAGE_TRANSFORMS = ("swap_image", "black_image", "white_image", "noise_image")
+# The official copies: both texts for image-heavy samples, three images for text-heavy ones.
+PAPER_TEXT_TRANSFORMS = ("related_text", "unrelated_paragraph")
+PAPER_IMAGE_TRANSFORMS = ("swap_image", "black_image", "white_image")
+RELATED_TEMPLATES = ("This picture seems to depict a {option}.",)
 IGNORE_INDEX = -100
 
 
@@ -62,6 +74,7 @@ class Sample:
     label: Optional[str] = None
     context: str = ""
     tag: str = "clean"
+    facts: tuple = ()
 
     def __post_init__(self):
         if self.kind not in SAMPLE_KINDS:
@@ -87,48 +100,65 @@ DEFAULT_FACTS = (
 
 @dataclass
 class AugmentConfig:
-    """Which heuristic copies to make.
+    """Which heuristic copies to make (defaults: the official code's).
 
-    ``copies_per_sample`` distinct transforms are drawn (without replacement) per sample from
-    ``text_transforms`` (image-heavy samples) or ``image_transforms`` (text-heavy samples); each
-    sample gets copies with probability ``prob``. ``classes`` are the candidate labels for
-    misleading text (a sample's own class is excluded; required, >= 2, while ``misleading_text``
-    is among ``text_transforms``, as it is by default); ``misleading_templates`` and
-    ``unrelated_facts`` are the texts put in the context slot, in front of the question
-    (``{label}`` is filled with the wrong class).
-    ``noise_std`` is the std of the Gaussian noise image around 0.5 (values clamped to [0, 1]).
+    ``text_transforms`` (image-heavy samples) and ``image_transforms`` (text-heavy samples) name
+    the copies; ``copies_per_sample=None`` makes one of each (the paper), an int draws that many
+    distinct ones per sample; each sample gets copies with probability ``prob``.
+    ``noise_clean_image`` replaces a text-heavy clean sample's image by uniform noise.
+    ``classes`` are the answer options of ``related_text`` (any of them, the right one included)
+    and the candidate wrong labels of ``misleading_text`` (a sample's own class excluded).
+    ``related_templates`` (``{option}``), ``irrelevant_sentences`` with ``paragraph_sentences`` per
+    paragraph (``unrelated_paragraph``), ``misleading_templates`` (``{label}``) and
+    ``unrelated_facts`` are the texts. ``noise_std`` is the std of the ``noise_image`` copy's
+    Gaussian noise around 0.5 (clamped to [0, 1]).
     """
 
-    text_transforms: tuple[str, ...] = TEXT_TRANSFORMS
-    image_transforms: tuple[str, ...] = IMAGE_TRANSFORMS
-    copies_per_sample: int = 1
+    text_transforms: tuple[str, ...] = PAPER_TEXT_TRANSFORMS
+    image_transforms: tuple[str, ...] = PAPER_IMAGE_TRANSFORMS
+    copies_per_sample: Optional[int] = None
     prob: float = 1.0
+    noise_clean_image: bool = True
     classes: tuple[str, ...] = ()
+    related_templates: tuple[str, ...] = RELATED_TEMPLATES
+    irrelevant_sentences: tuple[str, ...] = IRRELEVANT_SENTENCES
+    paragraph_sentences: int = 10
     misleading_templates: tuple[str, ...] = DEFAULT_MISLEADING
     unrelated_facts: tuple[str, ...] = DEFAULT_FACTS
     noise_std: float = 0.3
 
     def __post_init__(self):
+        self.text_transforms, self.image_transforms = tuple(self.text_transforms), tuple(self.image_transforms)
         for name in self.text_transforms:
             if name not in TEXT_TRANSFORMS:
                 raise ValueError(f"text_transforms: unknown transform {name!r}; choose from {TEXT_TRANSFORMS}")
         for name in self.image_transforms:
             if name not in IMAGE_TRANSFORMS:
                 raise ValueError(f"image_transforms: unknown transform {name!r}; choose from {IMAGE_TRANSFORMS}")
-        if self.copies_per_sample < 0:
-            raise ValueError(f"copies_per_sample must be >= 0, got {self.copies_per_sample}")
+        if self.copies_per_sample is not None and self.copies_per_sample < 0:
+            raise ValueError(
+                f"copies_per_sample must be None (one copy per transform) or >= 0, got {self.copies_per_sample}"
+            )
         if not 0.0 <= self.prob <= 1.0:
             raise ValueError(f"prob must lie in [0, 1], got {self.prob}")
+        if self.paragraph_sentences < 1:
+            raise ValueError(f"paragraph_sentences must be >= 1, got {self.paragraph_sentences}")
+        self.classes = tuple(self.classes)
+        needs = {
+            "related_text": ("related_templates", "classes"),
+            "unrelated_paragraph": ("irrelevant_sentences",),
+            "misleading_text": ("misleading_templates",),
+            "unrelated_text": ("unrelated_facts",),
+        }
+        for transform in self.text_transforms:
+            for name in needs[transform]:
+                if not getattr(self, name):
+                    raise ValueError(f"{name} must not be empty when {transform} is enabled")
         if "misleading_text" in self.text_transforms and len(self.classes) < 2:
             raise ValueError(
-                "classes: misleading_text (on by default) needs at least two candidate answer labels, e.g. "
+                "classes: misleading_text needs at least two candidate answer labels, e.g. "
                 "AugmentConfig(classes=('red', 'green', 'blue')), or leave it out of text_transforms"
             )
-        if "misleading_text" in self.text_transforms and not self.misleading_templates:
-            raise ValueError("misleading_templates must not be empty when misleading_text is enabled")
-        if "unrelated_text" in self.text_transforms and not self.unrelated_facts:
-            raise ValueError("unrelated_facts must not be empty when unrelated_text is enabled")
-        self.classes = tuple(self.classes)
 
 
 # --- single transforms: each returns a new Sample with the same answer -------------------------
@@ -137,6 +167,33 @@ class AugmentConfig:
 def with_context(sample: Sample, context: str, tag: str) -> Sample:
     """``sample`` with ``context`` in front of its question (replacing the old context, if any)."""
     return dataclasses.replace(sample, context=context, tag=tag)
+
+
+def insert_before_question(sample: Sample, text: str, tag: str) -> Sample:
+    """``sample`` with ``text`` right before its question (after its context, which is kept), as the
+    official copies put their text before the question (its samples have no context)."""
+    return dataclasses.replace(sample, context=f"{sample.context} {text}".strip(), tag=tag)
+
+
+def related_text(sample: Sample, classes: Sequence[str], rng: random.Random, templates=RELATED_TEMPLATES) -> Sample:
+    """The official related / misleading sentence in front of the prompt: the sample's first fact,
+    else a template naming an option drawn from ``classes`` (possibly the right one)."""
+    if sample.facts:
+        return insert_before_question(sample, sample.facts[0], "related_text")
+    return insert_before_question(sample, rng.choice(templates).format(option=rng.choice(classes)), "related_text")
+
+
+def unrelated_paragraph(sample: Sample, sentences: Sequence[str], n: int, rng: random.Random) -> Sample:
+    """A paragraph of ``n`` sentences drawn with replacement from ``sentences`` in front of the prompt."""
+    return insert_before_question(sample, " ".join(rng.choice(sentences) for _ in range(n)), "unrelated_paragraph")
+
+
+def uniform_noise_image(sample: Sample, generator: torch.Generator, tag: str = "noise_clean") -> Sample:
+    """The sample with its image replaced by uniform noise in [0, 1] (the official text-heavy clean
+    image: uniform random pixels)."""
+    image = _require_image(sample, tag)
+    noise = torch.rand(image.shape, generator=generator, dtype=torch.float32)
+    return dataclasses.replace(sample, image=noise.to(dtype=image.dtype, device=image.device), tag=tag)
 
 
 def misleading_text(sample: Sample, classes: Sequence[str], rng: random.Random, templates=DEFAULT_MISLEADING):
@@ -196,6 +253,10 @@ class HeuristicAugmenter:
     def apply(self, name: str, samples: Sequence[Sample], i: int) -> Sample:
         """Transform ``name`` applied to ``samples[i]`` (the list supplies images to swap in)."""
         cfg, s = self.config, samples[i]
+        if name == "related_text":
+            return related_text(s, cfg.classes, self.rng, cfg.related_templates)
+        if name == "unrelated_paragraph":
+            return unrelated_paragraph(s, cfg.irrelevant_sentences, cfg.paragraph_sentences, self.rng)
         if name == "misleading_text":
             return misleading_text(s, cfg.classes, self.rng, cfg.misleading_templates)
         if name == "unrelated_text":
@@ -215,6 +276,16 @@ class HeuristicAugmenter:
             return swap_image(s, samples[self.rng.choice(different or others)])
         raise ValueError(f"unknown transform {name!r}")
 
+    def clean(self, samples: Sequence[Sample]) -> list[Sample]:
+        """The clean samples as they are trained: a text-heavy sample's image replaced by uniform
+        noise when ``noise_clean_image`` (the official text-heavy input), the others unchanged."""
+        if not self.config.noise_clean_image:
+            return list(samples)
+        return [
+            uniform_noise_image(s, self.generator) if s.kind == "text_heavy" and s.image is not None else s
+            for s in samples
+        ]
+
     def __call__(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[int]]:
         """Returns ``(copies, sources)``: the copies and the index of each one's clean sample."""
         copies, sources = [], []
@@ -222,8 +293,11 @@ class HeuristicAugmenter:
             names = self.transforms_for(s.kind)
             if not names or self.config.copies_per_sample == 0 or self.rng.random() >= self.config.prob:
                 continue
-            k = min(self.config.copies_per_sample, len(names))
-            for name in self.rng.sample(list(names), k):
+            if self.config.copies_per_sample is None:
+                chosen = list(names)
+            else:
+                chosen = self.rng.sample(list(names), min(self.config.copies_per_sample, len(names)))
+            for name in chosen:
                 copies.append(self.apply(name, samples, i))
                 sources.append(i)
         return copies, sources
@@ -260,7 +334,7 @@ class RobustCollator:
         ref_index = list(range(len(samples)))
         if self.augmenter is not None:
             copies, sources = self.augmenter(samples)
-            samples += copies
+            samples = self.augmenter.clean(samples) + copies
             ref_index += sources
         batch = collate_samples(samples, self.encode, self.pad_token_id, self.image_transform)
         batch["ref_index"] = torch.tensor(ref_index, dtype=torch.long)

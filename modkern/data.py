@@ -151,11 +151,23 @@ TEXT_QUESTION = "question : what word does the note say ? answer :"
 CAPTION = "caption : a {label} picture ."
 NOTE = "note : the word is {label} ."
 FACT = "fact : the {obj} is {label} ."
-# Heuristic augmentation texts for this task (the misleading one is a caption naming a wrong colour).
+# Heuristic augmentation texts for this task: the related sentence of the paper's copy (naming any
+# colour, the right one included: "This picture seems to depict a {option}."), and the misleading one
+# of the earlier misleading_text transform (a wrong colour).
+RELATED = "hint : it looks {option} ."
 HINT = "hint : it looks {label} ."
+# A held-out distractor of another form: a list of unrelated words (objects and colours) in front of
+# the caption; no training text is a list.
+WORD_LIST = "list : {words} ."
 # The held-out interference: misleading text in a template the augmentation never shows in training,
 # in the form of the text-heavy items' note but about the picture (every word is a training word).
 MISLEADING_NOTE = "note : the picture is {label} ."
+
+
+def _fill(template: str, holes) -> str:
+    for hole in holes:
+        template = template.replace(hole, "")
+    return template
 
 
 def is_misleading_note(context: str) -> bool:
@@ -168,6 +180,9 @@ def is_misleading_note(context: str) -> bool:
 class TaskConfig:
     """Sizes and difficulty of :class:`InterferenceTask`.
 
+    ``caption_rate``: share of the image-heavy items (training and the clean evaluation items) that
+    carry a caption (1: every one, the shortcut setting; 0: none, as the official image-heavy data,
+    which has no text about the image: a caption then only appears as an interference);
     ``caption_agree``: probability that a training caption names the image's colour;
     ``image_agree``: probability that a text-heavy training image shows the note's colour;
     ``text_heavy_fraction``: share of text-heavy items in the training set; ``image_noise``: std
@@ -179,6 +194,7 @@ class TaskConfig:
     channels: int = 3
     train_size: int = 4000
     eval_size: int = 200
+    caption_rate: float = 1.0
     caption_agree: float = 0.9
     image_agree: float = 0.9
     text_heavy_fraction: float = 0.3
@@ -194,7 +210,7 @@ class TaskConfig:
             raise ValueError(f"image_size must be even, got {self.image_size}")
         if not 2 <= self.num_colours <= len(COLOURS):
             raise ValueError(f"num_colours must lie in [2, {len(COLOURS)}], got {self.num_colours}")
-        for name in ("caption_agree", "image_agree", "text_heavy_fraction"):
+        for name in ("caption_rate", "caption_agree", "image_agree", "text_heavy_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
 
@@ -230,7 +246,11 @@ class InterferenceTask:
         return rng.choice([c for c in self.colours if c != colour])
 
     def image_heavy(self, colour: str, caption: Optional[str], gen, context: Optional[str] = None, tag="clean"):
-        ctx = CAPTION.format(label=caption) if context is None else context
+        """An image-heavy item; ``context`` (when given) replaces the caption, ``caption=None`` and no
+        ``context``: no text in front of the question."""
+        if context is None:
+            context = "" if caption is None else CAPTION.format(label=caption)
+        ctx = context
         return Sample(IMAGE_QUESTION, colour, self.image(colour, gen), "image_heavy", context=ctx, tag=tag)
 
     def text_heavy(self, word: str, image_colour: Optional[str], gen, tag="clean"):
@@ -250,6 +270,8 @@ class InterferenceTask:
                 out.append(self.text_heavy(colour, shown, gen))
             else:
                 caption = colour if rng.random() < c.caption_agree else self.other(colour, rng)
+                if c.caption_rate < 1.0 and rng.random() >= c.caption_rate:
+                    caption = None
                 out.append(self.image_heavy(colour, caption, gen))
         return out
 
@@ -260,7 +282,7 @@ class InterferenceTask:
         gen = torch.Generator().manual_seed(c.seed + 1_000_003)
         colours = [self.colours[i % len(self.colours)] for i in range(n)]  # balanced classes
         sets = {
-            "clean": [self.image_heavy(k, k, gen) for k in colours],
+            "clean": [self.image_heavy(k, k if c.caption_rate > 0 else None, gen) for k in colours],
             "misleading_text": [self.image_heavy(k, self.other(k, rng), gen, tag="misleading_text") for k in colours],
             "unrelated_text": [
                 self.image_heavy(
@@ -282,31 +304,37 @@ class InterferenceTask:
         ]
         return sets
 
-    def augment_config(self, copies_per_sample: int = 1, **overrides) -> AugmentConfig:
-        """The heuristic augmentation for this task: a caption naming a wrong colour, or an unrelated
-        fact about training objects, for image-heavy items; swapped / black / white / noise images for
-        text-heavy items. The held-out :data:`MISLEADING_NOTE` is never among the texts (a
-        ``ValueError`` if ``overrides`` put it there)."""
+    def augment_config(self, **overrides) -> AugmentConfig:
+        """The paper's heuristic augmentation in this task's words: for image-heavy items a related
+        sentence naming any colour (:data:`RELATED`) and a paragraph of facts about training objects
+        (10 by default); for text-heavy items a noise clean image and swapped / black / white image
+        copies. The held-out :data:`MISLEADING_NOTE` and :data:`WORD_LIST` forms are never among the
+        texts (a ``ValueError`` if ``overrides`` put them there)."""
         facts = tuple(FACT.format(obj=o, label=k) for o in TRAIN_OBJECTS for k in self.colours)
         kwargs = dict(
-            copies_per_sample=copies_per_sample,
             classes=self.colours,
+            related_templates=(RELATED,),
+            irrelevant_sentences=facts,
             misleading_templates=(CAPTION, HINT),
             unrelated_facts=facts,
         )
         kwargs.update(overrides)
-        texts = list(kwargs["misleading_templates"]) + list(kwargs["unrelated_facts"])
-        if any(t == MISLEADING_NOTE or is_misleading_note(t) for t in texts):
+        config = AugmentConfig(**kwargs)
+        texts = [*config.related_templates, *config.irrelevant_sentences, *config.misleading_templates]
+        texts += config.unrelated_facts
+        held_out = WORD_LIST.split("{words}")[0]
+        if any(t == MISLEADING_NOTE or is_misleading_note(t) or t.startswith(held_out) for t in texts):
             raise ValueError(
-                f"augment_config: {MISLEADING_NOTE!r} is the held-out interference (evaluation only); "
-                "the augmentation must not use it"
+                f"augment_config: {MISLEADING_NOTE!r} and {WORD_LIST!r} are the held-out interferences "
+                "(evaluation only); the augmentation must not use them"
             )
-        return AugmentConfig(**kwargs)
+        return config
 
     def words(self) -> list[str]:
-        texts = [IMAGE_QUESTION, TEXT_QUESTION, CAPTION, NOTE, FACT, HINT, MISLEADING_NOTE]
+        texts = [IMAGE_QUESTION, TEXT_QUESTION, CAPTION, NOTE, FACT, HINT, MISLEADING_NOTE, WORD_LIST, ","]
         texts += list(COLOURS) + list(TRAIN_OBJECTS) + list(EVAL_OBJECTS)
-        return [w for t in texts for w in WordTokenizer.split(t.replace("{label}", "").replace("{obj}", ""))]
+        holes = ("{label}", "{obj}", "{option}", "{words}")
+        return [w for t in texts for w in WordTokenizer.split(_fill(t, holes))]
 
     def tokenizer(self) -> WordTokenizer:
         return WordTokenizer(self.words())

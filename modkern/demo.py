@@ -1,17 +1,18 @@
-"""The main job (``modkern train``): modality interference, and how robust fine-tuning fixes it.
+"""The main job (``modkern train``): modality interference, and what the paper's recipe does about it.
 
 1. Build a tiny LLaVA from a config (random weights, no download) - or load a local checkpoint.
 2. Generate the synthetic task of :mod:`modkern.data`: the image decides the answer of image-heavy
-   items, whose training captions agree with it most of the time (a shortcut); the note decides the
-   answer of text-heavy items, whose images mostly agree with it.
-3. Train three models from the same initial weights on the same batches:
-   (a) plain SFT; (b) SFT + heuristic augmentation (:mod:`modkern.augment`); (c) the full modkern
-   objective (augmentation + PGD on the embeddings restricted by the modality mask + consistency).
-4. Evaluate accuracy on clean items, with misleading / unrelated text, with the held-out misleading
-   note (a template the augmentation never shows), and on text-heavy items with matching / swapped /
-   black images; diagnose each model with :func:`modkern.diagnose.diagnose` on the same clean items
-   (flip rate and Jensen-Shannon divergence under each interference, the held-out one included);
-   print the tables, write ``results.json`` and ``results.png``.
+   items (which carry no text about the image, as the official image-heavy data); the note decides
+   the answer of text-heavy items, whose images mostly agree with it (a shortcut).
+3. For each seed, train five models from the same initial weights on the same batches:
+   (a) plain SFT; (b) SFT + the paper's heuristic augmentation (:mod:`modkern.augment`); (c) the
+   paper's objective (augmentation + PGD on the embeddings restricted by the modality mask + KL
+   consistency over the official pairs); and its two ablations, (d) augmentation + consistency
+   without the attack and (e) augmentation + attack without the consistency term.
+4. Evaluate accuracy on clean items and under interferences, and diagnose each model with
+   :func:`modkern.diagnose.diagnose` on the same clean items (flip rate and Jensen-Shannon divergence
+   under each interference, two held-out forms included: a misleading note and a word list, never
+   shown in training); print mean ± sd over the seeds, write ``results.json`` and ``results.png``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from torch.utils.data import DataLoader
 from modkern.augment import HeuristicAugmenter, RobustCollator, collate_samples
 from modkern.data import (
     MISLEADING_NOTE,
+    WORD_LIST,
     InterferenceTask,
     TaskConfig,
     TaskEncoder,
@@ -52,16 +55,18 @@ EVAL_COLUMNS = (
     ("text_blank_image", "text-heavy: black image"),
 )
 INTERFERENCE_FREE = ("clean", "text_clean")
-# The interference that the heuristic augmentation never shows in training (evaluation only): a
-# misleading text in a template the augmenter does not use (modkern.data.MISLEADING_NOTE). The
-# paper's claim for the adversarial + consistency terms is generalization beyond the heuristics.
-HELD_OUT = "mislead_note"
+# The interferences that the heuristic augmentation never shows in training (evaluation only):
+# misleading text in a template the augmenter does not use (modkern.data.MISLEADING_NOTE) and a
+# distractor of another form, a list of unrelated words (modkern.data.WORD_LIST). The paper's claim
+# for the adversarial + consistency terms is generalization beyond the heuristics.
+HELD_OUT = ("mislead_note", "word_list")
 # (modkern.diagnose condition, column title, whether the augmentation shows that kind of input).
 DIAGNOSIS_COLUMNS = (
     ("mislead_text", "image-heavy: misleading text", True),
     ("unrelated_text", "image-heavy: unrelated text", True),
-    ("long_irrelevant_context", "image-heavy: long irrelevant context", False),
-    (HELD_OUT, "image-heavy: misleading note (held out)", False),
+    ("long_irrelevant_context", "image-heavy: long irrelevant context", True),
+    ("mislead_note", "image-heavy: misleading note (held out)", False),
+    ("word_list", "image-heavy: word list (held out)", False),
     ("swap_image", "text-heavy: swapped image", True),
     ("black_image", "text-heavy: black image", True),
     ("white_image", "text-heavy: white image", True),
@@ -69,27 +74,52 @@ DIAGNOSIS_COLUMNS = (
 )
 METHODS = (
     ("sft", "(a) SFT"),
-    ("sft_aug", "(b) SFT + heuristic aug."),
-    ("modkern", "(c) modkern: aug. + PGD + consistency"),
+    ("sft_aug", "(b) SFT + paper augmentation"),
+    ("modkern", "(c) aug. + PGD + consistency (the paper)"),
+    ("consistency_only", "(d) aug. + consistency, no attack"),
+    ("attack_only", "(e) aug. + PGD, no consistency"),
 )
 
 
 def default_robust() -> RobustConfig:
-    """The objective of run (c): modkern's defaults, the paper's LLaVA-1.5 hyper-parameters
-    (epsilon 1e-3, alpha 0.1, raw-gradient steps, Linf projection, K = 2, KL consistency with
-    lambda 0.01), with the paper's modality mask (image-heavy: text, text-heavy: image)."""
+    """The objective of run (c): modkern's defaults, the official LLaVA-1.5 KL + PGD recipe (epsilon
+    1e-3, alpha 0.1, raw-gradient steps, Linf projection, K = 2, KL(Q||P) consistency over the copies'
+    clean and every row's adversarial forward, lambda 0.01 per clean sample), with the paper's modality
+    mask (image-heavy: text, text-heavy: image)."""
     return RobustConfig()
+
+
+def method_objective(method: str, robust: RobustConfig) -> Optional[RobustConfig]:
+    """The objective of a method: None (plain CE) for (a) and (b); ``robust`` for (c); the paper's
+    ablations for (d) (the copies' consistency, no attack and no adversarial forward) and (e) (the
+    attack and the adversarial CE, no consistency)."""
+    return {
+        "sft": None,
+        "sft_aug": None,
+        "modkern": robust,
+        "consistency_only": robust.replace(pairs="heuristic"),
+        "attack_only": robust.replace(lam=0.0),
+    }[method]
 
 
 @dataclass
 class DemoConfig:
-    """Settings of :func:`run_demo` (the CLI options map onto these)."""
+    """Settings of :func:`run_demo` (the CLI options map onto these).
 
-    steps: int = 200
-    batch_size: int = 32
+    Every method trains ``steps`` x ``batch_size`` clean items (plus their copies) from the same
+    initial weights on the same batches, once per seed of ``seeds``; the tables give mean ± sd over
+    the seeds. ``paragraph_sentences``: sentences of the unrelated-paragraph copy (the paper's 10;
+    the demo uses 4 to fit its time budget). ``threads``: CPU threads of torch (None: see
+    :func:`cpu_threads`). The task's image-heavy items carry no caption
+    (``TaskConfig(caption_rate=0.0)``), as the official image-heavy data has no text about the image:
+    text in front of an image question only appears in the copies and as an interference.
+    """
+
+    steps: int = 160
+    batch_size: int = 16
     lr: float = 2e-3
     warmup_steps: int = 10
-    seed: int = 0
+    seeds: tuple = (0, 1, 2)
     out: str = "runs/demo"
     device: str = "auto"
     model: Optional[str] = None
@@ -97,22 +127,29 @@ class DemoConfig:
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
-    copies_per_sample: int = 1
-    task: TaskConfig = field(default_factory=TaskConfig)
+    paragraph_sentences: int = 4
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(caption_rate=0.0))
     robust: RobustConfig = field(default_factory=default_robust)
     methods: tuple = tuple(m for m, _ in METHODS)
     progress: bool = True
     save_checkpoints: bool = True
+    threads: Optional[int] = None
 
     def __post_init__(self):
+        if self.threads is not None and (isinstance(self.threads, bool) or int(self.threads) < 1):
+            raise ValueError(f"threads must be None (auto) or an integer >= 1, got {self.threads!r}")
         if self.quick:  # a smoke run for tests: a smaller model, task and schedule
             self.steps = min(self.steps, 12)
             self.batch_size = min(self.batch_size, 8)
             self.hidden_size, self.num_layers, self.num_heads = 32, 1, 2
             self.task = dataclasses.replace(self.task, train_size=128, eval_size=16)
+            self.seeds = tuple(self.seeds)[:2]
         unknown = set(self.methods) - {m for m, _ in METHODS}
         if unknown:
             raise ValueError(f"methods: unknown {sorted(unknown)}; choose from {[m for m, _ in METHODS]}")
+        self.seeds = tuple(int(s) for s in self.seeds)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
 
 
 # --- model + tokenizer ----------------------------------------------------------------------------
@@ -134,8 +171,8 @@ def _llava_image_tokens(config) -> int:
     return n + 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else n
 
 
-def build_model(cfg: DemoConfig, task: InterferenceTask) -> ModelBundle:
-    """The tiny LLaVA of the demo, or the local checkpoint at ``cfg.model``."""
+def build_model(cfg: DemoConfig, task: InterferenceTask, seed: int = 0) -> ModelBundle:
+    """The tiny LLaVA of the demo (initial weights from ``seed``), or the local checkpoint at ``cfg.model``."""
     if cfg.model is None:
         from modkern.tiny import tiny_llava
 
@@ -146,7 +183,7 @@ def build_model(cfg: DemoConfig, task: InterferenceTask) -> ModelBundle:
             num_layers=cfg.num_layers,
             num_heads=cfg.num_heads,
             image_size=task.config.image_size,
-            seed=cfg.seed,
+            seed=seed,
         )
         if info["image_token_id"] != tok.image_token_id or info["bos_token_id"] != tok.bos_token_id:
             raise RuntimeError("modkern.tiny and WordTokenizer disagree on the special token ids")
@@ -241,7 +278,7 @@ def diagnose_model(model, eval_sets: dict, bundle: ModelBundle, device, seed: in
             "clean_accuracy": c["clean_accuracy"],
             "causal_effect": c["causal_effect"]["mean"],
             "items": c["items"],
-            "held_out": cond == HELD_OUT,
+            "held_out": cond in HELD_OUT,
             "in_augmentation": seen,
         }
     return out
@@ -255,82 +292,127 @@ def chance_level(task: InterferenceTask) -> float:
     return 1.0 / len(task.colours)
 
 
-def format_table(results: dict, chance: Optional[float] = None) -> str:
-    """A Markdown table: one row per method, one column per evaluation set (accuracy in %), and a
-    last row with the chance level when ``chance`` is given."""
+def mean_sd(values) -> dict:
+    """``{"mean", "sd", "values"}`` of a list of numbers (sample sd, 0 for one value)."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "values": values}
+
+
+def summarize(runs: dict) -> dict:
+    """Per method, mean ± sd over the seeds of ``runs[seed][method]``: every accuracy column, and
+    flip rate, JS and accuracy of every diagnosis condition."""
+    seeds = list(runs)
+    summary = {}
+    for method in runs[seeds[0]]:
+        per_seed = [runs[s][method] for s in seeds]
+        summary[method] = {
+            "accuracy": {key: mean_sd([r["accuracy"][key] for r in per_seed]) for key, _ in EVAL_COLUMNS},
+            "diagnosis": {
+                cond: {q: mean_sd([r["diagnosis"][cond][q] for r in per_seed]) for q in ("flip_rate", "js", "accuracy")}
+                for cond, _, _ in DIAGNOSIS_COLUMNS
+            },
+            "train_seconds": mean_sd([r["train_seconds"] for r in per_seed]),
+        }
+    return summary
+
+
+def _cell(stat: dict, scale: float) -> str:
+    return f"{scale * stat['mean']:.1f} ± {scale * stat['sd']:.1f}"
+
+
+def format_table(summary: dict, chance: Optional[float] = None) -> str:
+    """Markdown: one row per method, one column per evaluation set (accuracy in %, mean ± sd over
+    the seeds), the training seconds, and a last row with the chance level when ``chance`` is given."""
     labels = dict(METHODS)
-    header = "| method | " + " | ".join(title for _, title in EVAL_COLUMNS) + " | train s |"
-    lines = [header, "|" + "---|" * (len(EVAL_COLUMNS) + 2)]
-    for method, res in results.items():
-        cells = [f"{100 * res['accuracy'][key]:.1f}" for key, _ in EVAL_COLUMNS]
-        lines.append(f"| {labels[method]} | " + " | ".join(cells) + f" | {res['train_seconds']:.0f} |")
+    lines = [
+        "| method | " + " | ".join(t for _, t in EVAL_COLUMNS) + " | train s |",
+        "|" + "---|" * (len(EVAL_COLUMNS) + 2),
+    ]
+    for method, res in summary.items():
+        cells = [_cell(res["accuracy"][key], 100) for key, _ in EVAL_COLUMNS]
+        lines.append(f"| {labels[method]} | " + " | ".join(cells) + f" | {res['train_seconds']['mean']:.0f} |")
     if chance is not None:
-        cells = [f"{100 * chance:.1f}"] * len(EVAL_COLUMNS)
-        lines.append("| chance (a random colour) | " + " | ".join(cells) + " | - |")
+        lines.append(
+            "| chance (a random colour) | " + " | ".join([f"{100 * chance:.1f}"] * len(EVAL_COLUMNS)) + " | - |"
+        )
     return "\n".join(lines)
 
 
-def format_diagnosis_tables(results: dict) -> str:
-    """Two Markdown tables (flip rate in %, then JS in 10^-3 nats): one row per method, one column
-    per interference of :data:`DIAGNOSIS_COLUMNS`."""
+DIAGNOSIS_QUANTITIES = (
+    ("flip_rate", 100, "Flip rate (%, mean ± sd over seeds): the answer differs from the clean answer"),
+    ("js", 1e3, "JS (10^-3 nats, mean ± sd over seeds) between the clean and perturbed answer distributions"),
+)
+
+
+def format_diagnosis_tables(summary: dict) -> str:
+    """Markdown tables of :data:`DIAGNOSIS_QUANTITIES`: one row per method, one column per
+    interference of :data:`DIAGNOSIS_COLUMNS`, mean ± sd over the seeds."""
     labels = dict(METHODS)
     header = "| method | " + " | ".join(title for _, title, _ in DIAGNOSIS_COLUMNS) + " |"
     rule = "|" + "---|" * (len(DIAGNOSIS_COLUMNS) + 1)
     blocks = []
-    for title, fmt in (
-        ("Flip rate (%): the answer differs from the clean answer", lambda d: f"{100 * d['flip_rate']:.1f}"),
-        ("JS (10^-3 nats) between the clean and perturbed answer distributions", lambda d: f"{1e3 * d['js']:.1f}"),
-    ):
+    for quantity, scale, title in DIAGNOSIS_QUANTITIES:
         lines = [title + ":", header, rule]
-        for method, res in results.items():
-            cells = [fmt(res["diagnosis"][cond]) for cond, _, _ in DIAGNOSIS_COLUMNS]
+        for method, res in summary.items():
+            cells = [_cell(res["diagnosis"][cond][quantity], scale) for cond, _, _ in DIAGNOSIS_COLUMNS]
             lines.append(f"| {labels[method]} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
 
-def format_method_line(method: str, seconds: float, accuracy: dict) -> str:
-    """One method's result, with the same method and column names as the table."""
-    cells = ", ".join(f"{title} {100 * accuracy[key]:.1f}%" for key, title in EVAL_COLUMNS)
-    return f"{dict(METHODS)[method]}: {seconds:.1f} s; {cells}"
+def format_run_line(seed: int, method: str, seconds: float, accuracy: dict, diagnosis: dict) -> str:
+    """One run's result (accuracy and flip rate in %), with the tables' method and column names."""
+    acc = ", ".join(f"{title} {100 * accuracy[key]:.1f}" for key, title in EVAL_COLUMNS)
+    flips = ", ".join(f"{title} {100 * diagnosis[c]['flip_rate']:.1f}" for c, title, _ in DIAGNOSIS_COLUMNS)
+    return f"seed {seed} {dict(METHODS)[method]}: {seconds:.1f} s; accuracy (%): {acc}; flip rate (%): {flips}"
 
 
-def format_diagnosis_line(diagnosis: dict) -> str:
-    """One method's diagnosis: flip rate and JS per interference, with the tables' column names."""
-    cells = ", ".join(
-        f"{title} {100 * diagnosis[cond]['flip_rate']:.1f}% / {1e3 * diagnosis[cond]['js']:.1f}"
-        for cond, title, _ in DIAGNOSIS_COLUMNS
-    )
-    return f"  flip rate / JS (10^-3 nats): {cells}"
-
-
-def plot_results(results: dict, path: str, chance: Optional[float] = None) -> str:
-    """Grouped bar chart of the accuracies (values on the bars, the chance level as a dashed line),
-    written with matplotlib's Agg backend."""
+def plot_results(summary: dict, path: str, chance: Optional[float] = None) -> str:
+    """Two panels with error bars (sd over the seeds): the flip rate under each interference (the
+    held-out ones hatched) and the accuracy per evaluation set (chance as a dashed line); matplotlib's
+    Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = dict(METHODS)
-    n = len(results)
+    n = len(summary)
     width = 0.8 / max(n, 1)
-    fig, ax = plt.subplots(figsize=(11, 5))
-    xs = range(len(EVAL_COLUMNS))
-    for j, (method, res) in enumerate(results.items()):
-        vals = [100 * res["accuracy"][key] for key, _ in EVAL_COLUMNS]
-        bars = ax.bar([x + (j - (n - 1) / 2) * width for x in xs], vals, width, label=labels[method])
-        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(13, 9))
+    panels = (
+        (
+            top,
+            [(c, t, not seen) for c, t, seen in DIAGNOSIS_COLUMNS],
+            lambda r, c: r["diagnosis"][c]["flip_rate"],
+            "flip rate (%)",
+        ),
+        (bottom, [(k, t, "held out" in t) for k, t in EVAL_COLUMNS], lambda r, k: r["accuracy"][k], "accuracy (%)"),
+    )
+    for ax, columns, stat, ylabel in panels:
+        xs = range(len(columns))
+        for j, (method, res) in enumerate(summary.items()):
+            means = [100 * stat(res, c)["mean"] for c, _, _ in columns]
+            sds = [100 * stat(res, c)["sd"] for c, _, _ in columns]
+            pos = [x + (j - (n - 1) / 2) * width for x in xs]
+            bars = ax.bar(pos, means, width, yerr=sds, capsize=2, label=labels[method], color=f"C{j}")
+            for bar, (_, _, held) in zip(bars, columns):
+                if held:
+                    bar.set_hatch("//")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([t.replace(": ", ":\n") for _, t, _ in columns], fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 110)
     if chance is not None:
-        ax.axhline(100 * chance, color="black", lw=0.8, ls="--", label=f"chance ({100 * chance:.0f}%)")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels([title.replace(": ", ":\n") for _, title in EVAL_COLUMNS], fontsize=8)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 110)
-    first_text = next(i for i, (_, title) in enumerate(EVAL_COLUMNS) if title.startswith("text-heavy"))
-    ax.axvline(first_text - 0.5, color="grey", lw=0.8, ls=":")
-    ax.set_title("image-heavy items (left: the image decides) / text-heavy items (right: the note decides)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=n + 1, fontsize=8, frameon=False)
+        bottom.axhline(100 * chance, color="black", lw=0.8, ls="--", label=f"chance ({100 * chance:.0f}%)")
+    seeds = len(next(iter(summary.values()))["train_seconds"]["values"])
+    top.set_title(
+        f"flip rate under each interference (hatched: held out, never in training); mean ± sd over {seeds} seeds"
+    )
+    bottom.set_title("accuracy per evaluation set")
+    bottom.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -340,120 +422,162 @@ def plot_results(results: dict, path: str, chance: Optional[float] = None) -> st
 # --- the job ---------------------------------------------------------------------------------------
 
 
-def run_demo(cfg: Optional[DemoConfig] = None, log=print) -> dict:
-    """Run the whole demo; returns the results dict that is also written to ``results.json``."""
-    cfg = DemoConfig() if cfg is None else cfg
+def cpu_threads(requested: Optional[int] = None) -> int:
+    """CPU threads for the demo: ``requested``, else torch's default less the cores other processes
+    keep busy (the 1-minute load average), at least 1. The tiny models' operators are short: threads
+    that wait for a core another process holds spin instead of working (measured on 2 cores next to a
+    busy torch process: 2 threads 3.9x slower than alone, 1 thread 1.9x)."""
+    if requested is not None:
+        return int(requested)
+    default = torch.get_num_threads()
+    try:
+        busy = round(os.getloadavg()[0])
+    except (AttributeError, OSError):  # no load average on this platform
+        return default
+    return max(1, min(default, (os.cpu_count() or default) - busy))
+
+
+def _check_requirements():
     import importlib.util
 
     missing = [m for m in ("transformers", "matplotlib") if importlib.util.find_spec(m) is None]
     if missing:  # fail before training, not at the plot
         raise RuntimeError(f"the demo needs {' and '.join(missing)}: pip install 'modkern[demo]'")
-    start = time.perf_counter()
-    device = resolve_device(cfg.device)
-    os.makedirs(cfg.out, exist_ok=True)
 
+
+def train_method(cfg: DemoConfig, bundle: ModelBundle, task: InterferenceTask, method: str, seed: int, device) -> dict:
+    """Train ``bundle.model`` (already at its initial weights) with ``method`` on ``task``'s training
+    set; returns the training result's summary, the checkpoint and the accuracy / diagnosis."""
+    augmenter = None
+    if method != "sft":
+        augmenter = HeuristicAugmenter(task.augment_config(paragraph_sentences=cfg.paragraph_sentences), seed=seed)
+    collate = RobustCollator(bundle.encode, augmenter, bundle.pad_token_id, normalize_pixels)
+    loader = DataLoader(
+        task.train_set(),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    save = cfg.save_checkpoints and seed == cfg.seeds[0]
+    tcfg = TrainConfig(
+        steps=cfg.steps,
+        lr=cfg.lr,
+        warmup_steps=min(cfg.warmup_steps, cfg.steps // 4),
+        device=str(device),
+        seed=seed,
+        progress=cfg.progress,
+        log_every=max(1, cfg.steps // 50),
+        save_dir=os.path.join(cfg.out, "checkpoints", method) if save else None,
+    )
+    desc = f"seed {seed} {dict(METHODS)[method]}"
+    res = train(bundle.model, loader, tcfg, robust=method_objective(method, cfg.robust), desc=desc)
+    if tcfg.save_dir and isinstance(bundle.tokenizer, WordTokenizer):
+        bundle.tokenizer.save(os.path.join(tcfg.save_dir, TOKENIZER_FILE))
+    eval_sets = task.eval_sets()
+    return {
+        "accuracy": evaluate(bundle.model, eval_sets, bundle, device),
+        "diagnosis": diagnose_model(bundle.model, eval_sets, bundle, device, seed=seed),
+        "train_seconds": res.seconds,
+        "final_loss": res.history[-1] if res.history else None,
+        "history": res.history,
+        "checkpoint": res.checkpoint,
+    }
+
+
+def run_seed(cfg: DemoConfig, seed: int, device, log=print) -> tuple[dict, InterferenceTask, ModelBundle]:
+    """Every method of ``cfg`` from the same initial weights (``seed``) on the same batches."""
     probe = InterferenceTask(cfg.task)
-    bundle = build_model(cfg, probe)
-    task = InterferenceTask(dataclasses.replace(cfg.task, image_size=bundle.image_size, seed=cfg.seed))
-    train_set, eval_sets = task.train_set(), task.eval_sets()
+    bundle = build_model(cfg, probe, seed)
+    task = InterferenceTask(dataclasses.replace(cfg.task, image_size=bundle.image_size, seed=seed))
+    if seed == cfg.seeds[0]:
+        log(_describe(cfg, bundle, task, device))
     initial = copy.deepcopy(bundle.model.state_dict())
-    log(
-        f"modkern demo: {bundle.source}, {sum(p.numel() for p in bundle.model.parameters()):,} parameters, "
-        f"device {device}; {len(train_set)} training items (captions agree with the image "
-        f"{100 * task.config.caption_agree:.0f}% of the time), {cfg.steps} steps x {cfg.batch_size} per method"
-    )
-    r = cfg.robust
-    log(
-        f"(c) objective: epsilon {r.epsilon:g}, alpha {r.alpha:g}, {r.step} steps x {r.steps}, {r.norm} ball, "
-        f"{r.divergence} consistency x {r.lam:g}; modality mask: {r.policy}"
-    )
-
     results = {}
     for method in cfg.methods:
-        model = bundle.model
-        model.load_state_dict(initial)
-        augmenter = None
-        if method != "sft":
-            augmenter = HeuristicAugmenter(task.augment_config(cfg.copies_per_sample), seed=cfg.seed)
-        collate = RobustCollator(bundle.encode, augmenter, bundle.pad_token_id, normalize_pixels)
-        loader = DataLoader(
-            train_set,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            drop_last=True,
-            collate_fn=collate,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
-        tcfg = TrainConfig(
-            steps=cfg.steps,
-            lr=cfg.lr,
-            warmup_steps=min(cfg.warmup_steps, cfg.steps // 4),
-            device=str(device),
-            seed=cfg.seed,
-            progress=cfg.progress,
-            log_every=max(1, cfg.steps // 50),
-            save_dir=os.path.join(cfg.out, "checkpoints", method) if cfg.save_checkpoints else None,
-        )
-        robust = cfg.robust if method == "modkern" else None
-        res = train(model, loader, tcfg, robust=robust, desc=dict(METHODS)[method])
-        if tcfg.save_dir and isinstance(bundle.tokenizer, WordTokenizer):
-            bundle.tokenizer.save(os.path.join(tcfg.save_dir, TOKENIZER_FILE))
-        accuracy = evaluate(model, eval_sets, bundle, device)
-        diagnosis = diagnose_model(model, eval_sets, bundle, device, seed=cfg.seed)
-        results[method] = {
-            "accuracy": accuracy,
-            "diagnosis": diagnosis,
-            "train_seconds": res.seconds,
-            "final_loss": res.history[-1] if res.history else None,
-            "history": res.history,
-            "checkpoint": res.checkpoint,
-        }
-        log(format_method_line(method, res.seconds, accuracy))
-        log(format_diagnosis_line(diagnosis))
+        bundle.model.load_state_dict(initial)
+        results[method] = run = train_method(cfg, bundle, task, method, seed, device)
+        log(format_run_line(seed, method, run["train_seconds"], run["accuracy"], run["diagnosis"]))
+    return results, task, bundle
 
+
+def _describe(cfg: DemoConfig, bundle: ModelBundle, task: InterferenceTask, device) -> str:
+    r, t = cfg.robust, task.config
+    captions = (
+        "image-heavy items without captions"
+        if t.caption_rate == 0
+        else f"{100 * t.caption_rate:.0f}% of image-heavy items with a caption agreeing {100 * t.caption_agree:.0f}%"
+    )
+    return (
+        f"modkern demo: {bundle.source}, {sum(p.numel() for p in bundle.model.parameters()):,} parameters, "
+        f"device {device}{f', threads: {torch.get_num_threads()}' if device.type == 'cpu' else ''}; "
+        f"{t.train_size} training items ({captions}; text-heavy images agree with the note "
+        f"{100 * t.image_agree:.0f}%), {cfg.steps} steps x {cfg.batch_size} per method, seeds {list(cfg.seeds)}\n"
+        f"(c) objective: epsilon {r.epsilon:g}, alpha {r.alpha:g}, {r.step} steps x {r.steps}, {r.norm} ball, "
+        f"{r.divergence} ({r.kl_direction}) consistency over the {r.pairs} pairs x {r.lam:g} per clean sample; "
+        f"modality mask: {r.policy}"
+    )
+
+
+def run_demo(cfg: Optional[DemoConfig] = None, log=print) -> dict:
+    """Run the whole demo; returns the results dict that is also written to ``results.json``."""
+    cfg = DemoConfig() if cfg is None else cfg
+    _check_requirements()
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg.threads))
+    os.makedirs(cfg.out, exist_ok=True)
+    runs = {}
+    for seed in cfg.seeds:
+        runs[seed], task, bundle = run_seed(cfg, seed, device, log=log)
+    summary = summarize(runs)
     chance = chance_level(task)
-    table = format_table(results, chance)
-    diagnosis_tables = format_diagnosis_tables(results)
     out = {
-        "table": table,
-        "diagnosis_tables": diagnosis_tables,
+        "table": format_table(summary, chance),
+        "diagnosis_tables": format_diagnosis_tables(summary),
         "chance": chance,
         "held_out": {
-            "condition": HELD_OUT,
+            "conditions": list(HELD_OUT),
             "accuracy_column": "misleading_note",
-            "template": MISLEADING_NOTE,
-            "why": "misleading text in a template the heuristic augmentation never shows in training "
-            "(modkern.data.InterferenceTask.augment_config refuses it): generalization beyond the heuristics",
+            "templates": {"mislead_note": MISLEADING_NOTE, "word_list": WORD_LIST},
+            "why": "interferences in forms the heuristic augmentation never shows in training "
+            "(modkern.data.InterferenceTask.augment_config refuses them): generalization beyond the heuristics",
         },
-        "results": results,
+        "summary": summary,
+        "runs": {str(s): r for s, r in runs.items()},
         "config": _jsonable(cfg),
         "device": str(device),
         "torch": torch.__version__,
-        "wall_seconds": time.perf_counter() - start,
     }
-    json_path = os.path.join(cfg.out, "results.json")
-    png_path = os.path.join(cfg.out, "results.png")
-    plot_results(results, png_path, chance)
+    json_path, png_path = os.path.join(cfg.out, "results.json"), os.path.join(cfg.out, "results.png")
+    plot_results(summary, png_path, chance)
     out["wall_seconds"] = time.perf_counter() - start
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=2)
+    _print_tables(out, task, len(cfg.seeds), log)
+    log(f"\nwrote {json_path} and {png_path} ({out['wall_seconds']:.0f} s in all)")
+    return out
+
+
+def _print_tables(out: dict, task: InterferenceTask, seeds: int, log):
     log("")
-    log(f"Accuracy (%) on {task.config.eval_size} items per column:")
-    log(table)
+    log(f"Accuracy (%, mean ± sd over {seeds} seeds) on {task.config.eval_size} items per column:")
+    log(out["table"])
     log(
-        "image-heavy items: the image decides; no interference = a caption that agrees with it, misleading "
-        "text = a caption naming another colour, unrelated text = an unrelated fact naming another colour. "
-        "misleading note (held out) = a note naming another colour for the picture, a template the "
-        "augmentation never shows. text-heavy items: the note decides; no interference = an image of the same "
-        f"colour, then a swapped (other colour) or a black image. Chance (a random colour of {len(task.colours)}): "
-        f"{100 * chance:.0f}%; below it on misleading text or a swapped image, a model follows the interfering input."
+        "image-heavy items: the image decides; no interference = the question alone (a caption that agrees "
+        "with the image when the task has captions), misleading text = a caption naming another colour, "
+        "unrelated text = an unrelated fact naming another colour, misleading note (held out) = a note naming "
+        "another colour for the picture, a template the augmentation never shows. text-heavy items: the note "
+        "decides; no interference = an image of the same colour, then a swapped (other colour) or a black image. "
+        f"Chance: {100 * out['chance']:.0f}%."
     )
     log("")
     log(f"Diagnosis (modkern.diagnose) of the same {task.config.eval_size} clean items per item kind:")
-    log(diagnosis_tables)
+    log(out["diagnosis_tables"])
     log(
-        "Augmentation shows misleading / unrelated text and swapped / black / white / noise images in training; "
-        "the long irrelevant context and the misleading note (held out) never."
+        "In training the augmentation shows related / unrelated text (a paragraph of facts) and swapped / black / "
+        "white images, with noise as the text-heavy clean image; the misleading note and the word list "
+        "(held out) never."
     )
-    log(f"\nwrote {json_path} and {png_path} ({out['wall_seconds']:.0f} s in all)")
-    return out

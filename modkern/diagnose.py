@@ -17,8 +17,9 @@ The diagnosis of both source papers, for any Hugging Face multimodal checkpoint 
   visual- vs audio-focused questions).
 
 Conditions (:data:`CONDITIONS`): image-heavy items (the image decides) with misleading text, an
-unrelated fact, a long irrelevant context, a misleading note (a template the demo's augmentation
-never uses: its held-out interference); text-heavy items (the text decides) with a swapped,
+unrelated fact, a long irrelevant context, a list of unrelated words and a misleading note (two
+forms the demo's augmentation never uses: its held-out interferences); text-heavy items (the text
+decides) with a swapped,
 black, white or noise image; audio-visual items (the question asks about the video or about the
 sound) with misaligned audio-video pairs, removed audio, zeroed frames and a misleading caption.
 A condition that the model cannot take (audio on LLaVA) is skipped with the reason in the report;
@@ -203,6 +204,18 @@ def _long_context(items, i, ctx, sentences: int = 8):
     return dataclasses.replace(it, context=" ".join([*facts, it.context]).strip())
 
 
+def _word_list(items, i, ctx, words: int = 6):
+    from modkern.data import EVAL_OBJECTS, WORD_LIST
+
+    it = items[i]
+    picked = [ctx.rng.choice(EVAL_OBJECTS) for _ in range(words // 2)]
+    picked += [_other(it.target_class, ctx.classes, ctx.rng)] + [
+        ctx.rng.choice(ctx.classes) for _ in range(words // 2 - 1)
+    ]
+    ctx.rng.shuffle(picked)
+    return dataclasses.replace(it, context=f"{WORD_LIST.format(words=' , '.join(picked))} {it.context}".strip())
+
+
 def _mislead_note(items, i, ctx):
     from modkern.data import MISLEADING_NOTE
 
@@ -273,6 +286,14 @@ CONDITIONS = {
             ("image",),
             "image-heavy items; eight facts about other objects in front of the caption",
             _long_context,
+        ),
+        Condition(
+            "word_list",
+            ("image_heavy",),
+            ("image",),
+            "image-heavy items; a list of unrelated words (objects and colours, one of them another colour) in "
+            "front of the caption (held out: no training text of the demo is a list)",
+            _word_list,
         ),
         Condition(
             "mislead_note",

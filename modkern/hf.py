@@ -16,11 +16,14 @@ Three ways in, all equivalent::
 What changes: ``compute_loss`` runs :func:`modkern.robust.robust_loss` on each training micro-batch
 (clean CE + adversarial CE + lam * divergence) and returns the total; the Trainer's own
 ``training_step`` does the one backward per micro-batch (so DeepSpeed, FSDP, DDP and gradient
-accumulation see a normal step). Every term is normalized by the Trainer's ``num_items_in_batch``
+accumulation see a normal step). The CEs are normalized by the Trainer's ``num_items_in_batch``
 (answer tokens of the whole accumulated batch, summed over processes when
-``average_tokens_across_devices``), so gradient accumulation is exact. Evaluation (no grad / eval
-mode) computes the plain CE. ``ce_clean``, ``ce_adv`` and ``consistency`` are logged next to
-``loss`` (averaged over the optimizer steps since the last log, and over processes). The batch may
+``average_tokens_across_devices``) and the consistency term by the clean samples of the same
+accumulated batch (counted where the Trainer counts its items, ``get_batch_samples``), so gradient
+accumulation is exact. Evaluation (no grad / eval mode) computes the plain CE. ``ce_clean``,
+``ce_adv`` and ``consistency`` are logged next to ``loss`` (averaged over the optimizer steps since
+the last log, and over processes; ``loss`` = their sum, about twice an SFT loss), and so is the
+attack's telemetry (:data:`modkern.robust.ATTACK_STATS`, averaged over micro-batches). The batch may
 carry ``sample_kind`` and ``ref_index`` (see :mod:`modkern.augment`'s collator); they are kept
 when the Trainer removes unused dataset columns and never reach the model.
 """
@@ -32,7 +35,7 @@ from typing import Optional
 import torch
 
 from modkern.model_hooks import is_deepspeed_engine
-from modkern.robust import CONSUMED_KEYS, RobustConfig, clean_loss, robust_loss
+from modkern.robust import CONSUMED_KEYS, RobustConfig, clean_loss, count_clean_samples, robust_loss
 
 PART_NAMES = ("ce_clean", "ce_adv", "consistency")
 _CLASS_CACHE: dict = {}
@@ -61,6 +64,7 @@ class RobustTrainerMixin:
         self._loss_shifts_labels = True
         self._robust_parts = None
         self._robust_log_steps = None
+        self._robust_num_clean = None
         if getattr(self, "_signature_columns", None) is not None:
             self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CONSUMED_KEYS]))
 
@@ -70,6 +74,19 @@ class RobustTrainerMixin:
             self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CONSUMED_KEYS]))
 
     # loss -----------------------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's micro-batches of one optimizer step; also counts their clean samples (rows
+        whose ``ref_index`` is themselves, every row without one), the consistency term's divisor,
+        summed over processes like ``num_items_in_batch``."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._robust_num_clean = count_clean_samples(batch_samples)
+        if self._robust_num_clean is not None and num_items_in_batch is not None:
+            count = torch.tensor(self._robust_num_clean, device=device)
+            if getattr(self.args, "average_tokens_across_devices", False) and self.args.world_size > 1:
+                count = self.accelerator.gather(count).sum()
+            self._robust_num_clean = count
+        return batch_samples, num_items_in_batch
+
     def _robust_loss_scale(self, num_items_in_batch) -> float:
         """The Trainer's factor for a loss normalized by a count summed over processes."""
         if num_items_in_batch is None or not getattr(self.args, "average_tokens_across_devices", False):
@@ -122,12 +139,15 @@ class RobustTrainerMixin:
                 self.robust_config,
                 num_items_in_batch=num_items_in_batch,
                 attack_grad_scale=self._robust_attack_grad_scale(model),
+                num_clean_in_batch=self._robust_num_clean if num_items_in_batch is not None else None,
             )
             loss = out.loss
             report = scale
+            micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
             if not self._robust_scaled_for_ga(num_items_in_batch):
-                report /= getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+                report /= micro_batches
             self._robust_accumulate(out.parts(), report)
+            self._robust_accumulate(out.attack, 1.0 / micro_batches)  # a mean over the micro-batches
         else:
             loss, outputs = clean_loss(model, inputs, num_items_in_batch)
         if scale != 1.0:
@@ -153,9 +173,10 @@ class RobustTrainerMixin:
 
     def _robust_accumulate(self, parts: dict, factor: float):
         if self._robust_parts is None:
-            self._robust_parts = {k: torch.zeros((), dtype=torch.float32, device=v.device) for k, v in parts.items()}
+            self._robust_parts = {}
         for k, v in parts.items():
-            self._robust_parts[k] += v.detach().float() * factor
+            total = self._robust_parts.setdefault(k, torch.zeros((), dtype=torch.float32, device=v.device))
+            total += v.detach().float() * factor
 
     def log(self, logs: dict, *args, **kwargs):
         steps = self._robust_log_steps

@@ -1,20 +1,26 @@
 """The modality-robust training objective (SPEC §2), for any Hugging Face causal (multimodal) LM.
 
-Per micro-batch, with ``x0`` the merged input embeddings the language model receives (text
-embeddings with the image / video / audio features already in their slots) and ``M`` the modality
-mask of each sample::
+Per micro-batch of clean samples O and their heuristic copies C (rows R = O + C; ``ref(r)`` is the
+clean sample of row r, ``batch["ref_index"]``), with ``x0`` the merged input embeddings the language
+model receives (text embeddings with the image / video / audio features already in their slots) and
+``M`` the modality mask of each sample::
 
     logits_c = f(x0)                              CE_c = CE(logits_c, labels)   (shifted)
     delta    = init_delta(x0, M, eps)
-    K times: g = d CE(f(perturb(x0, delta, M))) / d delta        (autograd.grad, delta only)
+    K times: g = d CE_mean(f(perturb(x0, delta, M))) / d delta   (autograd.grad, delta only)
              delta = masked_adv_step(delta, g, M, alpha, eps)
     logits_a = f(perturb(x0.detach(), delta, M))  CE_a = CE(logits_a, labels)
-    L = CE_c + CE_a + lam * D(logits_c.detach()[rows], logits_a[rows])   D = fused_kl / fused_js
+    cons = [ sum_{c in C} sum_k KL(Q^clean_{c,k} || P_{ref(c),k})
+           + sum_{r in R} sum_k KL(Q^adv_{r,k} || P_{ref(r),k}) ] / |O|
+    L = CE_c + CE_a + lam * cons
 
-``rows`` are the answer positions shifted like the CE (the logit at t-1 predicts the token at t).
-Heuristic copies of a sample (misleading text, swapped image, ...) are ordinary rows of the batch;
-``batch["ref_index"][b]`` names the clean sample of row b (itself for clean samples, or -1) and the
-divergence compares the k-th answer row of the copy with the k-th answer row of its clean sample.
+P is the softmax of the clean sample's k-th answer row (detached), Q the compared row's; the CEs are
+token means over every row's answer tokens. That is the official code's objective (its
+``F.kl_div(log P.detach(), Q)``), modkern's default; :class:`RobustConfig` names every variant
+(``pairs``, ``kl_direction``, ``consistency_divisor``) and :data:`PRESETS` the published settings.
+``rows`` are the answer positions shifted like the CE (the logit at t-1 predicts the token at t; the
+official code compares the unshifted positions). A copy's k-th answer row is compared with the k-th
+answer row of its clean sample (copies may have prompts of other lengths).
 ``batch["sample_kind"][b]`` (``"image_heavy"``, ``"text_heavy"``, ``"vqa"`` or any key of
 ``RobustConfig.policy``) picks what the attack perturbs for that sample.
 
@@ -37,14 +43,14 @@ as usual; with ``reuse_encoder_outputs`` the vision / audio encoder inputs are d
 forwards (their features are already in ``x0``), so the encoders run once per micro-batch. The hook
 is removed in a ``finally``, also when a forward raises.
 
-Normalization: every term is a token sum divided by ``num_items_in_batch`` when given (Hugging Face
+Normalization: the CEs are token sums divided by ``num_items_in_batch`` when given (Hugging Face
 passes the number of answer tokens of the whole accumulated batch), else by the micro-batch's
-answer-token count, so gradient accumulation is exact. The attack ascends the same normalized CE by
-default (``attack_normalization="num_items"``: the perturbation of a sample does not depend on how
-the batch was split into micro-batches). With a ``"raw"`` step that makes the step alpha * g smaller
-by the number of micro-batches (and of ranks, with ``average_tokens_across_devices``) than in the
-official code, whose attack ascends the micro-batch mean CE; ``attack_normalization="micro_batch"``
-does that instead (the loss that is back-propagated keeps the ``num_items_in_batch`` normalization).
+answer-token count; the consistency sum is divided by ``num_clean_in_batch`` (the clean samples of
+the accumulated batch; the Trainer integration counts them) else by the micro-batch's clean samples,
+so gradient accumulation is exact. The attack ascends the micro-batch mean CE, as the official code
+does (``attack_normalization="micro_batch"``); ``"num_items"`` divides by ``num_items_in_batch``
+instead, so that a sample's perturbation does not depend on the micro-batch split (with a ``"raw"``
+step that makes the step smaller by the number of micro-batches).
 """
 
 from __future__ import annotations
@@ -90,6 +96,16 @@ SAMPLE_KINDS = ("image_heavy", "text_heavy", "vqa")
 DIVERGENCES = ("kl", "js", "none")
 INITS = ("random", "zero")
 ATTACK_NORMALIZATIONS = ("num_items", "micro_batch")
+# Which rows the consistency term compares with their clean sample's answer rows (P, detached):
+# "official" - each heuristic copy's clean forward and every row's adversarial forward (the official
+#   LLaVA / Qwen KL + PGD objective); "adversarial" - the adversarial forwards only; "heuristic" - the
+#   copies' clean forwards only (no attack and no adversarial forward: the paper's consistency-only
+#   ablation).
+PAIRS = ("official", "adversarial", "heuristic")
+# What the consistency sum is divided by: "clean_samples" - the number of clean samples (the
+# official code; of the accumulated batch under gradient accumulation); "tokens" - the answer tokens,
+# like the CEs (num_items_in_batch).
+CONSISTENCY_DIVISORS = ("clean_samples", "tokens")
 LM_HEAD_MODES = ("auto", "rows", "chunked")
 
 Policy = Union[str, list, tuple]
@@ -111,7 +127,18 @@ def _check_target(name: str, target) -> Policy:
 
 @dataclass
 class RobustConfig:
-    """Hyper-parameters of the robust objective (defaults: the paper's LLaVA-1.5 setting).
+    """Hyper-parameters of the robust objective (defaults: the official LLaVA-1.5 KL + PGD recipe).
+
+    The defaults compute what the official code computes (SPEC §2), with modkern's documented
+    departures only (shifted answer rows, no 1e-6 floor on Q, fp32 delta): for a micro-batch of
+    clean samples O and heuristic copies C (rows R = O + C, ``ref(r)`` the clean sample of row r)::
+
+        L = CE_clean + CE_adv + lam / |O| * [ sum_{c in C} sum_k KL(Q^clean_{c,k} || P_{ref(c),k})
+                                            + sum_{r in R} sum_k KL(Q^adv_{r,k}  || P_{ref(r),k}) ]
+
+    with P = softmax(clean logits / T) of the clean sample's k-th answer row (detached), Q the
+    compared row's, the CEs token means over all rows' answer tokens. :data:`PRESETS` holds the
+    published configurations (:meth:`preset`); every other variant is an explicit field.
 
     Attributes:
         epsilon: radius of the perturbation ball (1e-3 for LLaVA-1.5 / Qwen2.5-VL-7B, 0.01 for
@@ -119,9 +146,19 @@ class RobustConfig:
         alpha: PGD step size (0.1).
         steps: attack steps K >= 0 (1-4, 2 typical; 0 keeps the random start).
         lam: weight of the consistency term (0.01 LLaVA, 0.001 Qwen); 0 disables it.
-        divergence: ``"kl"`` (``fused_kl``, clean branch P detached), ``"js"`` (``fused_js``) or
-            ``"none"``.
-        kl_direction: ``"forward"`` KL(clean || adv), ``"reverse"`` or ``"symmetric"``.
+        divergence: ``"kl"`` (``fused_kl``, clean branch P detached), ``"js"`` (``fused_js``: the
+            standard generalized JS, not the official code's ½[KL(M‖P) + KL(M‖Q)]) or ``"none"``.
+        kl_direction: ``"reverse"`` KL(Q‖P) = KL(compared || clean), the official
+            ``F.kl_div(log P.detach(), Q)``; ``"forward"`` KL(P‖Q); ``"symmetric"`` their sum.
+        pairs: which rows the consistency term compares with their clean sample (:data:`PAIRS`):
+            ``"official"`` (each copy's clean forward and every row's adversarial forward),
+            ``"adversarial"`` (adversarial forwards only) or ``"heuristic"`` (the copies' clean
+            forwards only; no attack, no adversarial forward, ``ce_adv`` = 0).
+        consistency_divisor: ``"clean_samples"`` (the official: the consistency sum over rows,
+            answer tokens and vocabulary divided by the number of clean samples, ``num_clean_in_batch``
+            under gradient accumulation) or ``"tokens"`` (by ``num_items_in_batch``, like the CEs).
+        attack_stats: compute the attack telemetry of :class:`RobustOutput` (a few reductions over
+            ``[B, L, H]``, no host sync).
         beta: JS mixture weight in (0, 1).
         temperature: softmax temperature of the divergence.
         divergence_grad_mode: the divergence's ``grad_mode`` on the logits path (``"auto"``,
@@ -131,11 +168,11 @@ class RobustConfig:
         step: PGD direction, ``"raw"`` (the paper's), ``"sign"``, ``"l2"``, ``"l2_token"``, ``"linf"``.
         norm: projection, ``"linf"`` (the paper's), ``"l2"``, ``"l2_token"`` or None.
         init: ``"random"`` (``init_delta`` in the ``norm`` ball) or ``"zero"``.
-        attack_normalization: what the attack's CE sum is divided by: ``"num_items"`` (the
-            ``num_items_in_batch`` of the loss, so the perturbation is independent of the
-            micro-batch split) or ``"micro_batch"`` (this micro-batch's answer tokens, as the
-            official code's micro-batch mean; a larger raw step when accumulating). The two agree
-            without gradient accumulation, and for the scale-free ``sign`` / ``l2`` / ``linf`` steps.
+        attack_normalization: what the attack's CE sum is divided by: ``"micro_batch"`` (this
+            micro-batch's answer tokens: the official code's micro-batch mean) or ``"num_items"``
+            (the ``num_items_in_batch`` of the loss, so the perturbation is independent of the
+            micro-batch split; a smaller raw step when accumulating). The two agree without
+            gradient accumulation, and for the scale-free ``sign`` / ``l2`` / ``linf`` steps.
         policy: sample kind -> what to perturb (``"text"``, a modality name, a list of them, or
             ``"none"``).
         default_perturb: the target for batches without ``sample_kind``.
@@ -164,14 +201,16 @@ class RobustConfig:
     steps: int = 2
     lam: float = 0.01
     divergence: str = "kl"
-    kl_direction: str = "forward"
+    kl_direction: str = "reverse"
+    pairs: str = "official"
+    consistency_divisor: str = "clean_samples"
     beta: float = 0.5
     temperature: float = 1.0
     divergence_grad_mode: str = "auto"
     step: str = "raw"
     norm: Optional[str] = "linf"
     init: str = "random"
-    attack_normalization: str = "num_items"
+    attack_normalization: str = "micro_batch"
     policy: dict = field(default_factory=_default_policy)
     default_perturb: Policy = "text"
     token_ids: Optional[dict] = None
@@ -184,6 +223,7 @@ class RobustConfig:
     lm_head: str = "auto"
     logits_budget_mb: float = 1024.0
     chunk_size: Optional[int] = None
+    attack_stats: bool = True
 
     def __post_init__(self):
         self.epsilon = V.check_positive_number("epsilon", self.epsilon, allow_tensor=False)
@@ -200,6 +240,8 @@ class RobustConfig:
         self.lam = float(self.lam)
         V.check_choice("divergence", self.divergence, DIVERGENCES)
         V.check_choice("kl_direction", self.kl_direction, DIRECTIONS)
+        V.check_choice("pairs", self.pairs, PAIRS)
+        V.check_choice("consistency_divisor", self.consistency_divisor, CONSISTENCY_DIVISORS)
         self.beta = V.check_open_unit_interval("beta", self.beta)
         self.temperature = V.check_positive_number("temperature", self.temperature, allow_tensor=False)
         V.check_choice("divergence_grad_mode", self.divergence_grad_mode, GRAD_MODES)
@@ -216,7 +258,7 @@ class RobustConfig:
         if self.exclude_ids is not None:
             self.exclude_ids = tuple(int(i) for i in self.exclude_ids)
         self.backend = check_backend(self.backend)
-        for name in ("freeze_params_during_attack", "reuse_encoder_outputs"):
+        for name in ("freeze_params_during_attack", "reuse_encoder_outputs", "attack_stats"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         self.encoder_input_keys = tuple(self.encoder_input_keys)
@@ -235,9 +277,39 @@ class RobustConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def preset(cls, name: str, **overrides) -> RobustConfig:
+        """The published configuration ``name`` (a key of :data:`PRESETS`), with ``overrides``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
     @property
     def uses_divergence(self) -> bool:
         return self.divergence != "none" and self.lam > 0
+
+    @property
+    def uses_attack(self) -> bool:
+        """Whether the attack and the adversarial forward run (not for ``pairs="heuristic"``)."""
+        return self.pairs != "heuristic"
+
+
+# The official configurations (configs/model_train/* of luisrui/Modality-Interference-in-MLLMs), as
+# RobustConfig fields on top of the defaults (= "llava-1.5-kl-pgd"). Learning rate, epochs and the
+# sample mix are the trainer's and the data's: lr 2e-5 (LLaVA, InstructBLIP) / 1e-5 (Qwen), 1 epoch,
+# image-heavy : text-heavy : VQA = 2:2:4 (1:1:6 for the Qwen JS run).
+PRESETS = {
+    "llava-1.5-kl-pgd": {},
+    "qwen2.5-vl-7b-kl-pgd": {},
+    "qwen2.5-vl-7b-js-pgd": dict(divergence="js", steps=1, lam=0.001),
+    "qwen2.5-vl-3b-kl-pgd": dict(epsilon=0.01, lam=0.001),
+    "instructblip-kl-pgd": dict(epsilon=0.05, steps=4),
+    # modkern 0.1's objective (before it followed the official code): adversarial pairs only, KL(P‖Q),
+    # every term divided by the answer tokens, the attack on the accumulated batch's normalization.
+    "modkern-0.1": dict(
+        pairs="adversarial", kl_direction="forward", consistency_divisor="tokens", attack_normalization="num_items"
+    ),
+}
 
 
 @dataclass
@@ -245,7 +317,10 @@ class RobustOutput:
     """``loss`` (differentiable total) and its detached parts.
 
     ``ce_clean``, ``ce_adv`` and ``consistency`` (already multiplied by ``lam``; 0 when disabled) are
-    normalized like ``loss``: ``loss == ce_clean + ce_adv + consistency``. ``logits`` are the clean
+    normalized like ``loss``: ``loss == ce_clean + ce_adv + consistency`` (about twice an SFT loss:
+    two CEs). ``attack`` is the attack's telemetry (:data:`ATTACK_STATS`, detached 0-dim fp32
+    tensors, no host sync; empty with ``RobustConfig(attack_stats=False)`` or without an attack).
+    ``logits`` are the clean
     logits of the answer rows ``[rows, V]`` (row-major over ``[B, L]``, shifted: the row at t - 1
     predicts the answer token at t), only with ``return_logits=True`` on the answer-row path; no
     ``[B, L, V]`` tensor is kept. ``delta`` is the final perturbation and ``mask`` the modality mask
@@ -259,9 +334,40 @@ class RobustOutput:
     logits: Optional[Tensor] = None
     delta: Optional[Tensor] = None
     mask: Optional[Tensor] = None
+    attack: dict = field(default_factory=dict)
 
     def parts(self) -> dict:
+        """The loss's parts (they add up to ``loss``)."""
         return {"ce_clean": self.ce_clean, "ce_adv": self.ce_adv, "consistency": self.consistency}
+
+
+# The attack's telemetry (RobustOutput.attack), over the masked elements of the batch:
+ATTACK_STATS = (
+    "attack_grad_norm",  # ||g ⊙ M||_2 of the last step's attack gradient
+    "attack_step_over_eps",  # mean |alpha * g| / epsilon on the masked elements (the raw step's size vs the ball)
+    "delta_at_bound",  # share of the masked elements with |delta| at epsilon after the last step
+    "delta_over_embeds",  # ||delta ⊙ M||_2 / ||x0 ⊙ M||_2
+    "delta_survives_cast",  # share of the masked elements that x0 + delta changes in the model's dtype
+)
+
+
+def attack_telemetry(x0: Tensor, delta: Tensor, grad: Optional[Tensor], mask: Tensor, config) -> dict:
+    """The :data:`ATTACK_STATS` of a final ``delta`` (and the last step's gradient ``grad``), as
+    0-dim fp32 tensors on the device (no host sync). 0 where the mask is empty."""
+    m = mask.unsqueeze(-1).to(torch.float32)
+    count = (m.sum() * x0.shape[-1]).clamp_min(1.0)
+    d = delta.float() * m
+    x = x0.detach().float() * m
+    zero = d.new_zeros(())
+    g = zero if grad is None else grad.float() * m
+    changed = (x0.detach() + delta.to(torch.float32)).to(x0.dtype) != x0.detach()
+    return {
+        "attack_grad_norm": g.norm() if grad is not None else zero,
+        "attack_step_over_eps": (g.abs().sum() / count) * (config.alpha / config.epsilon) if grad is not None else zero,
+        "delta_at_bound": ((d.abs() >= config.epsilon * (1 - 1e-6)).float() * m).sum() / count,
+        "delta_over_embeds": d.norm() / x.norm().clamp_min(torch.finfo(torch.float32).tiny),
+        "delta_survives_cast": (changed.float() * m).sum() / count,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,14 +692,16 @@ def _modality_mask(fw: _Forwards, mb: _MicroBatch, model: nn.Module, config: Rob
     )
 
 
-def _attack(fw: _Forwards, mb: _MicroBatch, mask: Tensor, config: RobustConfig, grad_scale=None) -> Tensor:
+def _attack(fw: _Forwards, mb: _MicroBatch, mask: Tensor, config: RobustConfig, grad_scale=None):
     """K PGD steps on delta; the gradient is taken w.r.t. delta only (``autograd.grad``).
 
     Every rank runs the K forwards whatever its data (an empty mask gives a zero step), so that
     FSDP / ZeRO-3 parameter all-gathers pair up across ranks. ``grad_scale`` multiplies the attack
     loss before the backward and divides the (fp32) gradient after it, like a GradScaler, so that
     fp16 activation gradients do not underflow; a step whose gradient overflowed is skipped.
+    Returns ``(delta, telemetry)`` (see :func:`attack_telemetry`; ``{}`` when not asked for).
     """
+    grad = None
     init_norm = "zero" if config.init == "zero" else ("linf" if config.norm in ("linf", None) else "l2")
     delta = init_delta(fw.x0, mask, epsilon=config.epsilon, norm=init_norm, dtype=torch.float32)
     with FrozenParams(fw.base, config.freeze_params_during_attack):
@@ -610,50 +718,116 @@ def _attack(fw: _Forwards, mb: _MicroBatch, mask: Tensor, config: RobustConfig, 
             delta = delta.detach()
             step = dict(step=config.step, norm=config.norm, inplace=True, backend=config.backend)
             masked_adv_step(delta, grad, mask, alpha=config.alpha, epsilon=config.epsilon, **step)
-    return delta.detach()
+    delta = delta.detach()
+    stats = attack_telemetry(fw.x0, delta, grad, mask, config) if config.attack_stats else {}
+    return delta, stats
 
 
-def _adversarial_terms(fw: _Forwards, mb: _MicroBatch, clean: _Branch, adv: _Branch, config: RobustConfig):
-    """``(CE_adv, lam * D(clean.detach() || adv) / denom)``: the adversarial CE as a token sum over the
-    answer rows, the consistency term normalized (None when disabled).
-
-    Copies compare their k-th answer row with the k-th answer row of their clean sample
-    (``ref_index``). On the chunked path both come from one pass over the logits chunks. On the
-    logits path the weight ``lam / denom`` is the divergence's ``scale``: with
-    ``grad_mode="forward"`` it is folded into the gradients its forward writes.
-    """
-    if not config.uses_divergence:
-        return fw.ce_sum(adv), None
-    ref_rows = fw.rows.ref_rows(mb.ref_index)
-    device = (adv.logits if adv.logits is not None else adv.hidden).device  # the head's (device_map models)
-    ref_rows = None if ref_rows is None else ref_rows.to(device)
-    lam_over_denom = config.lam / fw.rows.denom
-    if isinstance(lam_over_denom, torch.Tensor):
-        lam_over_denom = lam_over_denom.to(device)
-    options = dict(temperature=config.temperature, ref_index=ref_rows, backend=config.backend)
-    if adv.logits is not None:
-        p, q = clean.logits.detach(), adv.logits
-        options.update(scale=lam_over_denom, grad_mode=config.divergence_grad_mode)
-        if config.divergence == "kl":
-            div = fused_kl(p, q, direction=config.kl_direction, reduction="sum", **options)
-        else:
-            div = fused_js(p, q, beta=config.beta, reduction="sum", **options)
-        return fw.ce_sum(adv), div
-    weight, bias = fw.head_weights()
-    div, ce = linear_losses(
-        adv.hidden,
-        weight,
-        bias,
-        p_hidden=clean.hidden.detach(),
-        divergence=config.divergence,
-        direction=config.kl_direction,
-        beta=config.beta,
-        targets=fw.rows.targets.to(device),
-        detach_p_logits=True,
-        chunk_size=config.chunk_size,
-        **options,
+def _clean_sample_count(ref_index, batch_size: int):
+    """The clean samples of the micro-batch: rows whose ``ref_index`` is themselves (or -1); all rows
+    without ``ref_index``. An int for a CPU ``ref_index`` (the collator's), else a 0-dim tensor."""
+    if ref_index is None:
+        return batch_size
+    ref = _normalize_ref_index(
+        ref_index, batch_size, ref_index.device if isinstance(ref_index, Tensor) else torch.device("cpu")
     )
-    return ce.sum(), div.sum() * lam_over_denom
+    count = (ref == torch.arange(batch_size, device=ref.device)).sum().clamp_min(1)
+    return int(count) if count.device.type == "cpu" else count
+
+
+def count_clean_samples(batches) -> Optional[int]:
+    """Clean samples in a list of batches: rows whose ``ref_index`` is themselves (or -1), every row
+    of a batch without ``ref_index``; None when a batch has no ``input_ids``."""
+    total = 0
+    for batch in batches:
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        if not isinstance(ids, torch.Tensor):
+            return None
+        ref = batch.get("ref_index")
+        if ref is None:
+            total += ids.shape[0]
+        else:
+            ref = torch.as_tensor(ref).reshape(-1).cpu()
+            total += int(((ref == torch.arange(ref.numel())) | (ref < 0)).sum())
+    return total
+
+
+def _consistency_weight(fw: _Forwards, mb: _MicroBatch, config: RobustConfig, num_clean_in_batch, device):
+    """``lam / divisor``: the clean samples (``num_clean_in_batch`` when given) or the answer tokens."""
+    if config.consistency_divisor == "tokens":
+        denom = fw.rows.denom
+    elif num_clean_in_batch is not None:
+        if not isinstance(num_clean_in_batch, Tensor):
+            V.check_num_items(num_clean_in_batch)
+        denom = num_clean_in_batch
+    else:
+        denom = _clean_sample_count(mb.ref_index, mb.input_ids.shape[0])
+    weight = config.lam / denom
+    return weight.to(device=device, dtype=torch.float32) if isinstance(weight, Tensor) else weight
+
+
+def _divergence_sum(p: Tensor, q: Tensor, config: RobustConfig, **options) -> Tensor:
+    if config.divergence == "kl":
+        return fused_kl(p, q, direction=config.kl_direction, reduction="sum", **options)
+    return fused_js(p, q, beta=config.beta, reduction="sum", **options)
+
+
+def _consistency_terms(fw: _Forwards, mb: _MicroBatch, clean: _Branch, adv, config: RobustConfig, num_clean):
+    """``(CE_adv, lam * cons / divisor)``: the adversarial CE as a token sum over the answer rows (0
+    without an adversarial forward) and the weighted consistency term (None when disabled).
+
+    ``cons`` sums, over the answer rows and the vocabulary, the divergence of each compared row
+    (``config.pairs``: the copies' clean rows, every row's adversarial row) from the k-th answer row
+    of its clean sample (P, detached). On the chunked path the adversarial CE and divergence come
+    from one pass over the logits chunks. On the logits path the weight ``lam / divisor`` is the
+    divergence's ``scale``: with ``grad_mode="forward"`` it is folded into the gradients its forward
+    writes.
+    """
+    any_branch = clean.logits if clean.logits is not None else clean.hidden
+    ce_adv = any_branch.new_zeros((), dtype=torch.float32) if adv is None else None
+    if not config.uses_divergence:
+        return (fw.ce_sum(adv) if adv is not None else ce_adv), None
+    device = any_branch.device  # the head's (device_map models)
+    ref_rows = fw.rows.ref_rows(mb.ref_index)
+    ref_rows = None if ref_rows is None else ref_rows.to(device)
+    weight = _consistency_weight(fw, mb, config, num_clean, device)
+    options = dict(temperature=config.temperature, ref_index=ref_rows, backend=config.backend)
+    compare = []  # (branch, row mask): the rows compared with their clean sample's
+    if config.pairs in ("official", "heuristic") and ref_rows is not None:
+        compare.append((clean, ref_rows != torch.arange(ref_rows.numel(), device=device)))  # the copies' rows
+    if adv is not None and config.pairs in ("official", "adversarial"):
+        compare.append((adv, None))
+    terms = []
+    if clean.logits is not None:
+        p = clean.logits.detach()
+        for branch, rows in compare:
+            o = dict(options, mask=rows, scale=weight, grad_mode=config.divergence_grad_mode)
+            terms.append(_divergence_sum(p, branch.logits, config, **o))
+        if adv is not None:
+            ce_adv = fw.ce_sum(adv)
+    else:
+        head_weight, bias = fw.head_weights()
+        kind = dict(divergence=config.divergence, direction=config.kl_direction, beta=config.beta)
+        for branch, rows in compare:
+            targets = fw.rows.targets.to(device) if branch is adv else None
+            div, ce = linear_losses(
+                branch.hidden,
+                head_weight,
+                bias,
+                p_hidden=clean.hidden.detach(),
+                targets=targets,
+                mask=rows,
+                detach_p_logits=True,
+                chunk_size=config.chunk_size,
+                **kind,
+                **options,
+            )
+            terms.append(div.sum() * weight)
+            if branch is adv:
+                ce_adv = ce.sum()
+        if adv is not None and ce_adv is None:
+            ce_adv = fw.ce_sum(adv)
+    return ce_adv, (sum(terms[1:], terms[0]) if terms else None)
 
 
 def _check_call(config) -> RobustConfig:
@@ -676,6 +850,7 @@ def robust_loss(
     *,
     return_logits: bool = False,
     attack_grad_scale=None,
+    num_clean_in_batch=None,
 ) -> RobustOutput:
     """The robust objective of SPEC §2 on one micro-batch; returns the total loss and its parts.
 
@@ -688,7 +863,7 @@ def robust_loss(
             ``input_ids`` are required (the modality mask is built from them).
         config: a :class:`RobustConfig` (defaults when None).
         num_items_in_batch: total answer tokens of the accumulated batch (Hugging Face's
-            ``num_items_in_batch``); every term is a token sum divided by it. None divides by this
+            ``num_items_in_batch``); the CEs are token sums divided by it. None divides by this
             micro-batch's answer tokens.
         return_logits: keep the clean logits of the answer rows (``[rows, V]``) in the output
             (answer-row path only: the chunked path never holds them, and returns None).
@@ -698,6 +873,9 @@ def robust_loss(
             (with a ``"raw"`` step delta then stays at its random start). The gradient is unscaled
             in fp32; a step whose scaled gradient overflowed is skipped. None: no scaling (fp32 / bf16).
             The Trainer integration passes its GradScaler's (or DeepSpeed's) current scale.
+        num_clean_in_batch: clean samples of the accumulated batch (rows whose ``ref_index`` is
+            themselves), the consistency term's divisor under gradient accumulation
+            (``consistency_divisor="clean_samples"``); None counts this micro-batch's.
 
     Returns:
         :class:`RobustOutput`; call ``out.loss.backward()`` once.
@@ -722,9 +900,11 @@ def robust_loss(
         clean = fw.clean(mb.inputs)
         ce_clean = fw.ce_sum(clean)
         mask = _modality_mask(fw, mb, model, config)
-        delta = _attack(fw, mb, mask, config, attack_grad_scale)
-        adv = fw.perturbed(mb.replay_inputs, delta, mask)
-        ce_adv, consistency = _adversarial_terms(fw, mb, clean, adv, config)
+        delta, adv, stats = None, None, {}
+        if config.uses_attack:
+            delta, stats = _attack(fw, mb, mask, config, attack_grad_scale)
+            adv = fw.perturbed(mb.replay_inputs, delta, mask)
+        ce_adv, consistency = _consistency_terms(fw, mb, clean, adv, config, num_clean_in_batch)
 
     denom = fw.rows.denom
     if consistency is None:  # disabled
@@ -738,6 +918,7 @@ def robust_loss(
         logits=clean.logits if return_logits else None,
         delta=delta,
         mask=mask,
+        attack=stats,
     )
 
 

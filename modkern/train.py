@@ -34,7 +34,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from modkern.robust import IGNORE_INDEX, RobustConfig, clean_loss, prepare_inputs, robust_loss, shift_labels
+from modkern.robust import (
+    IGNORE_INDEX,
+    RobustConfig,
+    clean_loss,
+    count_clean_samples,
+    prepare_inputs,
+    robust_loss,
+    shift_labels,
+)
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "sgd")
@@ -264,6 +272,7 @@ def train(
         for step in range(1, config.steps + 1):
             micro = [to_device(next(batches), device) for _ in range(config.grad_accum)]
             num_items = sum(count_answer_tokens(b) for b in micro)
+            counts = dict(num_items_in_batch=num_items, num_clean_in_batch=count_clean_samples(micro))
             totals = {"loss": 0.0, "ce_clean": 0.0, "ce_adv": 0.0, "consistency": 0.0}
             for batch in micro:
                 with autocast_context(config, device):
@@ -271,8 +280,10 @@ def train(
                         loss, _ = clean_loss(model, batch, num_items_in_batch=num_items)
                         parts = {"ce_clean": loss.detach()}
                     else:
-                        out = robust_loss(model, batch, robust, num_items_in_batch=num_items, return_logits=False)
+                        out = robust_loss(model, batch, robust, **counts, return_logits=False)
                         loss, parts = out.loss, out.parts()
+                        for k, v in out.attack.items():  # the attack's telemetry: a mean over micro-batches
+                            totals[k] = totals.get(k, 0.0) + float(v) / len(micro)
                 scaler.scale(loss).backward()
                 totals["loss"] += float(loss.detach())
                 for k, v in parts.items():

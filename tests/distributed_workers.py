@@ -20,7 +20,9 @@ import torch
 from modkern.robust import RobustConfig
 
 # zero start: the attack is deterministic, so a single process can compute the reference
-CONFIG = RobustConfig(init="zero", steps=2, epsilon=0.05, alpha=2.0, lam=0.5)
+# attack_normalization="num_items": the perturbation does not depend on how the batch is split over
+# ranks / micro-batches, so the sharded runs equal one process on the whole batch.
+CONFIG = RobustConfig(init="zero", steps=2, epsilon=0.05, alpha=2.0, lam=0.5, attack_normalization="num_items")
 LR = 0.5
 
 
@@ -40,6 +42,15 @@ def answer_tokens(batch) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+def step_counts(batches) -> dict:
+    """The accumulated normalizers of one step's batches (every rank's): answer tokens, clean samples."""
+    from modkern.robust import count_clean_samples
+
+    return dict(
+        num_items_in_batch=sum(answer_tokens(b) for b in batches), num_clean_in_batch=count_clean_samples(batches)
+    )
+
+
 def reference_params(build, steps_batches, config=CONFIG, lr=LR):
     """What the ranks must end with: SGD on the sum of every rank's robust loss over the step's tokens."""
     from modkern.robust import robust_loss
@@ -47,9 +58,9 @@ def reference_params(build, steps_batches, config=CONFIG, lr=LR):
     model, _ = build()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     for batches in steps_batches:
-        total = sum(answer_tokens(b) for b in batches)
+        counts = step_counts(batches)
         for batch in batches:
-            robust_loss(model, batch, config, num_items_in_batch=total).loss.backward()
+            robust_loss(model, batch, config, **counts).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -116,8 +127,7 @@ def fsdp2_manual(out_dir):
     masks, losses = [], []
     with AttackWatch(layers[0].self_attn.q_proj, model, head=model.lm_head) as watch:
         for batches in rank_batches(info):
-            total = sum(answer_tokens(b) for b in batches)
-            out = robust_loss(model, batches[rank], CONFIG, num_items_in_batch=total)
+            out = robust_loss(model, batches[rank], CONFIG, **step_counts(batches))
             (out.loss * world).backward()  # FSDP averages the gradients over the ranks
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -301,9 +311,8 @@ def zero3_bf16_engine(out_dir):
     losses = []
     with watch:
         for batches in rank_batches(info):
-            total = sum(answer_tokens(b) for b in batches)
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batches[rank].items()}
-            out = robust_loss(engine, batch, CONFIG, num_items_in_batch=total)
+            out = robust_loss(engine, batch, CONFIG, **step_counts(batches))
             engine.backward(out.loss * world)  # ZeRO averages the gradients over the ranks
             engine.step()
             losses.append(float(out.loss))

@@ -51,8 +51,65 @@ def _collator(config, seed=0, num_image_tokens=4):
     return RobustCollator(enc, HeuristicAugmenter(config, seed=seed), tok.pad_token_id, return_tags=True), tok
 
 
+LEGACY_TRANSFORMS = dict(
+    text_transforms=("misleading_text", "unrelated_text"),
+    image_transforms=("swap_image", "black_image", "white_image", "noise_image"),
+    noise_clean_image=False,
+)
+
+
+def test_paper_copies_by_default():
+    # image-heavy: a related sentence and an unrelated paragraph in front of the prompt; text-heavy:
+    # a uniform-noise clean image and swapped / black / white copies; VQA: none.
+    cfg = AugmentConfig(classes=CLASSES, irrelevant_sentences=("fact : bees make honey .", "fact : sky blue ."))
+    assert cfg.copies_per_sample is None and cfg.paragraph_sentences == 10
+    collate, tok = _collator(cfg)
+    samples = _samples()
+    batch = collate(samples)
+    ref, tags, kinds = batch["ref_index"].tolist(), batch["tags"], batch["sample_kind"]
+    assert len(ref) == 5 + 2 * 2 + 3 * 2
+    assert ref[:5] == [0, 1, 2, 3, 4] and sorted(ref[5:]) == [0, 0, 1, 1, 1, 2, 2, 4, 4, 4]
+    for src in (0, 2):
+        assert sorted(tags[r] for r in range(5, 15) if ref[r] == src) == ["related_text", "unrelated_paragraph"]
+    for src in (1, 4):
+        assert sorted(tags[r] for r in range(5, 15) if ref[r] == src) == ["black_image", "swap_image", "white_image"]
+        assert tags[src] == "noise_clean"
+    assert [tags[i] for i in (0, 2, 3)] == ["clean"] * 3
+    assert all(kinds[r] == kinds[ref[r]] for r in range(15))
+    pixels = batch["pixel_values"]
+    for i in (0, 2, 3):  # image-heavy and VQA clean images unchanged
+        assert torch.equal(pixels[i], samples[i].image)
+    for i in (1, 4):  # text-heavy clean images: uniform noise in [0, 1], no longer the real image
+        assert not torch.equal(pixels[i], samples[i].image)
+        assert 0 <= float(pixels[i].min()) and float(pixels[i].max()) <= 1 and float(pixels[i].std()) > 0.2
+    aug = HeuristicAugmenter(cfg, seed=1)
+    copies, sources = aug(samples)
+    for c, src in zip(copies, sources):
+        s = samples[src]
+        assert (c.text, c.answer, c.kind) == (s.text, s.answer, s.kind)
+        if c.tag == "related_text":
+            option = c.context.split("depict a ")[1].split(".")[0]
+            assert option in CLASSES and c.context.startswith(s.context)  # any option; the old context kept
+            assert c.prompt.endswith(f"depict a {option}. {s.text}")  # right before the question
+        if c.tag == "unrelated_paragraph":
+            assert c.context.count("fact :") == 10 and c.context.startswith(s.context)
+    # a sample with facts: its first fact is the related text
+    with_facts = Sample("what colour ?", "red", _image(0.1), "image_heavy", facts=("The image shows red.", "x"))
+    assert aug.apply("related_text", [with_facts], 0).context == "The image shows red."
+    assert len(modkern_pool()) >= 80
+
+
+def modkern_pool():
+    from modkern.distractors import IRRELEVANT_SENTENCES
+
+    assert len(set(IRRELEVANT_SENTENCES)) == len(IRRELEVANT_SENTENCES)
+    return IRRELEVANT_SENTENCES
+
+
 def test_copies_kinds_and_ref_index():
-    cfg = AugmentConfig(classes=CLASSES, copies_per_sample=2, unrelated_facts=("fact : bees make honey .",))
+    cfg = AugmentConfig(
+        classes=CLASSES, copies_per_sample=2, unrelated_facts=("fact : bees make honey .",), **LEGACY_TRANSFORMS
+    )
     collate, tok = _collator(cfg)
     batch = collate(_samples())
     # 2 image-heavy x 2 text transforms, 2 text-heavy x 2 image transforms, vqa none.
@@ -78,7 +135,7 @@ def test_copies_kinds_and_ref_index():
 
 
 def test_answer_rows_pair_up_with_the_clean_sample():
-    cfg = AugmentConfig(classes=CLASSES, copies_per_sample=2, unrelated_facts=("fact : bees make honey .",))
+    cfg = AugmentConfig(classes=CLASSES, irrelevant_sentences=("fact : bees make honey .",), paragraph_sentences=2)
     collate, tok = _collator(cfg)
     batch = collate(_samples())
     labels, ref = batch["labels"], batch["ref_index"]
@@ -100,7 +157,10 @@ def test_answer_rows_pair_up_with_the_clean_sample():
 
 def test_text_transforms_replace_context_and_mislead():
     cfg = AugmentConfig(
-        classes=CLASSES, text_transforms=("misleading_text",), misleading_templates=("it is {label} .",)
+        classes=CLASSES,
+        text_transforms=("misleading_text",),
+        misleading_templates=("it is {label} .",),
+        copies_per_sample=1,
     )
     aug = HeuristicAugmenter(cfg, seed=3)
     samples = _samples()
@@ -167,7 +227,13 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="text_transforms"):
         AugmentConfig(classes=CLASSES, text_transforms=("rotate",))
     with pytest.raises(ValueError, match="classes"):
-        AugmentConfig(classes=("red",))
+        AugmentConfig(classes=())  # related_text names an option
+    with pytest.raises(ValueError, match="classes"):
+        AugmentConfig(classes=("red",), text_transforms=("misleading_text",))
+    with pytest.raises(ValueError, match="paragraph_sentences"):
+        AugmentConfig(classes=CLASSES, paragraph_sentences=0)
+    with pytest.raises(ValueError, match="copies_per_sample"):
+        AugmentConfig(classes=CLASSES, copies_per_sample=-1)
     with pytest.raises(ValueError, match="kind"):
         Sample("q", "a", None, "audio_heavy")
     with pytest.raises(ValueError, match="samples"):
@@ -246,8 +312,8 @@ def test_held_out_misleading_note_is_never_produced_by_the_augmentation():
     assert all(is_misleading_note(it.context) for it in held_out)
     assert not is_misleading_note("note : the word is red .") and not is_misleading_note("caption : a red picture .")
 
-    cfg = task.augment_config(copies_per_sample=2)
-    texts = [t.format(label=c) for t in cfg.misleading_templates for c in task.colours] + list(cfg.unrelated_facts)
+    cfg = task.augment_config()
+    texts = [t.format(option=c) for t in cfg.related_templates for c in task.colours] + list(cfg.irrelevant_sentences)
     assert MISLEADING_NOTE not in cfg.misleading_templates
     assert not any(is_misleading_note(t) for t in texts)
 
@@ -258,11 +324,18 @@ def test_held_out_misleading_note_is_never_produced_by_the_augmentation():
         augment = HeuristicAugmenter(cfg, seed=seed)
         for lo in range(0, len(train), 32):
             copies, _ = augment(train[lo : lo + 32])
-            contexts += [c.context for c in copies if c.kind == "image_heavy"]
-    assert len(contexts) > 2000 and set(contexts) <= set(texts)  # both text transforms ran
-    assert not any(is_misleading_note(c) or c.startswith("note") for c in contexts)
+            contexts += [(c.tag, c.context) for c in copies if c.kind == "image_heavy"]
+    assert len(contexts) > 2000 and {tag for tag, _ in contexts} == {"related_text", "unrelated_paragraph"}
+    for tag, context in contexts:
+        caption_end = context.index("picture .") + len("picture .")
+        added = context[caption_end:].strip()  # the copy's text, after the caption, before the question
+        pieces = [added] if tag == "related_text" else [f.strip() + " ." for f in added.split(" .") if f.strip()]
+        assert set(pieces) <= set(texts), added
+        assert not is_misleading_note(added) and "note" not in added and "list" not in added
 
     with pytest.raises(ValueError, match="held-out"):
         task.augment_config(misleading_templates=(CAPTION, MISLEADING_NOTE))
     with pytest.raises(ValueError, match="held-out"):
         task.augment_config(unrelated_facts=(MISLEADING_NOTE.format(label="red"),))
+    with pytest.raises(ValueError, match="held-out"):
+        task.augment_config(irrelevant_sentences=("list : kite , red .",))

@@ -15,7 +15,7 @@ from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from modkern.hf import RobustTrainerMixin, make_robust_trainer, patch_trainer
-from modkern.robust import RobustConfig, clean_loss, find_language_model, robust_loss
+from modkern.robust import ATTACK_STATS, RobustConfig, clean_loss, find_language_model, robust_loss
 from modkern.tiny import tiny_llama, tiny_llava, tiny_qwen2_vl
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -46,6 +46,10 @@ def test_patched_stock_trainer_learns_and_logs_the_parts(tmp_path, build):
         assert math.isfinite(log["loss"])
         # the logged parts add up to the Trainer's own loss
         assert log["loss"] == pytest.approx(sum(log[name] for name in PART_NAMES), rel=1e-4)
+        # the attack's telemetry is logged next to them
+        assert all(name in log and math.isfinite(log[name]) for name in ATTACK_STATS)
+        assert log["attack_grad_norm"] > 0 and log["attack_step_over_eps"] > 0
+        assert 0 <= log["delta_at_bound"] <= 1 and log["delta_survives_cast"] == 1.0  # fp32 model
     losses = [log["loss"] for log in logs]
     assert sum(losses[-2:]) < sum(losses[:2]) - 0.2
     assert len(find_language_model(model)._forward_pre_hooks) == 0
@@ -80,7 +84,7 @@ def test_gradient_accumulation_is_exact(tmp_path):
     _, info = tiny_llava(seed=0)
     batch = make_batch(info, 4, seed=3, kinds=list(KINDS) + ["image_heavy"], answer_lens=[1, 3, 2, 4])
     data = rows_dataset(batch)
-    config = RobustConfig(init="zero", steps=2, epsilon=0.05, alpha=2.0, lam=0.5)
+    config = RobustConfig(init="zero", steps=2, epsilon=0.05, alpha=2.0, lam=0.5, attack_normalization="num_items")
     m1, n1 = _one_step(tmp_path, 4, 1, config, data, "ga1")
     m2, n2 = _one_step(tmp_path, 2, 2, config, data, "ga2")
     assert (n1, n2) == (1, 2)  # exactly one backward per micro-batch
@@ -220,7 +224,7 @@ DDP_SCRIPT = textwrap.dedent(
         use_cpu=True, ddp_backend="gloo", disable_tqdm=True, remove_unused_columns=False, seed=0,
         per_device_eval_batch_size=4,
     )
-    config = RobustConfig(init="zero", steps=2, epsilon=0.05, alpha=2.0, lam=0.5)
+    config = RobustConfig(init="zero", steps=2, epsilon=0.05, alpha=2.0, lam=0.5, attack_normalization="num_items")
     trainer = patch_trainer(Trainer(model=model, args=args, train_dataset=data, data_collator=collate_rows), config)
     assert args.world_size == 2, args.world_size
     trainer.train()
@@ -256,7 +260,7 @@ def test_ddp_two_processes_gloo_keep_ranks_identical(tmp_path):
     init = {n: p.detach().clone() for n, p in ref.named_parameters()}
     batch = make_batch(info, 8, seed=1, kinds=[KINDS[i % 3] for i in range(8)])
     count = int((batch["labels"][:, 1:] != -100).sum())
-    config = RobustConfig(init="zero", steps=2, epsilon=0.05, alpha=2.0, lam=0.5)
+    config = RobustConfig(init="zero", steps=2, epsilon=0.05, alpha=2.0, lam=0.5, attack_normalization="num_items")
     for _ in range(2):
         ref.zero_grad(set_to_none=True)
         robust_loss(ref, batch, config, num_items_in_batch=count).loss.backward()

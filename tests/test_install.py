@@ -33,7 +33,7 @@ from modkern.demo import DemoConfig, run_demo
 
 out = run_demo(DemoConfig(quick=True, steps=1, methods=("modkern",), out=sys.argv[1], progress=False,
                           save_checkpoints=False), log=lambda *a: None)
-assert set(out["results"]) == {"modkern"}
+assert set(out["summary"]) == {"modkern"}
 assert not any(name == "triton" or name.startswith("triton.") for name, m in sys.modules.items() if m is not None)
 print("OK")
 """

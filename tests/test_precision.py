@@ -33,13 +33,15 @@ def test_attack_gradient_does_not_underflow_in_fp16():
     model, info = tiny_llava(seed=0)
     batch = make_batch(info, 4, seed=1, kinds=["image_heavy"] * 4)
     # a large accumulated batch: the normalized CE's gradients reach the fp16 activations at ~1e-10
+    # (the attack divides by num_items_in_batch, not by the micro-batch's tokens)
     n_items = 10**6
-    reference = robust_loss(model, batch, ONE_RAW_STEP, num_items_in_batch=n_items).delta
+    cfg = ONE_RAW_STEP.replace(attack_normalization="num_items")
+    reference = robust_loss(model, batch, cfg, num_items_in_batch=n_items).delta
     assert reference.abs().max() > 0
     moved = reference != 0
     with torch.autocast("cpu", dtype=torch.float16):
-        plain = robust_loss(model, batch, ONE_RAW_STEP, num_items_in_batch=n_items).delta
-        scaled = robust_loss(model, batch, ONE_RAW_STEP, num_items_in_batch=n_items, attack_grad_scale=2.0**20).delta
+        plain = robust_loss(model, batch, cfg, num_items_in_batch=n_items).delta
+        scaled = robust_loss(model, batch, cfg, num_items_in_batch=n_items, attack_grad_scale=2.0**20).delta
     # unscaled, most of the attack gradient underflows to 0 in the fp16 backward
     assert float((plain[moved] == 0).float().mean()) > 0.5
     assert _cosine(plain, reference) < 0.9

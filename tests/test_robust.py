@@ -247,9 +247,11 @@ def test_attack_normalization_scales_the_raw_step(models):
     batch = make_batch(info, 4, seed=6)
     n = int((shift_labels(batch["labels"]) != -100).sum())
     cfg = RobustConfig(init="zero", steps=1, step="raw", norm=None, alpha=10.0, lam=0.0)
+    assert cfg.attack_normalization == "micro_batch"  # the official default
     alone = robust_loss(model, batch, cfg).delta
-    by_items = robust_loss(model, batch, cfg, num_items_in_batch=3 * n).delta
-    by_micro = robust_loss(model, batch, cfg.replace(attack_normalization="micro_batch"), num_items_in_batch=3 * n)
+    by_items_cfg = cfg.replace(attack_normalization="num_items")
+    by_items = robust_loss(model, batch, by_items_cfg, num_items_in_batch=3 * n).delta
+    by_micro = robust_loss(model, batch, cfg, num_items_in_batch=3 * n)
     scale = float(alone.abs().max())
     assert scale > 0
     # fp32 model: the two backward passes round differently (the loss scale enters before the
@@ -266,7 +268,9 @@ def test_consistency_with_heuristic_copies_uses_aligned_answer_rows(models, dive
     # two copies whose prompts have other lengths than their clean samples
     batch = make_batch(info, 3, seed=6, kinds=["image_heavy"] * 3, answer_lens=[2, 3, 1], copies=((0, 7), (1, 1)))
     lam = 0.7
-    cfg = RobustConfig(init="zero", steps=0, lam=lam, divergence=divergence)
+    # the adversarial pairs only, KL(P||Q), divided by the answer tokens (the official pairs,
+    # direction and divisor: test_official_objective.py)
+    cfg = RobustConfig.preset("modkern-0.1", init="zero", steps=0, lam=lam, divergence=divergence)
     out = robust_loss(model, batch, cfg, num_items_in_batch=11)
     # delta = 0: adversarial logits == clean logits; a clean sample compares with itself (0) and a copy
     # with its clean sample's answer rows
@@ -287,6 +291,32 @@ def test_consistency_with_heuristic_copies_uses_aligned_answer_rows(models, dive
     torch.testing.assert_close(out.consistency.double(), lam * total / 11, rtol=1e-4, atol=1e-7)
     # num_items_in_batch is the divisor of every term
     torch.testing.assert_close(out.ce_clean * 11, manual_ce_sum(full, batch["labels"]))
+
+
+def test_attack_telemetry_values():
+    from modkern.robust import ATTACK_STATS, attack_telemetry
+
+    eps, alpha = 0.5, 0.25
+    cfg = RobustConfig(epsilon=eps, alpha=alpha)
+    x0 = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]])  # [1, 3, 2]
+    mask = torch.tensor([[True, False, True]])
+    delta = torch.tensor([[[0.5, -0.1], [9.0, 9.0], [-0.5, 0.0]]])  # position 1 is off the mask
+    grad = torch.tensor([[[2.0, -2.0], [7.0, 7.0], [0.0, 4.0]]])
+    stats = attack_telemetry(x0, delta, grad, mask, cfg)
+    assert set(stats) == set(ATTACK_STATS)
+    assert float(stats["attack_grad_norm"]) == pytest.approx((4 + 4 + 0 + 16) ** 0.5)
+    assert float(stats["attack_step_over_eps"]) == pytest.approx((2 + 2 + 0 + 4) / 4 * alpha / eps)
+    assert float(stats["delta_at_bound"]) == pytest.approx(2 / 4)
+    assert float(stats["delta_over_embeds"]) == pytest.approx((0.25 + 0.01 + 0.25) ** 0.5 / (1 + 4 + 25 + 36) ** 0.5)
+    assert float(stats["delta_survives_cast"]) == pytest.approx(3 / 4)  # the 0 entry changes nothing
+    # bf16 embeddings: a delta far below half an ulp of the entry is lost in the cast
+    x16 = torch.full((1, 2, 2), 256.0, dtype=torch.bfloat16)
+    tiny = torch.full((1, 2, 2), 0.1)
+    lost = attack_telemetry(x16, tiny, None, torch.ones(1, 2, dtype=torch.bool), cfg)
+    assert float(lost["delta_survives_cast"]) == 0.0 and float(lost["attack_grad_norm"]) == 0.0
+    # an empty mask: zeros, not NaN
+    empty = attack_telemetry(x0, delta, grad, torch.zeros(1, 3, dtype=torch.bool), cfg)
+    assert all(float(v) == 0.0 for v in empty.values())
 
 
 def test_row_ref_index():
@@ -565,7 +595,8 @@ def test_fractional_num_items_in_batch_from_a_parallel_trainer(models):
     a float tensor that need not be whole must divide every term, not fail."""
     model, info = models["llama"]
     batch = make_batch(info, 2, seed=12)
-    cfg = RobustConfig(init="zero", steps=1, lam=0.5, attack_normalization="micro_batch")  # same delta
+    # same delta; every term divided by num_items_in_batch
+    cfg = RobustConfig(init="zero", steps=1, lam=0.5, attack_normalization="micro_batch", consistency_divisor="tokens")
     whole = robust_loss(model, batch, cfg, num_items_in_batch=torch.tensor(10))
     half = robust_loss(model, batch, cfg, num_items_in_batch=torch.tensor(10.0) / 4)
     torch.testing.assert_close(half.loss.detach(), whole.loss.detach() * 4)

@@ -514,6 +514,9 @@ def fused_js(
         \mathrm{JS}_\beta = \beta\,\mathrm{KL}(P\|M) + (1-\beta)\,\mathrm{KL}(Q\|M)
 
     over the last (vocabulary) dimension; ``beta = 0.5`` is the symmetric JS bounded by ln 2.
+    This is the standard generalized JS, not the paper code's "JS" consistency,
+    ½[KL(M‖P) + KL(M‖Q)] with a 1e-6 floor (whose LLaVA JS + PGD path cannot run); the official
+    objective's default divergence is KL(Q‖P): ``fused_kl(..., direction="reverse")``.
 
     Args:
         p_logits: ``[..., V]`` (``[N, V]`` after flattening) - e.g. the clean branch.
@@ -576,13 +579,14 @@ def fused_kl(
         \mathrm{KL}(P\|Q) = \sum_v P_v(\log P_v - \log Q_v),\quad P = \mathrm{softmax}(p/T),\;
         Q = \mathrm{softmax}(q/T)
 
-    ``direction="forward"``: KL(P||Q) (the paper's default, with P the detached clean branch);
-    ``"reverse"``: KL(Q||P); ``"symmetric"``: KL(P||Q) + KL(Q||P) (SMART). ``0 log 0 = 0``. All
-    other arguments as in :func:`fused_js`.
+    ``direction="forward"``: KL(P||Q); ``"reverse"``: KL(Q||P) (the official objective's
+    ``F.kl_div(log P.detach(), Q)``, with P the detached clean branch and the gradient through Q);
+    ``"symmetric"``: KL(P||Q) + KL(Q||P) (SMART). ``0 log 0 = 0``. All other arguments as in
+    :func:`fused_js`.
 
     Example::
 
-        >>> loss = fused_kl(clean_logits.detach(), adv_logits, mask=answer_rows, ref_index=ref)
+        >>> loss = fused_kl(clean_logits.detach(), adv_logits, direction="reverse", mask=answer_rows, ref_index=ref)
     """
     V.check_choice("direction", direction, DIRECTIONS)
     return _divergence(
