@@ -108,7 +108,7 @@ setup(
         "bench": [TRITON, "pytest>=8", "pytest-benchmark>=4", "transformers>=5,<6", "matplotlib", "liger-kernel"],
         "dev": ["ruff"],
     },
-    entry_points={"console_scripts": ["modkern=modkern.cli:main"]},
+    entry_points={"console_scripts": ["modkern=modkern.apps.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

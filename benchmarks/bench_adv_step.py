@@ -1,6 +1,6 @@
 """``masked_adv_step`` (raw+linf, l2+l2) and ``perturb`` (forward; forward+backward to delta).
 
-Providers: modkern per backend; the eager reference (``modkern.reference.adversarial``);
+Providers: modkern per backend; the eager reference (``modkern.ops.adv_step.reference``);
 ``torch.compile`` of the reference.
 
 Bytes (SPEC §4; N = B·L·H elements, e_d / e_g / e_x bytes per delta / grad / embeds element,
@@ -23,7 +23,7 @@ import torch
 from _harness import DEVICE, ON_CUDA, compiled, cycling, measure, modkern_op, nbytes, provider_params, rotation_sets
 
 try:
-    from modkern.reference import adversarial as ref
+    from modkern import reference as ref
 except ImportError:  # pragma: no cover - lands with issue 3
     ref = None
 
@@ -41,7 +41,7 @@ STEP_CONFIGS = {"raw+linf": ("raw", "linf"), "l2+l2": ("l2", "l2")}
 
 _step_op, _step_missing = modkern_op("masked_adv_step")
 _perturb_op, _perturb_missing = modkern_op("perturb")
-_REF_MISSING = None if ref is not None else "modkern.reference.adversarial is not importable yet"
+_REF_MISSING = None if ref is not None else "modkern.ops.adv_step.reference is not importable yet"
 
 
 def _dtype_id(d):

@@ -7,7 +7,7 @@ CPU a tiny one). Every sample perturbs its prompt (the text tokens that are neit
 padding), with the paper's LLaVA hyper-parameters: alpha 0.1, epsilon 1e-3, K = 2, lambda 0.01,
 KL consistency.
 
-Providers: ``modkern`` (``modkern.robust.robust_loss``) and ``eager-official`` (the same
+Providers: ``modkern`` (``modkern.objective.robust.robust_loss``) and ``eager-official`` (the same
 objective written the way the official code writes it: ``eager_objective.py``). Records the step
 time (CUDA events on GPU) and the peak memory.
 
@@ -54,9 +54,9 @@ else:
 
 def _robust_api():
     try:
-        from modkern.robust import RobustConfig, robust_loss
+        from modkern.objective.robust import RobustConfig, robust_loss
     except ImportError as exc:
-        return None, f"modkern.robust is not importable yet ({exc})"
+        return None, f"modkern.objective.robust is not importable yet ({exc})"
     return (RobustConfig, robust_loss), None
 
 

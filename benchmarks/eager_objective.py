@@ -1,6 +1,6 @@
 """The robust training objective written the way the official code writes it: the eager baseline.
 
-Same objective as ``modkern.robust`` (SPEC §2), for a causal LM that takes ``inputs_embeds``::
+Same objective as ``modkern.objective.robust`` (SPEC §2), for a causal LM that takes ``inputs_embeds``::
 
     L = CE(clean) + CE(adv) + lam / B * sum_rows KL(Q_adv || P_clean.detach())   over shifted answer rows
 

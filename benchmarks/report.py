@@ -70,7 +70,7 @@ Providers:
 - `liger`: Liger-Kernel (`liger_kernel.transformers.functional`) - `log_softmax` of both logits
   (in their dtype; its time is included) then `liger_jsd` / `liger_kl_div(log_target=True)`. Liger
   returns no gradient for the target, so it has no two-gradient case. GPU only.
-- end to end: `modkern` (`modkern.robust.robust_loss`) against `eager-official`
+- end to end: `modkern` (`modkern.objective.robust.robust_loss`) against `eager-official`
   ([`eager_objective.py`](eager_objective.py)): the same objective written the way the paper's
   official code writes it (Python-loop modality mask, parameters frozen by a loop, `backward()` for
   the attack gradient, concatenated clean + adversarial forward, shifted `.contiguous()` logit copies,

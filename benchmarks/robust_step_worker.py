@@ -71,7 +71,7 @@ def build(args, device):
 
 def objective(provider: str, model, batch):
     if provider == "modkern":
-        from modkern.robust import RobustConfig, robust_loss
+        from modkern.objective.robust import RobustConfig, robust_loss
 
         config = RobustConfig(divergence="kl", **HPARAMS)
         return lambda: robust_loss(model, batch, config).loss

@@ -1,6 +1,6 @@
 """Triton kernels of the masked PGD step (``modkern.masked_adv_step``).
 
-Math (SPEC §1, ``modkern.reference.adversarial``), per sample b, token l, feature h, with
+Math (SPEC §1, ``modkern.ops.adv_step.reference``), per sample b, token l, feature h, with
 ``sel = mask[b, l] != 0``:
 
     g      = grad on selected tokens, 0 elsewhere
@@ -58,8 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
-STEP_CODES = {"raw": 0, "sign": 1, "l2": 2, "l2_token": 3, "linf": 4}
-NORM_CODES = {"none": 0, "linf": 1, "l2": 2, "l2_token": 3}
+from modkern.constants import NORM_CODES, STEP_CODES  # the leaf module of shared constants
+
 TINY = 1e-12
 
 # Tiling: each program owns ROWS tokens x min(next_pow2(H), MAX_BLOCK_H) features (~TILE_ELEMS
@@ -339,7 +339,7 @@ def _tiling(L: int, H: int):
 def step(delta, grad, mask, out, alpha, alpha_t, epsilon, epsilon_t, step, norm):
     """Write one masked PGD step of ``delta [B, L, H]`` into ``out`` (which may be ``delta``).
 
-    Same contract as ``modkern.torch_backend.adv_step.step``: ``mask`` bool ``[B, L]``; ``alpha_t``
+    Same contract as ``modkern.ops.adv_step.torch_impl.step``: ``mask`` bool ``[B, L]``; ``alpha_t``
     / ``epsilon_t`` 0-dim tensors on the device (used instead of the floats when given); ``step``
     / ``norm`` names (``norm`` ``"none"`` for no projection).
     """

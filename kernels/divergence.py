@@ -1,6 +1,6 @@
 """Triton kernels of the divergence family (``fused_js`` / ``fused_kl``).
 
-Same losses and gradients as ``modkern.torch_backend.divergence`` (its docstring has the table).
+Same losses and gradients as ``modkern.ops.divergence.torch_impl`` (its docstring has the table).
 Per compared row r, with ``a = p[ref[r]] / T`` and ``b = q[r] / T``:
 
     forward   JS   pass 1  online max / sum-exp per lane of a and b (one exp per element)
@@ -48,14 +48,13 @@ try:  # the fast log2 (PTX lg2.approx) of the compiled kernels; the interpreter 
 except ImportError:  # pragma: no cover - depends on the triton build
     _libdevice = None
 
-from modkern.backend import KERNEL_DTYPES, accumulation_dtype
+from modkern.constants import KERNEL_DTYPES, STATS_WIDTH, accumulation_dtype
 
-# float64 logits run the PyTorch backend (modkern.backend.load_impl reads this).
+# float64 logits run the PyTorch backend (modkern.ops.dispatch.load_impl reads this).
 SUPPORTED_DTYPES = KERNEL_DTYPES
 # The forward stores no gradient: the backward recomputes them from p, q and the row statistics
 # (modkern/ops/divergence.py reads this for the op's fake outputs and for what autograd saves).
 STORES_GRADIENTS = False
-STATS_WIDTH = 6  # (shift_a, logsum_a, shift_b, logsum_b, S_P, S_Q)
 
 # Widest block of the vocabulary one program handles per loop iteration. Rows wider than this
 # loop; tests lower it to exercise many iterations.

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from modkern.backend import available_backends  # noqa: E402
+from modkern.ops.dispatch import available_backends  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = available_backends(DEVICE)

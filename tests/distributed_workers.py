@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import torch
 
-from modkern.robust import RobustConfig
+from modkern.objective.robust import RobustConfig
 
 # zero start: the attack is deterministic, so a single process can compute the reference
 # attack_normalization="num_items": the perturbation does not depend on how the batch is split over
@@ -44,7 +44,7 @@ def answer_tokens(batch) -> int:
 
 def step_counts(batches) -> dict:
     """The accumulated normalizers of one step's batches (every rank's): answer tokens, clean samples."""
-    from modkern.robust import count_clean_samples
+    from modkern.objective.robust import count_clean_samples
 
     return dict(
         num_items_in_batch=sum(answer_tokens(b) for b in batches), num_clean_in_batch=count_clean_samples(batches)
@@ -53,7 +53,7 @@ def step_counts(batches) -> dict:
 
 def reference_params(build, steps_batches, config=CONFIG, lr=LR):
     """What the ranks must end with: SGD on the sum of every rank's robust loss over the step's tokens."""
-    from modkern.robust import robust_loss
+    from modkern.objective.robust import robust_loss
 
     model, _ = build()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -81,7 +81,7 @@ class AttackWatch:
             )
 
     def __enter__(self):
-        import modkern.robust as robust
+        import modkern.objective.robust as robust
 
         self._robust, self._attack = robust, robust._attack
 
@@ -112,8 +112,8 @@ def fsdp2_manual(out_dir):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from modkern.robust import robust_loss
-    from modkern.tiny import tiny_llava
+    from modkern.apps.tiny_models import tiny_llava
+    from modkern.objective.robust import robust_loss
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -141,7 +141,7 @@ def _rank_trainer(model, args, batches_of_rank, config=CONFIG, trainer_class=Non
     """A patched Trainer whose train dataloader yields this rank's prepared micro-batches as they are."""
     from transformers import Trainer
 
-    from modkern.hf import patch_trainer
+    from modkern.integrations.hf import patch_trainer
 
     class _RankData(trainer_class or Trainer):
         def get_train_dataloader(self):
@@ -196,7 +196,7 @@ def _accelerate_fsdp_on_cpu():
 
 def fsdp2_trainer(out_dir):
     """The Hugging Face Trainer's own FSDP2 (through accelerate), decoder layers wrapped."""
-    from modkern.tiny import tiny_llava
+    from modkern.apps.tiny_models import tiny_llava
 
     if not torch.cuda.is_available():
         _accelerate_fsdp_on_cpu()
@@ -253,7 +253,7 @@ def _accelerate_deepspeed_on_cpu():
 def zero3_trainer(out_dir):
     """DeepSpeed ZeRO-3 through the Trainer (accelerate's DeepSpeed plugin); on CPU DeepSpeed's CPU
     accelerator with gloo."""
-    from modkern.tiny import tiny_llava
+    from modkern.apps.tiny_models import tiny_llava
 
     config = dict(ZERO3)
     # built before the arguments: deepspeed.initialize partitions it (with the ZeRO-3 arguments alive,
@@ -289,8 +289,8 @@ def zero3_bf16_engine(out_dir):
     ``engine.backward`` / ``engine.step`` (the Trainer refuses bf16 on a machine without a GPU)."""
     import deepspeed
 
-    from modkern.robust import robust_loss
-    from modkern.tiny import tiny_llava
+    from modkern.apps.tiny_models import tiny_llava
+    from modkern.objective.robust import robust_loss
 
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     rank, world = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()

@@ -1,6 +1,6 @@
 """A test-only eager port of the official objective (luisrui/Modality-Interference-in-MLLMs,
 ``LLaVA_unified.py``: ``LLaVAForKLConsistencyPGDPerturbation`` + ``LLaVA_ad_attacks.py``), written
-from its structure for the equivalence tests of :func:`modkern.robust.robust_loss`.
+from its structure for the equivalence tests of :func:`modkern.objective.robust.robust_loss`.
 
 The official structure, per micro-batch of clean samples (rows whose ``ref_index`` is themselves)
 and heuristic copies: one clean forward of every row (full logits); a PGD attack on the merged input
@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from modkern.masks import modality_mask
-from modkern.robust import shift_labels
+from modkern.objective.robust import shift_labels
+from modkern.ops.perturb.mask import modality_mask
 
 POLICY = {"image_heavy": "text", "text_heavy": "image", "vqa": "none"}
 

@@ -1,11 +1,11 @@
-"""masked_adv_step: every backend against the float64 reference (modkern.reference.adversarial)."""
+"""masked_adv_step: every backend against the float64 reference (modkern.ops.adv_step.reference)."""
 
 import pytest
 import torch
 from conftest import DEVICE, backend_params
 
 import modkern
-from modkern.reference.adversarial import masked_adv_step as ref_step
+from modkern.ops.adv_step.reference import masked_adv_step as ref_step
 
 STEPS = ("raw", "sign", "l2", "l2_token", "linf")
 NORMS = ("linf", "l2", "l2_token", None)
@@ -210,17 +210,18 @@ def test_opcheck(backend, inplace):
     delta, grad, mask = make_inputs(B=2, L=3, H=8, poison=False)
     op = torch.ops.modkern.masked_adv_step_inplace if inplace else torch.ops.modkern.masked_adv_step
     for step, norm in [("raw", "linf"), ("l2", "l2")]:
-        torch.library.opcheck(op, (delta.clone(), grad, mask, None, ALPHA, None, EPS, step, norm, backend))
+        # (delta, grad, mask, alpha, alpha_t, epsilon, epsilon_t, step, norm, backend): the public order
+        torch.library.opcheck(op, (delta.clone(), grad, mask, ALPHA, None, EPS, None, step, norm, backend))
         torch.library.opcheck(
             op,
             (
                 delta.clone(),
                 grad,
                 mask,
+                0.0,
                 torch.tensor(ALPHA, device=DEVICE),
                 0.0,
                 torch.tensor(EPS, device=DEVICE),
-                0.0,
                 step,
                 norm,
                 backend,

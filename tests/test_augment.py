@@ -1,19 +1,11 @@
-"""Heuristic augmentation (modkern.augment) and the synthetic task's pieces (modkern.data)."""
+"""Heuristic augmentation (modkern.objective.augment) and the synthetic task's pieces (modkern.apps.synthetic_task)."""
 
 import random
 
 import pytest
 import torch
 
-from modkern.augment import (
-    IGNORE_INDEX,
-    AugmentConfig,
-    HeuristicAugmenter,
-    RobustCollator,
-    Sample,
-    collate_samples,
-)
-from modkern.data import (
+from modkern.apps.synthetic_task import (
     MISLEADING_NOTE,
     InterferenceTask,
     TaskConfig,
@@ -21,7 +13,15 @@ from modkern.data import (
     WordTokenizer,
     is_misleading_note,
 )
-from modkern.robust import row_ref_index, shift_labels
+from modkern.objective.augment import (
+    IGNORE_INDEX,
+    AugmentConfig,
+    HeuristicAugmenter,
+    RobustCollator,
+    Sample,
+    collate_samples,
+)
+from modkern.objective.robust import row_ref_index, shift_labels
 
 CLASSES = ("red", "green", "blue")
 
@@ -100,7 +100,7 @@ def test_paper_copies_by_default():
 
 
 def modkern_pool():
-    from modkern.distractors import IRRELEVANT_SENTENCES
+    from modkern.objective.distractors import IRRELEVANT_SENTENCES
 
     assert len(set(IRRELEVANT_SENTENCES)) == len(IRRELEVANT_SENTENCES)
     return IRRELEVANT_SENTENCES
@@ -247,7 +247,7 @@ def test_bad_arguments():
 def test_word_tokenizer_roundtrip(tmp_path):
     tok = _tokenizer()
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
-    assert tok.image_token_id == len(tok) - 1  # the layout modkern.tiny expects
+    assert tok.image_token_id == len(tok) - 1  # the layout modkern.apps.tiny_models expects
     assert tok.decode(tok.encode("What colour? Red.")) == "what colour ? red ."
     assert tok.encode("zebra") == [tok.unk_token_id]
     tok.save(tmp_path / "v.json")
@@ -298,8 +298,8 @@ def test_held_out_misleading_note_is_never_produced_by_the_augmentation():
     """The demo's held-out interference (misleading text in the MISLEADING_NOTE template) must never
     reach training: not among the augmenter's texts, not in any copy it makes, not in a clean
     training item, and augment_config refuses it."""
-    from modkern.data import CAPTION
-    from modkern.diagnose import CONDITIONS, _Ctx, image_task_items
+    from modkern.apps.diagnose import CONDITIONS, ConditionContext, image_task_items
+    from modkern.apps.synthetic_task import CAPTION
 
     task = InterferenceTask(TaskConfig(train_size=1500, image_size=8, seed=3))
     assert set(WordTokenizer.split(MISLEADING_NOTE.replace("{label}", ""))) <= set(task.tokenizer().vocab)
@@ -307,7 +307,7 @@ def test_held_out_misleading_note_is_never_produced_by_the_augmentation():
     assert all(is_misleading_note(MISLEADING_NOTE.format(label=c)) for c in task.colours)
     assert all(is_misleading_note(s.context) for s in task.eval_sets(size=8)["misleading_note"])
     items = image_task_items(4, image_size=8)
-    ctx = _Ctx(random.Random(0), torch.Generator().manual_seed(0), task.colours)
+    ctx = ConditionContext(random.Random(0), torch.Generator().manual_seed(0), task.colours)
     held_out = [CONDITIONS["mislead_note"].make(items, i, ctx) for i in range(4)]
     assert all(is_misleading_note(it.context) for it in held_out)
     assert not is_misleading_note("note : the word is red .") and not is_misleading_note("caption : a red picture .")

@@ -1,4 +1,4 @@
-"""Backend dispatch (modkern.backend): which implementation module runs a call."""
+"""Backend dispatch (modkern.ops.dispatch): which implementation module runs a call."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from modkern.backend import KERNEL_DTYPES, available_backends, load_impl
+from modkern.ops.dispatch import KERNEL_DTYPES, available_backends, load_impl
 
 needs_triton = pytest.mark.skipif(
     "triton" not in available_backends(DEVICE), reason="Triton cannot run here (no GPU and no interpreter)"
@@ -16,7 +16,7 @@ needs_triton = pytest.mark.skipif(
 def test_torch_backend_takes_every_dtype():
     for dtype in (*KERNEL_DTYPES, torch.float64):
         for op in ("divergence", "adv_step", "perturb"):
-            assert load_impl(op, "torch", DEVICE, (dtype,)).__name__ == f"modkern.torch_backend.{op}"
+            assert load_impl(op, "torch", DEVICE, (dtype,)).__name__ == f"modkern.ops.{op}.torch_impl"
 
 
 @needs_triton
@@ -31,19 +31,19 @@ def test_float64_divergence_goes_to_torch_while_fp64_kernels_stay():
     # the divergence kernels accumulate in fp32 and declare SUPPORTED_DTYPES; the PGD step and
     # perturb kernels have an fp64 path of their own
     assert load_impl("divergence", "triton", DEVICE, (torch.float64, torch.float64)).__name__ == (
-        "modkern.torch_backend.divergence"
+        "modkern.ops.divergence.torch_impl"
     )
     assert load_impl("divergence", "triton", DEVICE, (torch.float32, torch.float64)).__name__ == (
-        "modkern.torch_backend.divergence"
+        "modkern.ops.divergence.torch_impl"
     )
     assert load_impl("adv_step", "triton", DEVICE, (torch.float64,)).__name__ == "modkern.kernels.adv_step"
     assert load_impl("perturb", "triton", DEVICE, (torch.float64,)).__name__ == "modkern.kernels.perturb"
 
 
 def test_cuda_backend_modules_declare_their_dtypes():
-    import modkern.cuda_backend.adv_step as adv
-    import modkern.cuda_backend.divergence as div
-    import modkern.cuda_backend.perturb as pert
+    import modkern.ops.adv_step.cuda_impl as adv
+    import modkern.ops.divergence.cuda_impl as div
+    import modkern.ops.perturb.cuda_impl as pert
 
     for module in (adv, pert):
         assert module.SUPPORTED_DTYPES == KERNEL_DTYPES
@@ -56,7 +56,7 @@ def test_cuda_backend_modules_declare_their_dtypes():
 
 def test_call_impl_makes_the_tensors_device_current(monkeypatch):
     # Triton launches on the *current* CUDA device: the ops make the tensors' device current
-    import modkern.backend as B
+    import modkern.ops.dispatch as B
 
     entered = []
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from modkern import cli, demo
+from modkern.apps import cli, demo
 
 
 def _run(argv, capsys):
@@ -63,7 +63,7 @@ def test_selfcheck_repeat_zero(capsys):
 
 
 def test_selfcheck_backend_not_available_here(capsys, monkeypatch):
-    monkeypatch.setattr("modkern.backend.available_backends", lambda device: ["torch"])
+    monkeypatch.setattr("modkern.ops.dispatch.available_backends", lambda device: ["torch"])
     code, _, err = _run(["selfcheck", "--backend", "cuda"], capsys)
     assert code == 2
     _one_line_error(err, "--backend cuda cannot run", "available: torch")
@@ -115,7 +115,10 @@ def test_runtime_error_is_one_line_and_debug_shows_the_traceback(capsys, monkeyp
 def test_console_script_exit_code_and_stderr():
     """The real process: exit status 2 and one stderr line (what a shell user sees)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "modkern.cli", "train", "--device", "cuda"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "modkern.apps.cli", "train", "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2 and proc.stdout == ""
     _one_line_error(proc.stderr, "--device")

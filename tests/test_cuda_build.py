@@ -33,7 +33,7 @@ import torch
 from conftest import DEVICE
 
 import modkern
-from modkern.backend import available_backends, cuda_extension_available
+from modkern.ops.dispatch import available_backends, cuda_extension_available
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -128,7 +128,7 @@ def test_backend_cuda_explains_how_to_build():
     ):
         with pytest.raises(RuntimeError, match=r"modkern\._C extension was not built.*pip install"):
             call()
-    from modkern.cuda_backend._ext import ext
+    from modkern.ops.cuda_ext import ext
 
     with pytest.raises(RuntimeError, match="MODKERN_BUILD_CUDA=1 pip install --no-build-isolation"):
         ext()
@@ -144,10 +144,10 @@ def test_available_backends_exclude_cuda_without_extension():
 
 
 def test_cuda_backend_modules_import_without_extension():
-    # The wrappers import lazily through modkern.backend.cuda_extension(): no ImportError here.
-    import modkern.cuda_backend.adv_step as adv
-    import modkern.cuda_backend.divergence as div
-    import modkern.cuda_backend.perturb as pert
+    # The wrappers import lazily through modkern.ops.dispatch.cuda_extension(): no ImportError here.
+    import modkern.ops.adv_step.cuda_impl as adv
+    import modkern.ops.divergence.cuda_impl as div
+    import modkern.ops.perturb.cuda_impl as pert
 
     assert div.KIND_IDS == {"js": 0, "kl_forward": 1, "kl_reverse": 2, "kl_symmetric": 3}
     assert adv.STEP_CODES == {"raw": 0, "sign": 1, "l2": 2, "l2_token": 3, "linf": 4}
@@ -157,8 +157,8 @@ def test_cuda_backend_modules_import_without_extension():
 
 def test_cuda_codes_match_the_kernels_headers():
     """The Python code tables and the C++ enums agree (csrc/divergence.h, csrc/adv_step.h)."""
-    import modkern.cuda_backend.adv_step as adv
-    import modkern.cuda_backend.divergence as div
+    import modkern.ops.adv_step.cuda_impl as adv
+    import modkern.ops.divergence.cuda_impl as div
 
     div_h = (CSRC / "divergence.h").read_text()
     adv_h = (CSRC / "adv_step.h").read_text()
@@ -281,7 +281,7 @@ TUNINGS = [(0, -1, 0), (1, 0, 0), (4, 0, 0), (1, 1, 0), (2, 1, 0), (4, 1, 0), (8
 
 @needs_ext
 def test_device_info():
-    info = modkern.backend.cuda_extension().device_info(torch.cuda.current_device())
+    info = modkern.ops.dispatch.cuda_extension().device_info(torch.cuda.current_device())
     assert info["sm_count"] > 0 and info["l2_bytes"] > 0 and info["smem_optin"] >= 48 * 1024
     assert info["cluster_launch"] == (info["cc"][0] >= 9)
 
@@ -291,7 +291,7 @@ def test_device_info():
 @pytest.mark.parametrize("kind", ["js", "kl_forward", "kl_reverse", "kl_symmetric"])
 @pytest.mark.parametrize("dtype,vocab", [(torch.float32, 4096), (torch.bfloat16, 8200), (torch.bfloat16, 1003)])
 def test_divergence_launch_shapes_match_torch(tuning, kind, dtype, vocab):
-    ext = modkern.backend.cuda_extension()
+    ext = modkern.ops.dispatch.cuda_extension()
     info = ext.device_info(torch.cuda.current_device())
     cluster, cache, threads = tuning
     if cluster > 1 and not info["cluster_launch"]:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from modkern import cli, demo
-from modkern.data import MISLEADING_NOTE
+from modkern.apps import cli, demo
+from modkern.apps.synthetic_task import MISLEADING_NOTE
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):
@@ -54,7 +54,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert stat["values"] == values and stat["mean"] == pytest.approx(sum(values) / 2)
         assert stat["sd"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
     assert results["config"]["quick"] and results["config"]["seeds"] == [1, 2]
-    # the diagnosis (modkern.diagnose): flip rate and JS per method and interference, held-out included
+    # the diagnosis (modkern.apps.diagnose): flip rate and JS per method and interference, held-out included
     conditions = [cond for cond, _, _ in demo.DIAGNOSIS_COLUMNS]
     assert set(demo.HELD_OUT) <= set(conditions) and "mislead_text" in conditions and "swap_image" in conditions
     assert results["held_out"]["conditions"] == list(demo.HELD_OUT)
@@ -154,7 +154,7 @@ def test_readme_demo_table_has_the_demo_headers():
 
 
 def test_diagnosis_columns_are_diagnose_conditions():
-    from modkern.diagnose import CONDITIONS
+    from modkern.apps.diagnose import CONDITIONS
 
     for cond, title, _ in demo.DIAGNOSIS_COLUMNS:
         assert cond in CONDITIONS, cond

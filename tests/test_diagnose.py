@@ -1,4 +1,4 @@
-"""modkern.diagnose / `modkern diagnose`: every number against a hand computation on a fixed tiny
+"""modkern.apps.diagnose / `modkern diagnose`: every number against a hand computation on a fixed tiny
 model, skipped conditions with reasons, errors, the CLI and its files."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import statistics
 import pytest
 import torch
 
-from modkern.data import WordTokenizer
-from modkern.diagnose import (
+from modkern.apps.diagnose import (
     CONDITIONS,
     Collator,
     DiagnoseError,
@@ -23,8 +22,9 @@ from modkern.diagnose import (
     image_task_items,
     task_words,
 )
-from modkern.tiny import tiny_llava
-from modkern.train import save_checkpoint
+from modkern.apps.synthetic_task import WordTokenizer
+from modkern.apps.tiny_models import tiny_llava
+from modkern.apps.train_loop import save_checkpoint
 
 TOK = WordTokenizer(task_words())
 
@@ -208,7 +208,7 @@ def test_output_problems_are_reported_before_the_run(llava, tmp_path, monkeypatc
 
 
 def test_cli_writes_table_json_and_png(tmp_path, capsys, llava):
-    from modkern.cli import main
+    from modkern.apps.cli import main
 
     ckpt = tmp_path / "ckpt"
     save_checkpoint(llava, ckpt)
@@ -236,7 +236,7 @@ def test_cli_writes_table_json_and_png(tmp_path, capsys, llava):
 
 
 def test_qwen2_vl_takes_the_image_conditions():
-    from modkern.tiny import tiny_qwen2_vl
+    from modkern.apps.tiny_models import tiny_qwen2_vl
 
     model, _ = tiny_qwen2_vl(len(TOK) + 4, seed=0)
     report = diagnose(model, tokenizer=TOK, max_items=2, progress=False, log=None)
@@ -251,7 +251,7 @@ def test_progress_bar_only_when_its_stream_is_a_terminal(monkeypatch):
     import io
     import sys
 
-    from modkern.diagnose import _Progress
+    from modkern.apps.progress import Progress
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -261,7 +261,7 @@ def test_progress_bar_only_when_its_stream_is_a_terminal(monkeypatch):
     monkeypatch.setattr(sys, "stdout", Terminal())
     monkeypatch.setattr(sys, "stderr", err)
     lines = []
-    bar = _Progress(20, True, lines.append)
+    bar = Progress(20, "diagnose", unit="item", log=lines.append)
     for _ in range(20):
         bar.update(1)
     bar.close()
@@ -328,7 +328,7 @@ def test_items_without_an_image_are_left_out_of_the_image_conditions_with_a_reas
 
 
 def test_misaligned_audio_video_with_too_few_items_is_skipped_not_fatal():
-    from modkern.tiny import tiny_qwen2_5_omni
+    from modkern.apps.tiny_models import tiny_qwen2_5_omni
 
     model, _ = tiny_qwen2_5_omni(len(TOK) + 7, num_layers=1, seed=0)
     kw = dict(tokenizer=TOK, progress=False, log=None, attention=False)
@@ -337,7 +337,7 @@ def test_misaligned_audio_video_with_too_few_items_is_skipped_not_fatal():
     assert "another class" in report["skipped"]["misaligned_audio_video"]
     assert report["conditions"]["removed_audio"]["items"] == 1 and report["conditions"]["zeroed_frames"]["items"] == 1
     # an item without the stream a condition changes is left out of it (not a TypeError / a no-op variant)
-    from modkern.diagnose import av_task_items
+    from modkern.apps.diagnose import av_task_items
 
     items = av_task_items(2, mel_bins=8)
     visual = [it for it in items if it.kind == "av_visual"]

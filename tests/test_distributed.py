@@ -14,7 +14,7 @@ import pytest
 import torch
 from distributed_workers import CONFIG, rank_batches, reference_params
 
-from modkern.tiny import tiny_llava
+from modkern.apps.tiny_models import tiny_llava
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(TESTS_DIR, "distributed_workers.py")

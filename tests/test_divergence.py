@@ -480,7 +480,7 @@ def test_backward_keeps_only_what_it_reads(backend):
     # logits are not kept alive (stride-0 stand-ins carry their shape) unless ref_index shares P
     # rows and P's gradient is wanted. The Triton backend recomputes every gradient from p, q and
     # the row statistics, so it keeps them whenever a gradient is wanted - and stores none.
-    from modkern.backend import load_impl
+    from modkern.ops.dispatch import load_impl
 
     stores = load_impl("divergence", backend, DEVICE, (torch.float32,)).STORES_GRADIENTS
     p = _logits((4, 64), torch.float32)

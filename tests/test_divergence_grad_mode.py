@@ -197,7 +197,7 @@ def test_where_forward_mode_does_not_apply(backend):
 
 
 def test_auto_is_backward_until_measured():
-    from modkern.backend import DIVERGENCE_GRAD_MODE_AUTO
+    from modkern.ops.dispatch import DIVERGENCE_GRAD_MODE_AUTO
 
     assert DIVERGENCE_GRAD_MODE_AUTO in ("backward", "forward")
     p = _logits((2, 50), torch.float32)
@@ -218,7 +218,7 @@ def test_scale(kind, mode, backend, monkeypatch):
     q = _logits((4, 300), torch.float32)
     s = 0.375 if kind == "float" else torch.tensor(0.375, device=DEVICE, requires_grad=kind.endswith("grad"))
     seen = []
-    import modkern.ops.divergence as ops_div
+    import modkern.ops.divergence.api as ops_div
 
     real = ops_div.ForwardGradsDivergence.backward
 

@@ -1,4 +1,4 @@
-"""modkern.hf: the robust objective inside a stock transformers.Trainer (CPU, tiny models)."""
+"""modkern.integrations.hf: the robust objective inside a stock transformers.Trainer (CPU, tiny models)."""
 
 import json
 import math
@@ -14,9 +14,9 @@ from tiny_models import training_args as shared_training_args
 from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from modkern.hf import RobustTrainerMixin, make_robust_trainer, patch_trainer
-from modkern.robust import ATTACK_STATS, RobustConfig, clean_loss, find_language_model, robust_loss
-from modkern.tiny import tiny_llama, tiny_llava, tiny_qwen2_vl
+from modkern.apps.tiny_models import tiny_llama, tiny_llava, tiny_qwen2_vl
+from modkern.integrations.hf import RobustTrainerMixin, make_robust_trainer, patch_trainer
+from modkern.objective.robust import ATTACK_STATS, RobustConfig, clean_loss, find_language_model, robust_loss
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 PART_NAMES = ("ce_clean", "ce_adv", "consistency")
@@ -208,9 +208,9 @@ DDP_SCRIPT = textwrap.dedent(
     import json, os, sys
     import torch
     from transformers import Trainer, TrainingArguments
-    from modkern.hf import patch_trainer
-    from modkern.robust import RobustConfig
-    from modkern.tiny import tiny_llava
+    from modkern.integrations.hf import patch_trainer
+    from modkern.objective.robust import RobustConfig
+    from modkern.apps.tiny_models import tiny_llava
     from tiny_models import KINDS, collate_rows, make_batch, rows_dataset
 
     out_dir = sys.argv[1]

@@ -29,7 +29,7 @@ except RuntimeError as exc:
 else:
     raise SystemExit("backend='triton' ran without triton")
 
-from modkern.demo import DemoConfig, run_demo
+from modkern.apps.demo import DemoConfig, run_demo
 
 out = run_demo(DemoConfig(quick=True, steps=1, methods=("modkern",), out=sys.argv[1], progress=False,
                           save_checkpoints=False), log=lambda *a: None)

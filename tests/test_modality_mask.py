@@ -6,8 +6,8 @@ import torch
 from conftest import DEVICE
 
 import modkern
-from modkern.masks import selector_names
-from modkern.reference.adversarial import modality_mask_rows
+from modkern.ops.perturb.mask import selector_names
+from modkern.ops.perturb.reference import modality_mask_rows
 
 IMAGE = 32000  # LLaVA-1.5's <image>
 PAD = 0

@@ -8,8 +8,8 @@ import torch
 from official_objective import official_loss
 from tiny_models import make_batch, split_batch
 
-from modkern.robust import PRESETS, RobustConfig, infer_exclude_ids, infer_token_ids, robust_loss
-from modkern.tiny import tiny_llava, tiny_qwen2_vl
+from modkern.apps.tiny_models import tiny_llava, tiny_qwen2_vl
+from modkern.objective.robust import PRESETS, RobustConfig, infer_exclude_ids, infer_token_ids, robust_loss
 
 BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl}
 # Strong enough that every part moves the result: the attack is not at its bound everywhere, the

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from modkern import modality_mask
-from modkern.data import WordTokenizer
-from modkern.diagnose import Collator, ModelSpec, av_task_items, diagnose, image_task_items, task_words
-from modkern.robust import RobustConfig, robust_loss
-from modkern.tiny import omni_audio_tokens, tiny_qwen2_5_omni
+from modkern.apps.diagnose import Collator, ModelSpec, av_task_items, diagnose, image_task_items, task_words
+from modkern.apps.synthetic_task import WordTokenizer
+from modkern.apps.tiny_models import omni_audio_tokens, tiny_qwen2_5_omni
+from modkern.objective.robust import RobustConfig, robust_loss
 
 TOK = WordTokenizer(task_words())
 # visual-focused items: perturb the audio (the stream that must not matter); sound-focused: the video
@@ -94,7 +94,7 @@ def test_patch_trainer_steps(tmp_path):
     from tiny_models import training_args
     from transformers import Trainer
 
-    from modkern.hf import patch_trainer
+    from modkern.integrations.hf import patch_trainer
 
     model, _ = tiny_qwen2_5_omni(len(TOK) + 7, seed=1)
     collate = Collator(ModelSpec.from_model(model), TOK)
@@ -119,7 +119,7 @@ def test_patch_trainer_steps(tmp_path):
 
 
 def test_diagnose_audio_video_conditions_from_a_checkpoint(omni, tmp_path):
-    from modkern.train import save_checkpoint
+    from modkern.apps.train_loop import save_checkpoint
 
     model, _ = omni
     ckpt = tmp_path / "omni"

@@ -13,9 +13,9 @@ from distributed_workers import AttackWatch
 from tiny_models import KINDS, PLAIN_SGD, collate_rows, make_batch, rows_dataset, training_args
 from transformers import Trainer
 
-from modkern.hf import patch_trainer
-from modkern.robust import RobustConfig, find_language_model, find_lm_head
-from modkern.tiny import tiny_llava
+from modkern.apps.tiny_models import tiny_llava
+from modkern.integrations.hf import patch_trainer
+from modkern.objective.robust import RobustConfig, find_language_model, find_lm_head
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
 

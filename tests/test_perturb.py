@@ -5,7 +5,7 @@ import torch
 from conftest import DEVICE, backend_params
 
 import modkern
-from modkern.reference.adversarial import perturb as ref_perturb
+from modkern.ops.perturb.reference import perturb as ref_perturb
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -15,10 +15,10 @@ import torch
 from tiny_models import KINDS, PLAIN_SGD, collate_rows, make_batch, rows_dataset, training_args
 from transformers import Trainer
 
-import modkern.hf as hf
-from modkern.hf import patch_trainer
-from modkern.robust import RobustConfig, robust_loss
-from modkern.tiny import tiny_llava
+import modkern.integrations.hf as hf
+from modkern.apps.tiny_models import tiny_llava
+from modkern.integrations.hf import patch_trainer
+from modkern.objective.robust import RobustConfig, robust_loss
 
 PART_NAMES = ("ce_clean", "ce_adv", "consistency")
 # raw step, no projection in reach: delta = alpha * grad after one step from a zero start

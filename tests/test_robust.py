@@ -1,4 +1,4 @@
-"""modkern.robust: the SPEC §2 objective on tiny LLaVA / Qwen2-VL / Llama models (CPU, fp32)."""
+"""modkern.objective.robust: the SPEC §2 objective on tiny LLaVA / Qwen2-VL / Llama models (CPU, fp32)."""
 
 import pytest
 import torch
@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from tiny_models import KINDS, make_batch
 
 import modkern
-import modkern.robust
-from modkern.robust import (
+import modkern.objective.robust
+from modkern.apps.tiny_models import tiny_llama, tiny_llava, tiny_qwen2_vl
+from modkern.objective.robust import (
     AnswerRowHead,
     EmbeddingInjector,
     RobustConfig,
@@ -18,7 +19,6 @@ from modkern.robust import (
     row_ref_index,
     shift_labels,
 )
-from modkern.tiny import tiny_llama, tiny_llava, tiny_qwen2_vl
 
 BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "llama": tiny_llama}
 
@@ -194,7 +194,7 @@ def test_perturbation_reaches_exactly_the_masked_positions(models, name, monkeyp
         grads.append(grad.detach().clone())
         return real_step(delta, grad, mask, **kw)
 
-    monkeypatch.setattr(modkern.robust, "masked_adv_step", spy)
+    monkeypatch.setattr(modkern.objective.robust, "masked_adv_step", spy)
     seen, handle = record_lm_inputs(model)
     try:
         cfg = RobustConfig(steps=2, epsilon=0.05, alpha=10.0)
@@ -294,7 +294,7 @@ def test_consistency_with_heuristic_copies_uses_aligned_answer_rows(models, dive
 
 
 def test_attack_telemetry_values():
-    from modkern.robust import ATTACK_STATS, attack_telemetry
+    from modkern.objective.robust import ATTACK_STATS, attack_telemetry
 
     eps, alpha = 0.5, 0.25
     cfg = RobustConfig(epsilon=eps, alpha=alpha)
@@ -349,7 +349,7 @@ def test_hook_removed_after_an_exception(models, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("attack failed")
 
-    monkeypatch.setattr(modkern.robust, "masked_adv_step", boom)
+    monkeypatch.setattr(modkern.objective.robust, "masked_adv_step", boom)
     with pytest.raises(RuntimeError, match="attack failed"):
         robust_loss(model, batch, RobustConfig())
     assert no_hooks(model) and not model.get_output_embeddings()._forward_pre_hooks
@@ -508,7 +508,7 @@ def test_answer_rows_and_chunked_head_equal_the_full_logit_objective(models, nam
     rows = loss_and_grads(model, batch, cfg, num_items=13)
     assert float(rows[0].consistency) > 0
     with monkeypatch.context() as patch:
-        patch.setattr(modkern.robust, "AnswerRowHead", FullLogitsHead)
+        patch.setattr(modkern.objective.robust, "AnswerRowHead", FullLogitsHead)
         full = loss_and_grads(model, batch, cfg, num_items=13)
     assert_same_objective(rows, full)
     for chunk_size in (1, 2, None):

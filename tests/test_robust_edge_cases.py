@@ -7,7 +7,7 @@ import torch
 from tiny_models import make_batch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modkern.robust import RobustConfig, robust_loss
+from modkern.objective.robust import RobustConfig, robust_loss
 
 V, PADDED_V, H = 120, 128, 32
 INFO = dict(

@@ -1,15 +1,13 @@
-"""The thin training loop (modkern.train) on a tiny LLaVA, a few steps at a time."""
+"""The thin training loop (modkern.apps.train_loop) on a tiny LLaVA, a few steps at a time."""
 
 import math
 
 import pytest
 import torch
 
-from modkern.augment import HeuristicAugmenter, RobustCollator
-from modkern.data import InterferenceTask, TaskConfig, TaskEncoder
-from modkern.robust import RobustConfig, find_language_model
-from modkern.tiny import tiny_llava
-from modkern.train import (
+from modkern.apps.synthetic_task import InterferenceTask, TaskConfig, TaskEncoder
+from modkern.apps.tiny_models import tiny_llava
+from modkern.apps.train_loop import (
     TrainConfig,
     answer_correct,
     count_answer_tokens,
@@ -18,6 +16,8 @@ from modkern.train import (
     save_checkpoint,
     train,
 )
+from modkern.objective.augment import HeuristicAugmenter, RobustCollator
+from modkern.objective.robust import RobustConfig, find_language_model
 
 TASK = InterferenceTask(TaskConfig(train_size=64, eval_size=8, image_size=8))
 
@@ -142,7 +142,7 @@ def test_failing_eval_leaves_the_model_in_train_mode():
 
 
 def test_precision_resolution():
-    from modkern.train import resolved_precision
+    from modkern.apps.train_loop import resolved_precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolved_precision(TrainConfig(), cpu) == "no"
@@ -161,15 +161,15 @@ def test_progress_in_a_file_is_plain_lines(capsys):
     train(model, batches, TrainConfig(steps=20, warmup_steps=1, progress=True), desc="(a) SFT")
     err = capsys.readouterr().err
     assert "\r" not in err
-    lines = [line for line in err.splitlines() if line.startswith("(a) SFT: step ")]
-    assert [line.split()[3] for line in lines] == [f"{s}/20," for s in range(2, 21, 2)]
-    assert all(", loss " in line and line.endswith(" s") for line in lines)
+    lines = [line for line in err.splitlines() if line.startswith("(a) SFT: ")]
+    assert [line.split()[2] for line in lines] == [f"{s}/20" for s in range(2, 21, 2)]
+    assert all(" steps (" in line and ", loss " in line and line.endswith(" s") for line in lines)
 
 
 def test_progress_on_a_terminal_is_a_bar():
     import io
 
-    from modkern.train import Progress
+    from modkern.apps.progress import Progress
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -177,11 +177,11 @@ def test_progress_on_a_terminal_is_a_bar():
 
     tty = Terminal()
     bar = Progress(5, "run", stream=tty)
-    for step in range(1, 6):
-        bar.update(step, 1.0)
+    for _ in range(1, 6):
+        bar.update(1, loss=1.0)
     bar.close()
-    assert "\r" in tty.getvalue() and "run: step" not in tty.getvalue()
+    assert "\r" in tty.getvalue() and " steps (" not in tty.getvalue()  # a bar, no plain lines
     quiet = io.StringIO()
     off = Progress(5, "run", enabled=False, stream=quiet)
-    off.update(5, 1.0)
+    off.update(5, loss=1.0)
     assert quiet.getvalue() == ""

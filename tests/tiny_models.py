@@ -1,4 +1,4 @@
-"""Batches for the tiny models of :mod:`modkern.tiny` (tests only).
+"""Batches for the tiny models of :mod:`modkern.apps.tiny_models` (tests only).
 
 ``make_batch(info, ...)`` builds a right-padded batch for the model ``info`` describes:
 ``[BOS, 2 prompt tokens, (image block), prompt tokens, answer tokens, padding]`` with labels only
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from modkern.robust import SAMPLE_KINDS as KINDS  # noqa: F401 (re-exported for the tests)
-from modkern.tiny import qwen2_vl_pixel_values
+from modkern.apps.tiny_models import qwen2_vl_pixel_values
+from modkern.objective.robust import SAMPLE_KINDS as KINDS  # noqa: F401 (re-exported for the tests)
 
 
 def make_sample_ids(info, prompt_len, answer, gen):

@@ -1,0 +1,157 @@
+"""Diagnosis items: :class:`Item`, the built-in tasks (the demo's colour task and an audio-visual one),
+and the helpers the conditions use to change an item."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from modkern.apps.synthetic_task import InterferenceTask, TaskConfig, WordTokenizer
+
+TOKENIZER_FILE = "modkern_tokenizer.json"  # the demo's word vocabulary next to its checkpoints
+
+# Item kinds and the prompt type each one is (the white-box comparison is between two prompt types).
+KINDS = ("image_heavy", "text_heavy", "av_visual", "av_audio")
+PROMPT_TYPES = {
+    "image_heavy": "image-focused",
+    "text_heavy": "text-focused",
+    "av_visual": "visual-focused",
+    "av_audio": "audio-focused",
+}
+PROMPT_PAIRS = (("image_heavy", "text_heavy"), ("av_visual", "av_audio"))
+
+VIDEO_QUESTION = "question : what colour is the video ? answer :"
+AUDIO_QUESTION = "question : what colour is the sound ? answer :"
+VIDEO_CAPTION = "caption : a {label} video with a {label} sound ."
+
+
+class DiagnoseError(ValueError):
+    """A problem with the inputs of :func:`diagnose` (missing checkpoint, unknown condition, ...)."""
+
+
+# --- items -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    """One diagnosis item: ``context + " " + question`` then ``answer``, with optional media.
+
+    ``kind`` (one of :data:`KINDS`) says which modality carries the answer and which conditions
+    apply; ``image`` is ``[3, S, S]`` in [0, 1], ``video`` ``[T, 3, S, S]`` in [0, 1], ``audio``
+    mel features ``[mel_bins, frames]``; ``label`` is the answer's class (for misleading text).
+    """
+
+    question: str
+    answer: str
+    kind: str
+    context: str = ""
+    image: Optional[Tensor] = None
+    video: Optional[Tensor] = None
+    audio: Optional[Tensor] = None
+    label: Optional[str] = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise DiagnoseError(f"Item.kind must be one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.context} {self.question}" if self.context else self.question
+
+    @property
+    def target_class(self) -> str:
+        return self.answer if self.label is None else self.label
+
+
+def answer_classes(items: Sequence[Item]) -> list[str]:
+    return sorted({it.target_class for it in items})
+
+
+def other_class(label: str, classes: Sequence[str], rng: random.Random) -> str:
+    options = [c for c in classes if c != label]
+    if not options:
+        raise DiagnoseError(f"misleading text needs at least two answer classes, got {list(classes)}")
+    return rng.choice(options)
+
+
+class NotBuilt(Exception):
+    """A condition cannot build its variant of this item; the message is the reason (reported)."""
+
+
+def needs(item: Item, attr: str, what: str) -> Tensor:
+    value = getattr(item, attr)
+    if value is None:
+        raise NotBuilt(f"the item has no {attr} {what}")
+    return value
+
+
+def donor(items: Sequence[Item], i: int, attr: str, rng: random.Random) -> Tensor:
+    """``attr`` (image / audio / video) of another item of the same kind with another class."""
+    me = items[i]
+    different = [
+        j
+        for j, o in enumerate(items)
+        if j != i and o.kind == me.kind and getattr(o, attr) is not None and o.target_class != me.target_class
+    ]
+    if not different:  # never an item of the same class, nor another perturbation, in its place
+        raise NotBuilt(f"no other {me.kind} item with {'an ' if attr == 'image' else ''}{attr} of another class")
+    return getattr(items[rng.choice(different)], attr)
+
+
+# --- the built-in tasks ----------------------------------------------------------------------------
+
+
+def image_task_items(n: int, *, image_size: int = 16, seed: int = 0) -> list[Item]:
+    """``n`` image-heavy items (agreeing caption) and ``n`` text-heavy items (agreeing image) of the
+    demo's colour task (:class:`modkern.apps.synthetic_task.InterferenceTask`), balanced over the colours."""
+
+    task = InterferenceTask(TaskConfig(image_size=image_size, seed=seed))
+    gen = torch.Generator().manual_seed(seed + 7)
+    colours = [task.colours[i % len(task.colours)] for i in range(n)]
+    out = []
+    for k in colours:
+        s = task.image_heavy(k, k, gen)
+        out.append(Item(s.text, s.answer, "image_heavy", s.context, image=s.image))
+    for k in colours:
+        s = task.text_heavy(k, k, gen)
+        out.append(Item(s.text, s.answer, "text_heavy", s.context, image=s.image))
+    return out
+
+
+def av_tone(colour_index: int, num_classes: int, mel_bins: int, frames: int, gen, noise: float = 0.3) -> Tensor:
+    """Mel features ``[mel_bins, frames]`` of the tone of class ``colour_index``: the bins
+    ``b % num_classes == colour_index`` are loud (1), the others quiet, plus Gaussian noise."""
+    band = (torch.arange(mel_bins) % num_classes == colour_index).float()
+    return band[:, None].expand(mel_bins, frames) + noise * torch.randn((mel_bins, frames), generator=gen)
+
+
+def av_task_items(
+    n: int, *, image_size: int = 16, frames: int = 4, mel_bins: int = 8, audio_frames: int = 16, seed: int = 0
+) -> list[Item]:
+    """``n`` visual-focused and ``n`` sound-focused audio-visual items: a video of ``frames`` frames
+    showing a colour (the demo's images) and a tone of the same colour class (:func:`av_tone`); the
+    question asks for the video's or the sound's colour."""
+
+    task = InterferenceTask(TaskConfig(image_size=image_size, seed=seed))
+    gen = torch.Generator().manual_seed(seed + 11)
+    nc = len(task.colours)
+    out = []
+    for kind, question in (("av_visual", VIDEO_QUESTION), ("av_audio", AUDIO_QUESTION)):
+        for i in range(n):
+            k = task.colours[i % nc]
+            video = torch.stack([task.image(k, gen) for _ in range(frames)])
+            audio = av_tone(i % nc, nc, mel_bins, audio_frames, gen)
+            out.append(Item(question, k, kind, video=video, audio=audio))
+    return out
+
+
+def task_words() -> list[str]:
+    """The words of the built-in tasks (for a :class:`modkern.apps.synthetic_task.WordTokenizer`)."""
+
+    extra = [VIDEO_QUESTION, AUDIO_QUESTION, VIDEO_CAPTION.replace("{label}", "")]
+    return InterferenceTask().words() + [w for t in extra for w in WordTokenizer.split(t)]

@@ -1,0 +1,143 @@
+"""Per-item measurements: answer rows, accuracy, flip, causal effect, JS; attention share and Cohen's d."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from modkern.apps.diagnose.items import KINDS, PROMPT_PAIRS, PROMPT_TYPES
+from modkern.objective.robust import IGNORE_INDEX, shift_labels
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+
+@dataclass
+class AnswerRows:
+    """The answer positions of a batch: ``logits [R, V]`` (fp32), ``target [R]``, ``item [R]``."""
+
+    logits: Tensor
+    target: Tensor
+    item: Tensor
+
+    def select(self, keep_items: Tensor) -> AnswerRows:
+        keep = torch.isin(self.item, keep_items)
+        return AnswerRows(self.logits[keep], self.target[keep], self.item[keep])
+
+
+def forward_answer_rows(model, batch: dict, device, attentions: bool = False):
+    inputs = {k: v for k, v in to_device(batch, device).items() if k != "labels"}
+    inputs["use_cache"] = False
+    if attentions:
+        inputs["output_attentions"] = True
+    out = model(**inputs)
+    shifted = shift_labels(batch["labels"]).to(out.logits.device)
+    rows = shifted != IGNORE_INDEX
+    b_idx = rows.nonzero()[:, 0]
+    ans = AnswerRows(out.logits[rows].float(), shifted[rows], b_idx)
+    return ans, rows, out
+
+
+def item_metrics(rows: AnswerRows, n_items: int) -> dict:
+    """Per item (``[n_items]``): ``correct`` (bool), ``p_correct`` (probability of the whole answer,
+    teacher-forced), and per row ``pred`` (argmax)."""
+    logp = torch.log_softmax(rows.logits, dim=-1)
+    tok_logp = logp.gather(1, rows.target[:, None])[:, 0]
+    pred = rows.logits.argmax(-1)
+    wrong = torch.zeros(n_items, device=pred.device).index_add_(0, rows.item, (pred != rows.target).float())
+    logp_item = torch.zeros(n_items, device=pred.device).index_add_(0, rows.item, tok_logp)
+    return {"correct": wrong == 0, "p_correct": logp_item.exp(), "pred": pred}
+
+
+def compare(clean: AnswerRows, pert: AnswerRows, n_items: int, backend: str = "auto") -> dict:
+    """Per item metrics of a perturbed batch against its clean batch (rows paired in order)."""
+    from modkern import fused_js
+
+    if clean.logits.shape != pert.logits.shape:
+        raise RuntimeError(
+            f"clean and perturbed items have different answer lengths ({clean.logits.shape[0]} vs "
+            f"{pert.logits.shape[0]} answer tokens); a condition must keep the answer"
+        )
+    mc, mp = item_metrics(clean, n_items), item_metrics(pert, n_items)
+    dev = clean.logits.device
+    flips = torch.zeros(n_items, device=dev).index_add_(0, pert.item, (mc["pred"] != mp["pred"]).float())
+    js_rows = fused_js(clean.logits, pert.logits, reduction="none", backend=backend).float()
+    count = torch.zeros(n_items, device=dev).index_add_(0, pert.item, torch.ones_like(js_rows))
+    js = torch.zeros(n_items, device=dev).index_add_(0, pert.item, js_rows) / count.clamp_min(1)
+    return {
+        "clean_correct": mc["correct"],
+        "correct": mp["correct"],
+        "flip": flips > 0,
+        "effect": mc["p_correct"] - mp["p_correct"],
+        "js": js,
+    }
+
+
+def mean_std(x: Tensor) -> dict:
+    x = x.double()
+    std = float(x.std(unbiased=True)) if x.numel() > 1 else 0.0
+    return {"mean": float(x.mean()), "std": std}
+
+
+def cohens_d(a: Tensor, b: Tensor) -> Tensor:
+    """Cohen's d of ``a [na, ...]`` against ``b [nb, ...]`` along dim 0, pooled std with n-1 variances;
+    NaN where it is undefined (fewer than two items on a side, or zero pooled std)."""
+    a, b = a.double(), b.double()
+    na, nb = a.shape[0], b.shape[0]
+    if na < 2 or nb < 2:
+        return torch.full(a.shape[1:], float("nan"), dtype=torch.float64)
+    pooled = (((na - 1) * a.var(0, unbiased=True) + (nb - 1) * b.var(0, unbiased=True)) / (na + nb - 2)).sqrt()
+    d = (a.mean(0) - b.mean(0)) / pooled
+    return torch.where(pooled > 0, d, torch.full_like(d, float("nan")))
+
+
+def attention_share(attentions, query_rows: Tensor, categories: Tensor, num_categories: int) -> Tensor:
+    """``[B, layers, num_categories]``: per item and layer, the attention that the query rows
+    (``[B, L]`` bool) pay to each token category (``categories [B, L]``, -1 = none), averaged over
+    heads and query rows. ``attentions``: per layer ``[B, heads, L, L]``."""
+    onehot = F.one_hot(categories.clamp_min(0), num_categories).to(torch.float32)
+    onehot = onehot * (categories >= 0)[..., None]
+    q = query_rows.to(torch.float32)
+    per_layer = []
+    for a in attentions:  # one entry per layer
+        mean_heads = a.float().mean(1)  # [B, L, L]
+        share = torch.einsum("bqk,bkm->bqm", mean_heads, onehot)  # [B, L, M]
+        per_layer.append((share * q[..., None]).sum(1) / q.sum(1).clamp_min(1)[:, None])
+    return torch.stack(per_layer, dim=1)
+
+
+def nan_to_none(x):
+    if isinstance(x, list):
+        return [nan_to_none(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def attention_report(shares: Tensor, kinds: Tensor, modalities: list) -> dict:
+    """Mean share [layer][modality] overall and per prompt type, Cohen's d between prompt types."""
+    out = {
+        "query": "answer positions (the logits that predict the answer tokens), mean over heads and positions",
+        "modalities": modalities,
+        "layers": int(shares.shape[1]),
+        "share": shares.mean(0).tolist(),
+        "share_by_prompt_type": {},
+        "items_by_prompt_type": {},
+        "cohens_d": {},
+    }
+    for i, k in enumerate(KINDS):
+        sel = kinds == i
+        if sel.any():
+            out["share_by_prompt_type"][PROMPT_TYPES[k]] = shares[sel].mean(0).tolist()
+            out["items_by_prompt_type"][PROMPT_TYPES[k]] = int(sel.sum())
+    for a, b in PROMPT_PAIRS:
+        sa, sb = kinds == KINDS.index(a), kinds == KINDS.index(b)
+        if sa.any() and sb.any():
+            d = cohens_d(shares[sa], shares[sb])
+            out["cohens_d"][f"{PROMPT_TYPES[a]} vs {PROMPT_TYPES[b]}"] = nan_to_none(d.tolist())
+    return out

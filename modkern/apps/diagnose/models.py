@@ -1,0 +1,237 @@
+"""What a model takes (:class:`ModelSpec`), how items become its batches (:class:`Collator`), loading a checkpoint."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from modkern.apps.diagnose.items import TOKENIZER_FILE, DiagnoseError, Item
+from modkern.objective.model_hooks import infer_token_ids
+from modkern.objective.robust import IGNORE_INDEX
+
+# --- models: what they take and how to feed them ---------------------------------------------------
+
+
+def config_value(config, name, default=None):
+    value = getattr(config, name, None)
+    return default if value is None else value
+
+
+@dataclass
+class ModelSpec:
+    """What a multimodal checkpoint takes, read from its config."""
+
+    family: str  # "llava", "qwen_vl" or "qwen2_5_omni"
+    modalities: tuple  # of "image", "video", "audio"
+    token_ids: dict  # modality -> placeholder id
+    markers: dict  # "vision_start" / "vision_end" / "audio_start" / "audio_end" -> id
+    image_size: int
+    num_image_tokens: int
+    patch_size: int = 0
+    temporal_patch_size: int = 1
+    spatial_merge_size: int = 1
+    num_mel_bins: int = 0
+    video_frames: int = 0
+    audio_frames: int = 16
+    needs_mm_token_type_ids: bool = False
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ModelSpec:
+        config = model.config
+        mt = getattr(config, "model_type", "")
+        tid = infer_token_ids(model)
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if mt == "llava" or (mt not in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker") and "image" in tid):
+            vision = config.vision_config
+            if "image" not in tid or not hasattr(vision, "image_size"):
+                raise DiagnoseError(f"{type(model).__name__}: not a LLaVA-style model (image_token_id, vision_config)")
+            n = (vision.image_size // vision.patch_size) ** 2
+            n += 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
+            return cls("llava", ("image",), {"image": tid["image"]}, {}, vision.image_size, n)
+        if mt in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker"):
+            vision = config.vision_config
+            ps, ms, tp = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+            size = 2 * ps * ms
+            markers = {
+                "vision_start": config_value(config, "vision_start_token_id", 151652),
+                "vision_end": config_value(config, "vision_end_token_id", 151653),
+            }
+            common = dict(
+                image_size=size,
+                num_image_tokens=(size // ps // ms) ** 2,
+                patch_size=ps,
+                temporal_patch_size=tp,
+                spatial_merge_size=ms,
+                needs_mm_token_type_ids="mm_token_type_ids" in params,
+            )
+            if mt != "qwen2_5_omni_thinker":
+                return cls("qwen_vl", ("image",), {"image": tid["image"]}, markers, **common)
+            markers.update(
+                audio_start=config_value(config, "audio_start_token_id", 151647),
+                audio_end=config_value(config, "audio_end_token_id", 151648),
+            )
+            ids = {k: tid[k] for k in ("image", "video", "audio")}
+            mel = config.audio_config.num_mel_bins
+            return cls(
+                "qwen2_5_omni",
+                ("image", "video", "audio"),
+                ids,
+                markers,
+                num_mel_bins=mel,
+                video_frames=2 * tp,
+                **common,
+            )
+        raise DiagnoseError(
+            f"{type(model).__name__} (model_type {mt!r}): diagnose supports LLaVA, Qwen2-VL / Qwen2.5-VL and the "
+            "Qwen2.5-Omni thinker"
+        )
+
+    @property
+    def num_video_tokens(self) -> int:
+        return (self.video_frames // self.temporal_patch_size) * self.num_image_tokens
+
+
+def text_encoder(tokenizer) -> Callable[[str], list]:
+    from modkern.apps.synthetic_task import WordTokenizer, hf_text_encoder
+
+    if isinstance(tokenizer, WordTokenizer):
+        return tokenizer.encode
+    if callable(tokenizer):
+        return hf_text_encoder(tokenizer)
+    if hasattr(tokenizer, "encode"):
+        return tokenizer.encode
+    raise DiagnoseError(
+        f"tokenizer must be a WordTokenizer or a Hugging Face tokenizer, got {type(tokenizer).__name__}"
+    )
+
+
+class Collator:
+    """Turns :class:`Item` s into a right-padded model batch for ``spec``'s model.
+
+    LLaVA: ``[bos] <image>*n prompt answer``; Qwen-VL / Omni: each medium between its markers
+    (``<vision_start> <image>*n <vision_end>``, the same for video, ``<audio_start> <audio>*n
+    <audio_end>``). Keys: ``input_ids``, ``attention_mask``, ``labels`` (the answer tokens) and the
+    media inputs (``pixel_values`` [+ ``image_grid_thw``], ``pixel_values_videos``,
+    ``video_grid_thw``, ``video_second_per_grid``, ``input_features``, ``feature_attention_mask``).
+    """
+
+    def __init__(self, spec: ModelSpec, tokenizer, pad_token_id: Optional[int] = None):
+        self.spec = spec
+        self.encode_text = text_encoder(tokenizer)
+        self.bos = getattr(tokenizer, "bos_token_id", None)
+        pad = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
+        self.pad = pad if pad is not None else (getattr(tokenizer, "eos_token_id", None) or 0)
+
+    def _block(self, name: str, n: int) -> list:
+        s = self.spec
+        body = [s.token_ids[name]] * n
+        if s.family == "llava":
+            return body
+        start, end = ("audio_start", "audio_end") if name == "audio" else ("vision_start", "vision_end")
+        return [s.markers[start], *body, s.markers[end]]
+
+    def encode(self, item: Item) -> tuple[list, list]:
+        from modkern.apps.tiny_models import omni_audio_tokens
+
+        s = self.spec
+        ids = [] if self.bos is None else [self.bos]
+        for name, value in (("image", item.image), ("video", item.video), ("audio", item.audio)):
+            if value is None:
+                continue
+            if name not in s.modalities:
+                raise DiagnoseError(f"an item has {name} input but the model ({s.family}) takes no {name}")
+            if name == "image":
+                n = s.num_image_tokens
+            elif name == "video":
+                n = (value.shape[0] // s.temporal_patch_size) * s.num_image_tokens
+            else:
+                n = omni_audio_tokens(value.shape[-1])
+            ids += self._block(name, n)
+        ids += list(self.encode_text(item.prompt))
+        answer = list(self.encode_text(" " + item.answer))
+        if not answer:
+            raise DiagnoseError(f"answer {item.answer!r} encodes to no tokens")
+        return ids + answer, [IGNORE_INDEX] * len(ids) + answer
+
+    def __call__(self, items: Sequence[Item]) -> dict:
+        from modkern.apps.tiny_models import qwen2_vl_pixel_values, qwen_video_pixel_values
+        from modkern.objective.augment import right_pad
+
+        s = self.spec
+        input_ids, attention_mask, labels = right_pad([self.encode(it) for it in items], self.pad)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        info = dict(
+            patch_size=s.patch_size, temporal_patch_size=s.temporal_patch_size, spatial_merge_size=s.spatial_merge_size
+        )
+        images = [it.image for it in items if it.image is not None]
+        if images:
+            pixels = (torch.stack(images).float() - 0.5) / 0.5
+            if s.family == "llava":
+                batch["pixel_values"] = pixels
+            else:
+                batch["pixel_values"], batch["image_grid_thw"] = qwen2_vl_pixel_values(pixels, info)
+        videos = [it.video for it in items if it.video is not None]
+        if videos:
+            frames = (torch.stack(videos).float() - 0.5) / 0.5
+            batch["pixel_values_videos"], batch["video_grid_thw"] = qwen_video_pixel_values(frames, info)
+            batch["video_second_per_grid"] = torch.ones(len(videos))
+        audios = [it.audio for it in items if it.audio is not None]
+        if audios:
+            frames = max(a.shape[-1] for a in audios)
+            feats = torch.zeros(len(audios), audios[0].shape[0], frames)
+            fmask = torch.zeros(len(audios), frames, dtype=torch.long)
+            for k, a in enumerate(audios):
+                feats[k, :, : a.shape[-1]] = a
+                fmask[k, : a.shape[-1]] = 1
+            batch["input_features"], batch["feature_attention_mask"] = feats, fmask
+        if s.needs_mm_token_type_ids:
+            types = torch.zeros_like(input_ids, dtype=torch.int32)
+            for code, name in ((1, "image"), (2, "video")):
+                if name in s.token_ids:
+                    types = types.masked_fill(input_ids == s.token_ids[name], code)
+            batch["mm_token_type_ids"] = types
+        return batch
+
+    def categories(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Per token: 0 text (every non-placeholder token, markers and BOS included), ``1 + i`` the
+        i-th of ``spec.modalities``, -1 padding."""
+        cat = torch.zeros_like(input_ids)
+        for i, name in enumerate(self.spec.modalities):
+            cat = cat.masked_fill(input_ids == self.spec.token_ids[name], i + 1)
+        return cat.masked_fill(attention_mask == 0, -1)
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def load_model(path: str):
+    """``(model, tokenizer)`` from a local checkpoint directory (the demo's word vocabulary when the
+    directory has one, else the Hugging Face tokenizer saved with the model)."""
+    from modkern.apps.synthetic_task import WordTokenizer
+    from modkern.apps.train_loop import load_checkpoint
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise DiagnoseError(f"--model {path}: no such directory (a local Hugging Face checkpoint is expected)")
+    try:
+        model = load_checkpoint(path)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise DiagnoseError(f"--model {path}: {exc}") from None
+    vocab = os.path.join(path, TOKENIZER_FILE)
+    if os.path.exists(vocab):
+        return model, WordTokenizer.load(vocab)
+    try:
+        from transformers import AutoTokenizer
+
+        return model, AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any loader failure means: no usable tokenizer there
+        raise DiagnoseError(f"--model {path}: no tokenizer ({TOKENIZER_FILE} or a Hugging Face one): {exc}") from None

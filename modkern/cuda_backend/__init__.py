@@ -1,1 +1,0 @@
-"""Thin Python interface over the compiled CUDA extension ``modkern._C`` (built from ``csrc/``)."""

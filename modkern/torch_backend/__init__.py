@@ -1,1 +1,0 @@
-"""Plain-PyTorch implementations of the modkern op families (the CPU default backend)."""
