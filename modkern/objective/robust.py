@@ -345,7 +345,7 @@ class RobustOutput:
 ATTACK_STATS = (
     "attack_grad_norm",  # ||g ⊙ M||_2 of the last step's attack gradient
     "attack_step_over_eps",  # mean |alpha * g| / epsilon on the masked elements (the raw step's size vs the ball)
-    "delta_at_bound",  # share of the masked elements with |delta| at epsilon after the last step
+    "delta_at_bound",  # share of the masked elements with |delta| at epsilon after the last step (Linf ball)
     "delta_over_embeds",  # ||delta ⊙ M||_2 / ||x0 ⊙ M||_2
     "delta_survives_cast",  # share of the masked elements that x0 + delta changes in the model's dtype
 )
