@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from modkern._validation import count_divisor
+from modkern.checks import count_divisor
 
 
 def reduce_rows(rows: torch.Tensor, mask: torch.Tensor | None, reduction: str, num_items=None) -> torch.Tensor:

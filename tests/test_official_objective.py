@@ -99,14 +99,14 @@ def test_gradient_accumulation_equals_the_official_objective_on_the_accumulated_
     halves = [[0, 1, 4, 5, 6, 7, 8], [2, 3, 9]]
     parts = []
     for idx in halves:
-        mb = split_batch(batch, idx)
-        mb["ref_index"] = torch.tensor([idx.index(int(batch["ref_index"][i])) for i in idx])
-        parts.append(mb)
+        micro = split_batch(batch, idx)
+        micro["ref_index"] = torch.tensor([idx.index(int(batch["ref_index"][i])) for i in idx])
+        parts.append(micro)
     tokens = int((batch["labels"][:, 1:] != -100).sum())
-    expected = sum(_official(model, mb, ce_denom=tokens, clean_denom=4) for mb in parts)
+    expected = sum(_official(model, micro, ce_denom=tokens, clean_denom=4) for micro in parts)
     expected_grads = _grads(model, expected)
     cfg = RobustConfig(init="zero", **HP)
-    total = sum(robust_loss(model, mb, cfg, num_items_in_batch=tokens, num_clean_in_batch=4).loss for mb in parts)
+    total = sum(robust_loss(model, micro, cfg, num_items_in_batch=tokens, num_clean_in_batch=4).loss for micro in parts)
     _assert_same(total, _grads(model, total), expected, expected_grads)
 
 

@@ -7,7 +7,7 @@ import torch
 from conftest import DEVICE
 
 import modkern
-from modkern import _validation as V
+from modkern import checks
 
 EPS, ALPHA = 1e-3, 0.1
 
@@ -27,7 +27,7 @@ def _logits(R=4, V_=11):
 @pytest.fixture
 def unreadable(monkeypatch):
     """Every tensor behaves as on a GPU: its value cannot be read by a check."""
-    monkeypatch.setattr(V, "readable", lambda t: False)
+    monkeypatch.setattr(checks, "readable", lambda t: False)
 
 
 # ---------------------------------------------------------------- masked_adv_step / init_delta

@@ -18,6 +18,14 @@ import os
 import sys
 import time
 
+import torch
+
+import modkern
+from modkern import reference
+from modkern.apps import demo
+from modkern.apps.diagnose import DiagnoseError, diagnose
+from modkern.ops import dispatch
+
 DEBUG_ENV = "MODKERN_DEBUG"
 
 
@@ -61,8 +69,6 @@ def device_name(value: str) -> str:
     """``argparse`` type: ``auto`` or a torch device that exists on this machine."""
     if value == "auto":
         return value
-    import torch
-
     try:
         device = torch.device(value)
     except (RuntimeError, ValueError):
@@ -162,15 +168,13 @@ def _add_train(sub):
 
 
 def cmd_train(args) -> int:
-    from modkern.apps.demo import DemoConfig, run_demo
-
     kwargs = dict(out=args.out, device=args.device, model=args.model, quick=args.quick, threads=args.threads)
     if args.steps is not None:
         kwargs["steps"] = args.steps
     if args.seeds is not None or args.seed is not None:
         kwargs["seeds"] = args.seeds if args.seeds is not None else (args.seed,)
     kwargs["progress"] = not args.no_progress
-    run_demo(DemoConfig(**kwargs))
+    demo.run_demo(demo.DemoConfig(**kwargs))
     return 0
 
 
@@ -188,8 +192,6 @@ def _time(fn, repeat: int, sync) -> float:
 
 
 def _inputs(device, dtype):
-    import torch
-
     g = torch.Generator(device="cpu").manual_seed(0)
     rand = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)
     r, v, b, n, h = 64, 4096, 4, 128, 256
@@ -207,9 +209,6 @@ def _inputs(device, dtype):
 
 def _kernel_cases(x, backend):
     """(name, modkern call, float64 reference call) for the ops that have backends."""
-    import modkern
-    from modkern import reference
-
     f64 = lambda t: t.double()
     p, q, delta, grad, mask = x["p"], x["q"], x["delta"], x["grad"], x["mask"]
     return [
@@ -232,10 +231,6 @@ def _kernel_cases(x, backend):
 
 def _plain_cases(x):
     """Ops without backends: compared with an obvious formulation / checked for their contract."""
-    import torch
-
-    import modkern
-
     ids, delta, mask = x["ids"], x["delta"], x["mask"]
 
     def init_violation():  # |delta| <= eps inside the mask, exactly 0 outside
@@ -254,8 +249,6 @@ def _plain_cases(x):
 
 
 def _check(name, backend, fast, ref, repeat, sync) -> bool:
-    import torch
-
     try:
         a, b = fast(), ref()
         diff = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
@@ -272,13 +265,9 @@ def _check(name, backend, fast, ref, repeat, sync) -> bool:
 
 
 def cmd_selfcheck(args) -> int:
-    import torch
-
-    from modkern.ops.dispatch import available_backends
-
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    available = available_backends(device)
+    available = dispatch.available_backends(device)
     if args.backend != "all" and args.backend not in available:
         raise CliError(
             f"--backend {args.backend} cannot run on {device} here (available: {', '.join(available)}); "
@@ -354,8 +343,6 @@ def _add_diagnose(sub):
 
 
 def cmd_diagnose(args) -> int:
-    from modkern.apps.diagnose import DiagnoseError, diagnose
-
     try:
         diagnose(
             args.model,

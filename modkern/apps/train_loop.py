@@ -201,86 +201,104 @@ def train(
         torch.manual_seed(config.seed)
     model.to(device)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters")
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    # fp16 gradients underflow without loss scaling; a pass-through unless fp16 on CUDA
-    scaler = torch.amp.GradScaler(
-        device.type, enabled=device.type == "cuda" and resolved_precision(config, device) == "fp16"
-    )
+    opt = _Optimization(model, config, device)
     result = TrainResult()
     batches = _cycle(data)
     start = time.perf_counter()
-
-    def run_eval(step: int):
-        if eval_fn is None:
-            return
-        model.eval()
-        try:
-            with torch.no_grad(), autocast_context(config, device):
-                metrics = eval_fn(model)
-        finally:
-            model.train()
-        result.evals.append({"step": step, **metrics})
-
+    save = dict(train_config=config, robust=robust, extra=extra_state)
     bar = Progress(config.steps, desc, enabled=config.progress)
     try:
         for step in range(1, config.steps + 1):
             micro = [to_device(next(batches), device) for _ in range(config.grad_accum)]
-            num_items = sum(count_answer_tokens(b) for b in micro)
-            counts = dict(num_items_in_batch=num_items, num_clean_in_batch=count_clean_samples(micro))
-            totals = {"loss": 0.0, "ce_clean": 0.0, "ce_adv": 0.0, "consistency": 0.0}
-            for batch in micro:
-                with autocast_context(config, device):
-                    if robust is None:
-                        loss, _ = clean_loss(model, batch, num_items_in_batch=num_items)
-                        parts = {"ce_clean": loss.detach()}
-                    else:
-                        out = robust_loss(model, batch, robust, **counts, return_logits=False)
-                        loss, parts = out.loss, out.parts()
-                        for k, v in out.attack.items():  # the attack's telemetry: a mean over micro-batches
-                            totals[k] = totals.get(k, 0.0) + float(v) / len(micro)
-                scaler.scale(loss).backward()
-                totals["loss"] += float(loss.detach())
-                for k, v in parts.items():
-                    totals[k] += float(v)
-            grad_norm = None
-            if config.max_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            totals = _accumulate(model, micro, robust, config, device, opt.scaler)
+            grad_norm, lr = opt.step()
             if not math.isfinite(totals["loss"]):
                 raise FloatingPointError(f"{desc}: the loss became {totals['loss']} at step {step}")
             if config.log_every and (step % config.log_every == 0 or step == config.steps):
                 entry = {"step": step, **totals, "lr": lr, "seconds": time.perf_counter() - start}
-                if grad_norm is not None:
-                    entry["grad_norm"] = grad_norm
-                result.history.append(entry)
+                result.history.append(entry if grad_norm is None else {**entry, "grad_norm": grad_norm})
             bar.update(1, loss=totals["loss"])
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-                run_eval(step)
+                _evaluate(model, eval_fn, config, device, step, result)
             if config.save_dir and config.save_every and step % config.save_every == 0 and step != config.steps:
-                save_checkpoint(
-                    model, config.save_dir, step=step, train_config=config, robust=robust, extra=extra_state
-                )
+                save_checkpoint(model, config.save_dir, step=step, **save)
     finally:
         bar.close()
-    run_eval(config.steps)
+    _evaluate(model, eval_fn, config, device, config.steps, result)
     result.seconds = time.perf_counter() - start
     if config.save_dir:
-        result.checkpoint = save_checkpoint(
-            model, config.save_dir, step=config.steps, train_config=config, robust=robust, extra=extra_state
-        )
+        result.checkpoint = save_checkpoint(model, config.save_dir, step=config.steps, **save)
     return result
+
+
+class _Optimization:
+    """The optimizer, its schedule and the fp16 loss scaler of one run; ``step()`` applies the
+    accumulated gradients and returns ``(grad_norm or None, the learning rate used)``."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device):
+        self.config = config
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("model has no trainable parameters")
+        if config.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(
+                self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+            )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        # fp16 gradients underflow without loss scaling; a pass-through unless fp16 on CUDA
+        fp16 = device.type == "cuda" and resolved_precision(config, device) == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+
+    def step(self):
+        grad_norm = None
+        if self.config.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return grad_norm, lr
+
+
+def _accumulate(model, micro: list, robust, config: TrainConfig, device, scaler) -> dict:
+    """One backward per micro-batch of one optimizer step, every loss normalized by the whole step's
+    answer tokens (and clean samples); returns the step's loss, its parts and the attack telemetry
+    (a mean over the micro-batches)."""
+    num_items = sum(count_answer_tokens(b) for b in micro)
+    counts = dict(num_items_in_batch=num_items, num_clean_in_batch=count_clean_samples(micro))
+    totals = {"loss": 0.0, "ce_clean": 0.0, "ce_adv": 0.0, "consistency": 0.0}
+    for batch in micro:
+        with autocast_context(config, device):
+            if robust is None:
+                loss, _ = clean_loss(model, batch, num_items_in_batch=num_items)
+                parts = {"ce_clean": loss.detach()}
+            else:
+                out = robust_loss(model, batch, robust, **counts, return_logits=False)
+                loss, parts = out.loss, out.parts()
+                for k, v in out.attack.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) / len(micro)
+        scaler.scale(loss).backward()
+        totals["loss"] += float(loss.detach())
+        for k, v in parts.items():
+            totals[k] += float(v)
+    return totals
+
+
+def _evaluate(model, eval_fn, config: TrainConfig, device, step: int, result: TrainResult):
+    """``eval_fn(model)`` in eval mode under no_grad, recorded in ``result.evals``."""
+    if eval_fn is None:
+        return
+    model.eval()
+    try:
+        with torch.no_grad(), autocast_context(config, device):
+            metrics = eval_fn(model)
+    finally:
+        model.train()
+    result.evals.append({"step": step, **metrics})
 
 
 # --- checkpoints -------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from modkern.ops.perturb import perturb
 
 # Batch keys the robust objective consumes itself (never passed to the model).
 CONSUMED_KEYS = ("labels", "shift_labels", "sample_kind", "ref_index")
@@ -59,8 +62,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """The module under a ``DistributedDataParallel`` wrapper or a DeepSpeed engine (the attack forwards
     bypass the wrapper; FSDP2 and ZeRO-3 shard in place, so their hooks still gather the parameters).
     """
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
     while isinstance(model, DistributedDataParallel) or is_deepspeed_engine(model):
         model = model.module
     if isinstance(model, DataParallel):
@@ -186,8 +187,6 @@ class EmbeddingInjector:
         return out
 
     def _hook(self, module, args, kwargs):
-        from modkern import perturb
-
         self.calls += 1
         kwargs = self._as_kwargs(module, args, kwargs)
         if self._delta is None:

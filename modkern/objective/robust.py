@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modkern import _validation as V
+from modkern import checks
 from modkern._reduction import mean_divisor
 from modkern.constants import IGNORE_INDEX
 from modkern.objective.model_hooks import (  # noqa: F401 (re-exported: the objective's public plumbing)
@@ -226,8 +226,8 @@ class RobustConfig:
     attack_stats: bool = True
 
     def __post_init__(self):
-        self.epsilon = V.check_positive_number("epsilon", self.epsilon, allow_tensor=False)
-        self.alpha = V.check_positive_number("alpha", self.alpha, allow_tensor=False)
+        self.epsilon = checks.check_positive_number("epsilon", self.epsilon, allow_tensor=False)
+        self.alpha = checks.check_positive_number("alpha", self.alpha, allow_tensor=False)
         if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
             raise TypeError(f"steps must be an int >= 0, got {type(self.steps).__name__}")
         if self.steps < 0:
@@ -238,17 +238,17 @@ class RobustConfig:
         if not self.lam >= 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         self.lam = float(self.lam)
-        V.check_choice("divergence", self.divergence, DIVERGENCES)
-        V.check_choice("kl_direction", self.kl_direction, DIRECTIONS)
-        V.check_choice("pairs", self.pairs, PAIRS)
-        V.check_choice("consistency_divisor", self.consistency_divisor, CONSISTENCY_DIVISORS)
-        self.beta = V.check_open_unit_interval("beta", self.beta)
-        self.temperature = V.check_positive_number("temperature", self.temperature, allow_tensor=False)
-        V.check_choice("divergence_grad_mode", self.divergence_grad_mode, GRAD_MODES)
-        V.check_choice("step", self.step, STEPS)
-        V.check_choice("norm", self.norm, NORMS)
-        V.check_choice("init", self.init, INITS)
-        V.check_choice("attack_normalization", self.attack_normalization, ATTACK_NORMALIZATIONS)
+        checks.check_choice("divergence", self.divergence, DIVERGENCES)
+        checks.check_choice("kl_direction", self.kl_direction, DIRECTIONS)
+        checks.check_choice("pairs", self.pairs, PAIRS)
+        checks.check_choice("consistency_divisor", self.consistency_divisor, CONSISTENCY_DIVISORS)
+        self.beta = checks.check_open_unit_interval("beta", self.beta)
+        self.temperature = checks.check_positive_number("temperature", self.temperature, allow_tensor=False)
+        checks.check_choice("divergence_grad_mode", self.divergence_grad_mode, GRAD_MODES)
+        checks.check_choice("step", self.step, STEPS)
+        checks.check_choice("norm", self.norm, NORMS)
+        checks.check_choice("init", self.init, INITS)
+        checks.check_choice("attack_normalization", self.attack_normalization, ATTACK_NORMALIZATIONS)
         if not isinstance(self.policy, dict):
             raise TypeError(f"policy must be a dict sample kind -> target, got {type(self.policy).__name__}")
         self.policy = {str(k): _check_target(f"policy[{k!r}]", v) for k, v in self.policy.items()}
@@ -262,8 +262,10 @@ class RobustConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         self.encoder_input_keys = tuple(self.encoder_input_keys)
-        V.check_choice("lm_head", self.lm_head, LM_HEAD_MODES)
-        self.logits_budget_mb = V.check_positive_number("logits_budget_mb", self.logits_budget_mb, allow_tensor=False)
+        checks.check_choice("lm_head", self.lm_head, LM_HEAD_MODES)
+        self.logits_budget_mb = checks.check_positive_number(
+            "logits_budget_mb", self.logits_budget_mb, allow_tensor=False
+        )
         if self.chunk_size is not None and (
             isinstance(self.chunk_size, bool)
             or not isinstance(self.chunk_size, numbers.Integral)
@@ -536,7 +538,7 @@ def _normalize_ref_index(ref_index, batch_size: int, device) -> Tensor:
 def _normalizer(num_items_in_batch, rows: Tensor):
     """What every token sum is divided by: ``num_items_in_batch``, else this micro-batch's answer tokens."""
     if num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
-        V.check_num_items(num_items_in_batch)
+        checks.check_num_items(num_items_in_batch)
     return mean_divisor(num_items_in_batch, rows, rows.numel(), rows.device, torch.float32)
 
 
@@ -618,7 +620,7 @@ class _Branch:
     hidden: Optional[Tensor] = None
 
 
-class _Forwards(contextlib.ExitStack):
+class _ForwardPasses(contextlib.ExitStack):
     """The objective's forwards, with both hooks: the perturbation in, the answer rows out."""
 
     def __init__(self, model: nn.Module, config: RobustConfig, head: nn.Module):
@@ -682,19 +684,19 @@ class _Forwards(contextlib.ExitStack):
 # The objective: clean pass, attack, adversarial pass, consistency
 
 
-def _modality_mask(fw: _Forwards, mb: _MicroBatch, model: nn.Module, config: RobustConfig) -> Tensor:
-    device = fw.x0.device
+def _modality_mask(passes: _ForwardPasses, micro: _MicroBatch, model: nn.Module, config: RobustConfig) -> Tensor:
+    device = passes.x0.device
     return modality_mask(
-        mb.input_ids.to(device),
-        perturb=mb.policy,
+        micro.input_ids.to(device),
+        perturb=micro.policy,
         token_ids=config.token_ids if config.token_ids is not None else infer_token_ids(model),
-        labels=mb.labels.to(device),
-        attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(device),
+        labels=micro.labels.to(device),
+        attention_mask=None if micro.attention_mask is None else micro.attention_mask.to(device),
         exclude_ids=config.exclude_ids if config.exclude_ids is not None else infer_exclude_ids(model),
     )
 
 
-def _attack(fw: _Forwards, mb: _MicroBatch, mask: Tensor, config: RobustConfig, grad_scale=None):
+def _attack(passes: _ForwardPasses, micro: _MicroBatch, mask: Tensor, config: RobustConfig, grad_scale=None):
     """K PGD steps on delta; the gradient is taken w.r.t. delta only (``autograd.grad``).
 
     Every rank runs the K forwards whatever its data (an empty mask gives a zero step), so that
@@ -705,11 +707,11 @@ def _attack(fw: _Forwards, mb: _MicroBatch, mask: Tensor, config: RobustConfig, 
     """
     grad = None
     init_norm = "zero" if config.init == "zero" else ("linf" if config.norm in ("linf", None) else "l2")
-    delta = init_delta(fw.x0, mask, epsilon=config.epsilon, norm=init_norm, dtype=torch.float32)
-    with FrozenParams(fw.base, config.freeze_params_during_attack):
+    delta = init_delta(passes.x0, mask, epsilon=config.epsilon, norm=init_norm, dtype=torch.float32)
+    with FrozenParams(passes.base, config.freeze_params_during_attack):
         for _ in range(config.steps):
             delta.requires_grad_(True)
-            attack_loss = fw.ce_sum(fw.perturbed(mb.replay_inputs, delta, mask)) / fw.rows.attack_denom
+            attack_loss = passes.ce_sum(passes.perturbed(micro.replay_inputs, delta, mask)) / passes.rows.attack_denom
             if grad_scale is not None:
                 attack_loss = attack_loss * grad_scale
             (grad,) = _attack_grad(attack_loss, delta)
@@ -721,7 +723,7 @@ def _attack(fw: _Forwards, mb: _MicroBatch, mask: Tensor, config: RobustConfig, 
             step = dict(step=config.step, norm=config.norm, inplace=True, backend=config.backend)
             masked_adv_step(delta, grad, mask, alpha=config.alpha, epsilon=config.epsilon, **step)
     delta = delta.detach()
-    stats = attack_telemetry(fw.x0, delta, grad, mask, config) if config.attack_stats else {}
+    stats = attack_telemetry(passes.x0, delta, grad, mask, config) if config.attack_stats else {}
     return delta, stats
 
 
@@ -754,16 +756,16 @@ def count_clean_samples(batches) -> Optional[int]:
     return total
 
 
-def _consistency_weight(fw: _Forwards, mb: _MicroBatch, config: RobustConfig, num_clean_in_batch, device):
+def _consistency_weight(passes: _ForwardPasses, micro: _MicroBatch, config: RobustConfig, num_clean_in_batch, device):
     """``lam / divisor``: the clean samples (``num_clean_in_batch`` when given) or the answer tokens."""
     if config.consistency_divisor == "tokens":
-        denom = fw.rows.denom
+        denom = passes.rows.denom
     elif num_clean_in_batch is not None:
         if not isinstance(num_clean_in_batch, Tensor):
-            V.check_num_items(num_clean_in_batch)
+            checks.check_num_items(num_clean_in_batch)
         denom = num_clean_in_batch
     else:
-        denom = _clean_sample_count(mb.ref_index, mb.input_ids.shape[0])
+        denom = _clean_sample_count(micro.ref_index, micro.input_ids.shape[0])
     weight = config.lam / denom
     return weight.to(device=device, dtype=torch.float32) if isinstance(weight, Tensor) else weight
 
@@ -774,7 +776,9 @@ def _divergence_sum(p: Tensor, q: Tensor, config: RobustConfig, **options) -> Te
     return fused_js(p, q, beta=config.beta, reduction="sum", **options)
 
 
-def _consistency_terms(fw: _Forwards, mb: _MicroBatch, clean: _Branch, adv, config: RobustConfig, num_clean):
+def _consistency_terms(
+    passes: _ForwardPasses, micro: _MicroBatch, clean: _Branch, adv, config: RobustConfig, num_clean
+):
     """``(CE_adv, lam * cons / divisor)``: the adversarial CE as a token sum over the answer rows (0
     without an adversarial forward) and the weighted consistency term (None when disabled).
 
@@ -788,11 +792,11 @@ def _consistency_terms(fw: _Forwards, mb: _MicroBatch, clean: _Branch, adv, conf
     any_branch = clean.logits if clean.logits is not None else clean.hidden
     ce_adv = any_branch.new_zeros((), dtype=torch.float32) if adv is None else None
     if not config.uses_divergence:
-        return (fw.ce_sum(adv) if adv is not None else ce_adv), None
+        return (passes.ce_sum(adv) if adv is not None else ce_adv), None
     device = any_branch.device  # the head's (device_map models)
-    ref_rows = fw.rows.ref_rows(mb.ref_index)
+    ref_rows = passes.rows.ref_rows(micro.ref_index)
     ref_rows = None if ref_rows is None else ref_rows.to(device)
-    weight = _consistency_weight(fw, mb, config, num_clean, device)
+    weight = _consistency_weight(passes, micro, config, num_clean, device)
     options = dict(temperature=config.temperature, ref_index=ref_rows, backend=config.backend)
     compare = []  # (branch, row mask): the rows compared with their clean sample's
     if config.pairs in ("official", "heuristic") and ref_rows is not None:
@@ -806,12 +810,12 @@ def _consistency_terms(fw: _Forwards, mb: _MicroBatch, clean: _Branch, adv, conf
             o = dict(options, mask=rows, scale=weight, grad_mode=config.divergence_grad_mode)
             terms.append(_divergence_sum(p, branch.logits, config, **o))
         if adv is not None:
-            ce_adv = fw.ce_sum(adv)
+            ce_adv = passes.ce_sum(adv)
     else:
-        head_weight, bias = fw.head_weights()
+        head_weight, bias = passes.head_weights()
         kind = dict(divergence=config.divergence, direction=config.kl_direction, beta=config.beta)
         for branch, rows in compare:
-            targets = fw.rows.targets.to(device) if branch is adv else None
+            targets = passes.rows.targets.to(device) if branch is adv else None
             div, ce = linear_losses(
                 branch.hidden,
                 head_weight,
@@ -828,7 +832,7 @@ def _consistency_terms(fw: _Forwards, mb: _MicroBatch, clean: _Branch, adv, conf
             if branch is adv:
                 ce_adv = ce.sum()
         if adv is not None and ce_adv is None:
-            ce_adv = fw.ce_sum(adv)
+            ce_adv = passes.ce_sum(adv)
     return ce_adv, (sum(terms[1:], terms[0]) if terms else None)
 
 
@@ -895,21 +899,21 @@ def robust_loss(
     """
     config = _check_call(config)
     if attack_grad_scale is not None:
-        attack_grad_scale = V.check_positive_number("attack_grad_scale", attack_grad_scale)
-    mb = _read_batch(model, batch, config)
+        attack_grad_scale = checks.check_positive_number("attack_grad_scale", attack_grad_scale)
+    micro = _read_batch(model, batch, config)
     head = find_lm_head(model)
-    with _Forwards(model, config, head) as fw:
-        fw.rows = _answer_rows(mb.shifted, num_items_in_batch, config, model, head)
-        clean = fw.clean(mb.inputs)
-        ce_clean = fw.ce_sum(clean)
-        mask = _modality_mask(fw, mb, model, config)
+    with _ForwardPasses(model, config, head) as passes:
+        passes.rows = _answer_rows(micro.shifted, num_items_in_batch, config, model, head)
+        clean = passes.clean(micro.inputs)
+        ce_clean = passes.ce_sum(clean)
+        mask = _modality_mask(passes, micro, model, config)
         delta, adv, stats = None, None, {}
         if config.uses_attack:
-            delta, stats = _attack(fw, mb, mask, config, attack_grad_scale)
-            adv = fw.perturbed(mb.replay_inputs, delta, mask)
-        ce_adv, consistency = _consistency_terms(fw, mb, clean, adv, config, num_clean_in_batch)
+            delta, stats = _attack(passes, micro, mask, config, attack_grad_scale)
+            adv = passes.perturbed(micro.replay_inputs, delta, mask)
+        ce_adv, consistency = _consistency_terms(passes, micro, clean, adv, config, num_clean_in_batch)
 
-    denom = fw.rows.denom
+    denom = passes.rows.denom
     if consistency is None:  # disabled
         consistency = ce_adv.new_zeros(())
     ce_clean, ce_adv = ce_clean / denom, ce_adv / denom

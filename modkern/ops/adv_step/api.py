@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from modkern import _validation as V
+from modkern import checks
 from modkern.ops.dispatch import call_impl, check_backend
 
 STEPS = ("raw", "sign", "l2", "l2_token", "linf")
@@ -163,22 +163,22 @@ def masked_adv_step(
         >>> (g,) = torch.autograd.grad(loss_fn(perturb(embeds, delta, mask)), delta)
         >>> delta = masked_adv_step(delta.detach(), g, mask, alpha=0.1, epsilon=1e-3)  # raw step, Linf ball
     """
-    V.check_float_tensor("delta", delta)
-    V.check_float_tensor("grad", grad)
+    checks.check_float_tensor("delta", delta)
+    checks.check_float_tensor("grad", grad)
     if delta.dim() != 3:
         raise ValueError(f"delta must have shape [B, L, H], got {tuple(delta.shape)}")
     if grad.shape != delta.shape:
         raise ValueError(f"grad must have the shape of delta {tuple(delta.shape)}, got {tuple(grad.shape)}")
-    device = V.check_same_device(delta=delta, grad=grad)
-    mask = V.check_token_mask("mask", mask, delta.shape[:2], device)
-    V.check_choice("step", step, STEPS)
-    V.check_choice("norm", norm, NORMS)
+    device = checks.check_same_device(delta=delta, grad=grad)
+    mask = checks.check_token_mask("mask", mask, delta.shape[:2], device)
+    checks.check_choice("step", step, STEPS)
+    checks.check_choice("norm", norm, NORMS)
     # each scalar as a Python float and, when it was given as a tensor, that tensor on the device
-    alpha, alpha_t = V.check_scalar_on("alpha", alpha, device)
+    alpha, alpha_t = checks.check_scalar_on("alpha", alpha, device)
     if norm is None and epsilon is None:
         epsilon, epsilon_t = 0.0, None
     else:
-        epsilon, epsilon_t = V.check_scalar_on("epsilon", epsilon, device)
+        epsilon, epsilon_t = checks.check_scalar_on("epsilon", epsilon, device)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     if inplace:

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from modkern import _validation as V
+from modkern import checks
 from modkern._reduction import mean_divisor, reduce_rows
 from modkern.constants import STATS_WIDTH
 from modkern.ops.dispatch import (
@@ -433,13 +433,13 @@ def _reduction_weight(reduction, num_items, mask, rows: int, device) -> Tensor:
 
 def _prepare(p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend):
     """Shared argument checks; returns flattened 2-D logits and per-row tensors."""
-    V.check_float_tensor("p_logits", p_logits)
-    V.check_float_tensor("q_logits", q_logits)
+    checks.check_float_tensor("p_logits", p_logits)
+    checks.check_float_tensor("q_logits", q_logits)
     if p_logits.dim() < 1 or q_logits.dim() < 1:
         raise ValueError("p_logits and q_logits must have a vocabulary dimension (at least 1-D)")
     if p_logits.dtype != q_logits.dtype:
         raise TypeError(f"p_logits ({p_logits.dtype}) and q_logits ({q_logits.dtype}) must have the same dtype")
-    device = V.check_same_device(q_logits=q_logits, p_logits=p_logits)
+    device = checks.check_same_device(q_logits=q_logits, p_logits=p_logits)
     vocab = q_logits.shape[-1]
     if p_logits.shape[-1] != vocab:
         raise ValueError(
@@ -447,8 +447,8 @@ def _prepare(p_logits, q_logits, temperature, mask, ref_index, reduction, num_it
         )
     if vocab == 0:
         raise ValueError("the vocabulary dimension of the logits must not be empty")
-    V.check_positive_number("temperature", temperature, allow_tensor=False)
-    V.check_reduction_args(reduction, num_items)
+    checks.check_positive_number("temperature", temperature, allow_tensor=False)
+    checks.check_reduction_args(reduction, num_items)
     backend = check_backend(backend)
     leading = q_logits.shape[:-1]
     q2 = q_logits.reshape(-1, vocab)
@@ -461,8 +461,8 @@ def _prepare(p_logits, q_logits, temperature, mask, ref_index, reduction, num_it
                 "shape unless ref_index maps each q row to a p row"
             )
     else:
-        ref_index = V.check_index_vector("ref_index", ref_index, rows, leading, device)
-    mask = V.check_mask("mask", mask, rows, leading, device)
+        ref_index = checks.check_index_vector("ref_index", ref_index, rows, leading, device)
+    mask = checks.check_mask("mask", mask, rows, leading, device)
     # Kernels need a unit stride along V; a stride-0 expanded tensor is made contiguous too.
     p2 = p2 if p2.stride(-1) == 1 and p2.stride(0) != 0 else p2.contiguous()
     q2 = q2 if q2.stride(-1) == 1 and q2.stride(0) != 0 else q2.contiguous()
@@ -472,11 +472,11 @@ def _prepare(p_logits, q_logits, temperature, mask, ref_index, reduction, num_it
 def _divergence(
     kind, beta, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend, grad_mode, scale
 ):
-    V.check_choice("grad_mode", grad_mode, GRAD_MODES)
+    checks.check_choice("grad_mode", grad_mode, GRAD_MODES)
     p2, q2, ref_index, mask, leading, backend = _prepare(
         p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend
     )
-    scale = V.check_finite_factor("scale", scale, q2.device)
+    scale = checks.check_finite_factor("scale", scale, q2.device)
     if isinstance(scale, Tensor):  # the result keeps the accumulation dtype whatever the scale's
         scale = scale.to(device=q2.device, dtype=accumulation_dtype(p2))
     if _uses_forward_grads(grad_mode, reduction, p2, q2, ref_index):
@@ -553,7 +553,7 @@ def fused_js(
         >>> clean = torch.randn(8, 32064); adv = torch.randn(8, 32064, requires_grad=True)
         >>> fused_js(clean, adv, mask=labels != -100).backward()
     """
-    beta = V.check_open_unit_interval("beta", beta)
+    beta = checks.check_open_unit_interval("beta", beta)
     return _divergence(
         "js", beta, p_logits, q_logits, temperature, mask, ref_index, reduction, num_items, backend, grad_mode, scale
     )
@@ -588,7 +588,7 @@ def fused_kl(
 
         >>> loss = fused_kl(clean_logits.detach(), adv_logits, direction="reverse", mask=answer_rows, ref_index=ref)
     """
-    V.check_choice("direction", direction, DIRECTIONS)
+    checks.check_choice("direction", direction, DIRECTIONS)
     return _divergence(
         "kl_" + direction,
         0.5,

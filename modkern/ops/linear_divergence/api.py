@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modkern import _validation as V
+from modkern import checks
 from modkern._reduction import reduce_rows
 from modkern.constants import IGNORE_INDEX
 from modkern.ops.dispatch import accumulation_dtype, check_backend
@@ -296,13 +296,13 @@ def _kind(divergence: Optional[str], direction: str) -> str:
     if divergence == "js":
         return "js"
     if divergence == "kl":
-        V.check_choice("direction", direction, DIRECTIONS)
+        checks.check_choice("direction", direction, DIRECTIONS)
         return "kl_" + direction
     raise ValueError(f"divergence must be 'kl', 'js' or None, got {divergence!r}")
 
 
 def _check_hidden(name: str, hidden: Tensor, weight: Tensor) -> Tensor:
-    V.check_float_tensor(name, hidden)
+    checks.check_float_tensor(name, hidden)
     if hidden.dim() != 2:
         raise ValueError(f"{name} must be 2-D [rows, H] (flatten leading dims first), got shape {tuple(hidden.shape)}")
     if hidden.shape[1] != weight.shape[1]:
@@ -340,15 +340,15 @@ def linear_losses(
     no temperature). ``detach_p_logits`` treats the P logits as constants (no gradient through them
     to ``weight`` / ``bias`` / ``p_hidden``), as for a detached clean branch.
     """
-    V.check_float_tensor("weight", weight)
+    checks.check_float_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [V, H] (the LM head's weight), got shape {tuple(weight.shape)}")
     _check_hidden("q_hidden", q_hidden, weight)
     kind = _kind(divergence, direction)
     rows = q_hidden.shape[0]
-    device = V.check_same_device(q_hidden=q_hidden, weight=weight, p_hidden=p_hidden, bias=bias)
+    device = checks.check_same_device(q_hidden=q_hidden, weight=weight, p_hidden=p_hidden, bias=bias)
     if bias is not None:
-        V.check_float_tensor("bias", bias)
+        checks.check_float_tensor("bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},) (one entry per vocabulary row of weight)")
         if bias.dtype != weight.dtype:
@@ -368,12 +368,12 @@ def linear_losses(
                     "maps each q row to a p row"
                 )
         else:
-            ref_index = V.check_index_vector("ref_index", ref_index, rows, (rows,), device)
-        mask = V.check_mask("mask", mask, rows, (rows,), device)
+            ref_index = checks.check_index_vector("ref_index", ref_index, rows, (rows,), device)
+        mask = checks.check_mask("mask", mask, rows, (rows,), device)
     if targets is not None:
-        targets = V.check_index_vector("targets", targets, rows, (rows,), device, "an integer tensor of token ids")
-    temperature = V.check_positive_number("temperature", temperature, allow_tensor=False)
-    beta = V.check_open_unit_interval("beta", beta)
+        targets = checks.check_index_vector("targets", targets, rows, (rows,), device, "an integer tensor of token ids")
+    temperature = checks.check_positive_number("temperature", temperature, allow_tensor=False)
+    beta = checks.check_open_unit_interval("beta", beta)
     if chunk_size is None:
         chunk_size = default_chunk_size(rows, weight.shape[0])
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -392,8 +392,8 @@ def linear_losses(
 
 def _linear_divergence(divergence, direction, beta, p_hidden, q_hidden, weight, bias, options) -> Tensor:
     reduction, num_items = options.pop("reduction"), options.pop("num_items")
-    V.check_reduction_args(reduction, num_items)
-    V.check_float_tensor("p_hidden", p_hidden)
+    checks.check_reduction_args(reduction, num_items)
+    checks.check_float_tensor("p_hidden", p_hidden)
     div, _ = linear_losses(
         q_hidden, weight, bias, p_hidden=p_hidden, divergence=divergence, direction=direction, beta=beta, **options
     )
@@ -454,7 +454,7 @@ def fused_linear_kl(
         detach_p_logits=detach_p_logits,
         backend=backend,
     )
-    V.check_choice("direction", direction, DIRECTIONS)
+    checks.check_choice("direction", direction, DIRECTIONS)
     return _linear_divergence("kl", direction, 0.5, p_hidden, q_hidden, weight, bias, options)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from modkern import _validation as V
+from modkern import checks
 from modkern.ops.dispatch import call_impl, check_backend
 
 
@@ -95,13 +95,13 @@ def perturb(embeds: Tensor, delta: Tensor, mask: Tensor, *, backend: str = "auto
         >>> delta = init_delta(embeds, mask, epsilon=1e-3).requires_grad_()
         >>> out = model(inputs_embeds=perturb(embeds, delta, mask))
     """
-    V.check_float_tensor("embeds", embeds)
-    V.check_float_tensor("delta", delta)
+    checks.check_float_tensor("embeds", embeds)
+    checks.check_float_tensor("delta", delta)
     if embeds.dim() < 1:
         raise ValueError("embeds must have a feature dimension (at least 1-D)")
     if delta.shape != embeds.shape:
         raise ValueError(f"delta must have the shape of embeds {tuple(embeds.shape)}, got {tuple(delta.shape)}")
-    device = V.check_same_device(embeds=embeds, delta=delta)
-    mask = V.check_token_mask("mask", mask, embeds.shape[:-1], device)
+    device = checks.check_same_device(embeds=embeds, delta=delta)
+    mask = checks.check_token_mask("mask", mask, embeds.shape[:-1], device)
     backend = check_backend(backend)
     return torch.ops.modkern.perturb_fwd(embeds, delta, mask, backend)

@@ -7,7 +7,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from modkern import _validation as V
+from modkern import checks
 
 INIT_NORMS = ("linf", "l2", "zero")
 
@@ -61,14 +61,14 @@ def init_delta(
         >>> g = torch.Generator().manual_seed(0)
         >>> delta = init_delta(embeds, mask, epsilon=1e-3, generator=g)  # fp32 [B, L, H]
     """
-    V.check_tensor("mask", mask)
+    checks.check_tensor("mask", mask)
     shape, device = _shape_and_device(shape_or_like, mask)
     if len(shape) != 3:
         raise ValueError(f"shape_or_like must describe [B, L, H], got shape {shape}")
-    mask = V.check_token_mask("mask", mask, shape[:2], device)
-    V.check_choice("norm", norm, INIT_NORMS)
-    eps_f, eps_t = V.check_scalar_on("epsilon", epsilon, device)
-    if not isinstance(dtype, torch.dtype) or dtype not in V.FLOAT_DTYPES:
+    mask = checks.check_token_mask("mask", mask, shape[:2], device)
+    checks.check_choice("norm", norm, INIT_NORMS)
+    eps_f, eps_t = checks.check_scalar_on("epsilon", epsilon, device)
+    if not isinstance(dtype, torch.dtype) or dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from modkern import _validation as V
+from modkern import checks
 from modkern.constants import IGNORE_INDEX
 
 RESERVED = ("text", "none")
@@ -142,7 +142,7 @@ def modality_mask(
         ...                   token_ids={"image": 32000}, labels=batch["labels"],
         ...                   attention_mask=batch["attention_mask"])
     """
-    V.check_tensor("input_ids", input_ids)
+    checks.check_tensor("input_ids", input_ids)
     if (
         input_ids.dim() != 2
         or input_ids.dtype == torch.bool
@@ -153,7 +153,7 @@ def modality_mask(
     device = input_ids.device
     for name, t in (("labels", labels), ("attention_mask", attention_mask)):
         if t is not None:
-            V.check_tensor(name, t)
+            checks.check_tensor(name, t)
             if t.shape != input_ids.shape:
                 raise ValueError(
                     f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}"
