@@ -837,6 +837,40 @@ def _mix_coefs(beta: float):
     return math.log(beta), math.log1p(-beta)
 
 
+def _row_args(p, q, ref_index, mask, spec) -> dict:
+    """The keyword arguments every divergence kernel takes: both logits, the optional row maps
+    (an unused pointer stands in for an absent one), the vocabulary, the strides and the spec."""
+    c_p, c_q = _mix_coefs(spec.beta)
+    return dict(
+        p_ptr=p,
+        q_ptr=q,
+        ref_ptr=ref_index if ref_index is not None else q,
+        mask_ptr=mask if mask is not None else q,
+        V=q.shape[1],
+        stride_p=p.stride(0),
+        stride_q=q.stride(0),
+        inv_t=float(spec.inv_temperature),
+        beta=float(spec.beta),
+        c_p=c_p,
+        c_q=c_q,
+        KIND=spec.kind_id,
+        HAS_REF=ref_index is not None,
+        HAS_MASK=mask is not None,
+    )
+
+
+def _grad_args(grad_p, grad_q, write_gp: bool, write_gq: bool, q) -> dict:
+    """The gradient outputs of the kernels that write them (``q`` stands in for one not written)."""
+    return dict(
+        gp_ptr=grad_p if write_gp else q,
+        gq_ptr=grad_q if write_gq else q,
+        stride_gp=grad_p.stride(0) if write_gp else 0,
+        stride_gq=grad_q.stride(0) if write_gq else 0,
+        WRITE_GP=write_gp,
+        WRITE_GQ=write_gq,
+    )
+
+
 def forward(p, q, ref_index, mask, spec):
     """``spec``: a ``modkern.ops.divergence.DivergenceSpec`` (kind, beta, 1/T, which gradients).
 
@@ -848,24 +882,10 @@ def forward(p, q, ref_index, mask, spec):
     if rows == 0:
         return loss, stats, p.new_empty(0), q.new_empty(0)
     block = _block_v(vocab)
-    c_p, c_q = _mix_coefs(spec.beta)
     _divergence_fwd_kernel[(rows,)](
-        p,
-        q,
-        ref_index if ref_index is not None else q,
-        mask if mask is not None else q,
-        loss,
-        stats,
-        vocab,
-        p.stride(0),
-        q.stride(0),
-        float(spec.inv_temperature),
-        float(spec.beta),
-        c_p,
-        c_q,
-        KIND=spec.kind_id,
-        HAS_REF=ref_index is not None,
-        HAS_MASK=mask is not None,
+        **_row_args(p, q, ref_index, mask, spec),
+        loss_ptr=loss,
+        stats_ptr=stats,
         BLOCK=block,
         num_warps=_num_warps(block),
     )
@@ -894,28 +914,10 @@ def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q
     if rows > 0 and (write_gp or write_gq):
         chunk = block * BWD_BLOCKS_PER_PROGRAM
         _divergence_bwd_kernel[(rows, triton.cdiv(vocab, chunk))](
-            p,
-            q,
-            ref_index if ref_index is not None else q,
-            mask if mask is not None else q,
-            grad_rows,
-            stats,
-            grad_p if write_gp else q,
-            grad_q if write_gq else q,
-            vocab,
-            p.stride(0),
-            q.stride(0),
-            grad_p.stride(0) if write_gp else 0,
-            grad_q.stride(0) if write_gq else 0,
-            float(spec.inv_temperature),
-            float(spec.beta),
-            c_p,
-            c_q,
-            KIND=spec.kind_id,
-            HAS_REF=ref_index is not None,
-            HAS_MASK=mask is not None,
-            WRITE_GP=write_gp,
-            WRITE_GQ=write_gq,
+            **_row_args(p, q, ref_index, mask, spec),
+            **_grad_args(grad_p, grad_q, write_gp, write_gq, q),
+            grad_rows_ptr=grad_rows,
+            stats_ptr=stats,
             BLOCK=block,
             CHUNK=chunk,
             num_warps=_num_warps(block),
@@ -989,32 +991,13 @@ def forward_with_grads(p, q, ref_index, mask, weight, spec):
     # a one-tile row exchanges nothing and its pointers go unread
     n_words = (2 + int(need_s)) * programs if nchunk > 1 else 1
     words = torch.zeros(n_words, dtype=torch.int64, device=q.device)
-    c_p, c_q = _mix_coefs(spec.beta)
     _divergence_fused_kernel[(programs,)](
-        p,
-        q,
-        ref_index if ref_index is not None else q,
-        mask if mask is not None else q,
-        weight,
-        grad_p if write_gp else q,
-        grad_q if write_gq else q,
-        words,
-        words[2 * programs :] if need_s and nchunk > 1 else words,
-        partials,
-        vocab,
-        p.stride(0),
-        q.stride(0),
-        grad_p.stride(0) if write_gp else 0,
-        grad_q.stride(0) if write_gq else 0,
-        float(spec.inv_temperature),
-        float(spec.beta),
-        c_p,
-        c_q,
-        KIND=spec.kind_id,
-        HAS_REF=ref_index is not None,
-        HAS_MASK=mask is not None,
-        WRITE_GP=write_gp,
-        WRITE_GQ=write_gq,
+        **_row_args(p, q, ref_index, mask, spec),
+        **_grad_args(grad_p, grad_q, write_gp, write_gq, q),
+        weight_ptr=weight,
+        lse_words_ptr=words,
+        sum_words_ptr=words[2 * programs :] if need_s and nchunk > 1 else words,
+        part_ptr=partials,
         NEED_S=need_s,
         NCHUNK=nchunk,
         NCHUNK_P2=triton.next_power_of_2(nchunk),
