@@ -48,13 +48,11 @@ try:  # the fast log2 (PTX lg2.approx) of the compiled kernels; the interpreter 
 except ImportError:  # pragma: no cover - depends on the triton build
     _libdevice = None
 
-from modkern.constants import KERNEL_DTYPES, STATS_WIDTH, accumulation_dtype
+from modkern.constants import STATS_WIDTH, accumulation_dtype
 
-# float64 logits run the PyTorch backend (modkern.ops.dispatch.load_impl reads this).
-SUPPORTED_DTYPES = KERNEL_DTYPES
-# The forward stores no gradient: the backward recomputes them from p, q and the row statistics
-# (modkern/ops/divergence.py reads this for the op's fake outputs and for what autograd saves).
-STORES_GRADIENTS = False
+# float64 logits run the PyTorch backend (modkern.ops.dispatch.SUPPORTED_DTYPES). The forward stores
+# no gradient: the backward recomputes them from p, q and the row statistics
+# (modkern.ops.divergence.api.STORES_GRADIENTS).
 
 # Widest block of the vocabulary one program handles per loop iteration. Rows wider than this
 # loop; tests lower it to exercise many iterations.

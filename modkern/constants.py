@@ -8,9 +8,8 @@ import torch
 # The label of a position that is not an answer token (PyTorch's cross-entropy ``ignore_index``).
 IGNORE_INDEX = -100
 
-# Element types of GPU kernels written for fp32 accumulation of 16/32-bit inputs. A backend module
-# that sets ``SUPPORTED_DTYPES`` (e.g. to this) gets other inputs (float64) routed to the PyTorch
-# backend by ``load_impl``: exact fp64 arithmetic, not a performance path.
+# Element types of GPU kernels written for fp32 accumulation of 16/32-bit inputs (what
+# modkern.ops.dispatch.SUPPORTED_DTYPES lists for them; other inputs, float64, run the PyTorch backend).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The divergence kinds every backend implements, with the integer code the Triton and CUDA kernels

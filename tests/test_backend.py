@@ -40,18 +40,30 @@ def test_float64_divergence_goes_to_torch_while_fp64_kernels_stay():
     assert load_impl("perturb", "triton", DEVICE, (torch.float64,)).__name__ == "modkern.kernels.perturb"
 
 
-def test_cuda_backend_modules_declare_their_dtypes():
-    import modkern.ops.adv_step.cuda_impl as adv
-    import modkern.ops.divergence.cuda_impl as div
-    import modkern.ops.perturb.cuda_impl as pert
+def test_cuda_backends_declare_their_dtypes():
+    from modkern.ops.dispatch import SUPPORTED_DTYPES
 
-    for module in (adv, pert):
-        assert module.SUPPORTED_DTYPES == KERNEL_DTYPES
+    for op in ("adv_step", "perturb"):
+        assert SUPPORTED_DTYPES[(op, "cuda")] == KERNEL_DTYPES
     # the CUDA divergence kernels store the forward's gradients in the logits' dtype; fp16 needs
     # fp32 there (saved_grad_dtype), so fp16 runs the PyTorch backend
-    assert div.SUPPORTED_DTYPES == (torch.float32, torch.bfloat16)
-    for module in (adv, div, pert):
-        assert torch.float64 not in module.SUPPORTED_DTYPES
+    assert SUPPORTED_DTYPES[("divergence", "cuda")] == (torch.float32, torch.bfloat16)
+    assert SUPPORTED_DTYPES[("divergence", "triton")] == KERNEL_DTYPES
+    for op in ("adv_step", "divergence", "perturb"):
+        assert torch.float64 not in SUPPORTED_DTYPES[(op, "cuda")]
+        assert "torch" not in {b for o, b in SUPPORTED_DTYPES if o == op}  # PyTorch takes every dtype
+
+
+def test_every_divergence_backend_has_the_one_read_entry_points():
+    # grad_mode="forward" calls forward_with_grads / scale_ on whichever backend runs (no hasattr)
+    import modkern.ops.divergence.cuda_impl as cuda_impl
+    import modkern.ops.divergence.torch_impl as torch_impl
+
+    modules = [torch_impl, cuda_impl]
+    if "triton" in available_backends(DEVICE):
+        modules.append(load_impl("divergence", "triton", DEVICE, (torch.float32,)))
+    for module in modules:
+        assert callable(module.forward_with_grads) and callable(module.scale_), module.__name__
 
 
 def test_call_impl_makes_the_tensors_device_current(monkeypatch):

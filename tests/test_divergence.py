@@ -480,9 +480,10 @@ def test_backward_keeps_only_what_it_reads(backend):
     # logits are not kept alive (stride-0 stand-ins carry their shape) unless ref_index shares P
     # rows and P's gradient is wanted. The Triton backend recomputes every gradient from p, q and
     # the row statistics, so it keeps them whenever a gradient is wanted - and stores none.
-    from modkern.ops.dispatch import load_impl
+    from modkern.ops.dispatch import impl_name
+    from modkern.ops.divergence.api import STORES_GRADIENTS
 
-    stores = load_impl("divergence", backend, DEVICE, (torch.float32,)).STORES_GRADIENTS
+    stores = STORES_GRADIENTS[impl_name("divergence", backend, DEVICE, (torch.float32,))]
     p = _logits((4, 64), torch.float32)
     q = _logits((4, 64), torch.float32)
     for p_in, ref_index, shared in ((p.detach(), None, False), (p, None, False), (p, [0, 1, 1, 3], True)):

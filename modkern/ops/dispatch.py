@@ -145,18 +145,32 @@ IMPL_MODULES = {
 }
 
 
-def load_impl(op: str, backend: str, device: torch.device, dtypes=()):
-    """The implementation module of op family ``op`` for ``backend`` on ``device``.
+# The element types a backend's kernels take, per (op, backend); a call with another dtype runs the
+# PyTorch backend (exact fp64 arithmetic, not a performance path). The CUDA divergence kernels store
+# the forward's gradients in the logits' dtype, and fp16 needs them in fp32 (saved_grad_dtype), so
+# fp16 runs the PyTorch backend there too; bf16 / fp32 are the training dtypes it is for.
+SUPPORTED_DTYPES = {
+    ("divergence", "triton"): KERNEL_DTYPES,
+    ("divergence", "cuda"): (torch.float32, torch.bfloat16),
+    ("adv_step", "cuda"): KERNEL_DTYPES,
+    ("perturb", "cuda"): KERNEL_DTYPES,
+}
 
-    ``dtypes``: the element types of the call's floating inputs / outputs. When the module declares
-    ``SUPPORTED_DTYPES`` and one of them is not in it, the PyTorch backend runs the call instead.
-    """
+
+def impl_name(op: str, backend: str, device: torch.device, dtypes=()) -> str:
+    """The backend that runs a call of op family ``op`` (``dtypes``: the element types of its floating
+    inputs / outputs), decided without importing it: ``resolve_backend``, then the PyTorch backend
+    for a dtype that :data:`SUPPORTED_DTYPES` does not list."""
     name = resolve_backend(backend, device, op)
-    module = importlib.import_module(IMPL_MODULES[name].format(op=op))
-    supported = getattr(module, "SUPPORTED_DTYPES", None)
+    supported = SUPPORTED_DTYPES.get((op, name))
     if supported is not None and any(d not in supported for d in dtypes):
-        module = importlib.import_module(IMPL_MODULES["torch"].format(op=op))
-    return module
+        return "torch"
+    return name
+
+
+def load_impl(op: str, backend: str, device: torch.device, dtypes=()):
+    """The implementation module of op family ``op`` that runs the call (see :func:`impl_name`)."""
+    return importlib.import_module(IMPL_MODULES[impl_name(op, backend, device, dtypes)].format(op=op))
 
 
 def device_guard(device: torch.device):

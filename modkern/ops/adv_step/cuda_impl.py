@@ -7,10 +7,8 @@ the l2 projection. float64 ``delta`` or ``grad`` runs the PyTorch backend.
 
 from __future__ import annotations
 
-from modkern.constants import KERNEL_DTYPES, NORM_CODES, STEP_CODES
+from modkern.constants import NORM_CODES, STEP_CODES
 from modkern.ops.cuda_ext import ext
-
-SUPPORTED_DTYPES = KERNEL_DTYPES  # float64 runs the PyTorch backend (modkern.ops.dispatch.load_impl)
 
 
 def step(delta, grad, mask, out, alpha, alpha_t, epsilon, epsilon_t, step, norm):

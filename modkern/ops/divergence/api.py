@@ -35,6 +35,7 @@ from modkern.ops.dispatch import (
     call_impl,
     check_backend,
     device_guard,
+    impl_name,
     load_impl,
     saved_grad_dtype,
 )
@@ -148,10 +149,16 @@ def divergence_fwd(
     return call_impl("divergence", "forward", backend, q.device, (p.dtype, q.dtype), p, q, ref_index, mask, spec)
 
 
+# Whether a backend's forward stores each row's gradients (the backward scales them) or its backward
+# recomputes them from the logits and the row statistics (Triton): what the op's fake outputs and
+# autograd's saved tensors look like.
+STORES_GRADIENTS = {"torch": True, "triton": False, "cuda": True}
+
+
 def _stores_gradients(backend, p, q) -> bool:
-    """Whether the backend that runs this call stores the gradients in the forward (PyTorch, CUDA)
-    or recomputes them in the backward (Triton): its module's ``STORES_GRADIENTS``."""
-    return getattr(load_impl("divergence", backend, q.device, (p.dtype, q.dtype)), "STORES_GRADIENTS", True)
+    """Whether the backend that runs this call stores the gradients in the forward (decided without
+    loading it: the fake implementation asks too)."""
+    return STORES_GRADIENTS[impl_name("divergence", backend, q.device, (p.dtype, q.dtype))]
 
 
 @divergence_fwd.register_fake
@@ -329,18 +336,13 @@ def divergence_fwd_grads(
     """Returns (loss_rows [R], grad_p [N, V] or [0], grad_q [R, V] or [0]): the per-row losses and
     the gradients of ``weight * loss_rows.sum()`` (``weight``: a 0-dim fp32 tensor), in one call.
 
-    A backend module with ``forward_with_grads`` (Triton) reads the logits once; any other runs its
-    forward, then its backward with ``weight`` as every row's incoming gradient."""
+    The Triton backend reads the logits once; the others run their forward, then their backward with
+    ``weight`` as every row's incoming gradient (:mod:`modkern.ops.divergence.composed`)."""
     check_ref_index_values(ref_index, p.shape[0])
     spec = DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend)
     module = load_impl("divergence", backend, q.device, (p.dtype, q.dtype))
     with device_guard(q.device):
-        if hasattr(module, "forward_with_grads"):
-            return module.forward_with_grads(p, q, ref_index, mask, weight, spec)
-        rows, stats, gp, gq = module.forward(p, q, ref_index, mask, spec)
-        grad_rows = weight.to(stats.dtype).expand(q.shape[0])
-        grad_p, grad_q = module.backward(grad_rows, p, q, ref_index, mask, stats, gp, gq, spec)
-        return rows, grad_p, grad_q
+        return module.forward_with_grads(p, q, ref_index, mask, weight, spec)
 
 
 @divergence_fwd_grads.register_fake
@@ -361,11 +363,7 @@ def divergence_scale_(grad_scale: Tensor, grad_p: Tensor, grad_q: Tensor, backen
         return
     module = load_impl("divergence", backend, tensors[0].device, tuple(t.dtype for t in tensors))
     with device_guard(tensors[0].device):
-        if hasattr(module, "scale_"):
-            module.scale_(grad_scale, *tensors)
-            return
-        for t in tensors:
-            t.copy_(t * grad_scale.to(device=t.device, dtype=accumulation_dtype(t)))
+        module.scale_(grad_scale, *tensors)
 
 
 @divergence_scale_.register_fake

@@ -4,23 +4,17 @@ Thin wrapper over ``modkern._C.divergence_forward`` / ``divergence_backward`` (`
 the forward computes per-row losses, row statistics and the per-row gradients in one kernel (row
 slices kept in shared memory, split over a thread-block cluster on Hopper); the backward scales
 the stored gradients, or with ``ref_index`` recomputes P's gradient per P row over its copies.
-float64 and float16 inputs run the PyTorch backend (see ``SUPPORTED_DTYPES``).
+float64 and float16 inputs run the PyTorch backend (``modkern.ops.dispatch.SUPPORTED_DTYPES``).
 """
 
 from __future__ import annotations
 
-import torch
-
 from modkern.ops.cuda_ext import ext
 from modkern.ops.dispatch import DIVERGENCE_KIND_IDS as KIND_IDS  # = the C++ kind codes (csrc/divergence.h)
+from modkern.ops.divergence import composed
 
-# float64 runs the PyTorch backend (modkern.ops.dispatch.load_impl), and so does float16: the CUDA kernels
-# store the forward's gradients in the logits' dtype, and fp16 needs them in fp32
-# (modkern.ops.dispatch.saved_grad_dtype). bf16 / fp32 are the training dtypes this backend is for.
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 # The forward stores each row's gradients (rows cached in shared memory: one HBM read of the
-# logits); the backward scales them.
-STORES_GRADIENTS = True
+# logits); the backward scales them (modkern.ops.divergence.api.STORES_GRADIENTS).
 
 
 def forward(p, q, ref_index, mask, spec):
@@ -35,3 +29,11 @@ def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q
     return ext().divergence_backward(
         *tensors, KIND_IDS[spec.kind], spec.beta, spec.inv_temperature, spec.need_grad_p, spec.need_grad_q
     )
+
+
+def forward_with_grads(p, q, ref_index, mask, weight, spec):
+    """The forward, then the backward with ``weight`` as every row's incoming gradient."""
+    return composed.forward_with_grads(forward, backward, p, q, ref_index, mask, weight, spec)
+
+
+scale_ = composed.scale_

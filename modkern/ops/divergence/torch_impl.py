@@ -28,9 +28,10 @@ import math
 import torch
 
 from modkern.ops.dispatch import accumulation_dtype, saved_grad_dtype
+from modkern.ops.divergence import composed
 
-# The forward stores each row's gradients (unscaled); the backward scales them.
-STORES_GRADIENTS = True
+# The forward stores each row's gradients (unscaled); the backward scales them
+# (modkern.ops.divergence.api.STORES_GRADIENTS).
 
 
 def _zero_where_zero(x: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
@@ -156,3 +157,11 @@ def backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q
         contrib = torch.where(mask[:, None], contrib, torch.zeros_like(contrib))
     grad_p = torch.zeros(p.shape, dtype=acc, device=p.device).index_add_(0, ref_index, contrib)
     return grad_p.to(p.dtype), grad_q
+
+
+def forward_with_grads(p, q, ref_index, mask, weight, spec):
+    """The forward, then the backward with ``weight`` as every row's incoming gradient."""
+    return composed.forward_with_grads(forward, backward, p, q, ref_index, mask, weight, spec)
+
+
+scale_ = composed.scale_

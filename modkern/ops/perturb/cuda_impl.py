@@ -9,9 +9,6 @@ from __future__ import annotations
 import torch
 
 from modkern.ops.cuda_ext import ext
-from modkern.ops.dispatch import KERNEL_DTYPES
-
-SUPPORTED_DTYPES = KERNEL_DTYPES  # float64 runs the PyTorch backend (modkern.ops.dispatch.load_impl)
 
 
 def forward(embeds, delta, mask):
