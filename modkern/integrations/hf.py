@@ -79,14 +79,15 @@ class RobustTrainerMixin:
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The Trainer's micro-batches of one optimizer step; also counts their clean samples (rows
         whose ``ref_index`` is themselves, every row without one), the consistency term's divisor,
-        summed over processes like ``num_items_in_batch``."""
+        summed over processes like ``num_items_in_batch`` (None when the Trainer counts no items: then
+        every term is divided by the micro-batch's own counts)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._robust_num_clean = count_clean_samples(batch_samples)
-        if self._robust_num_clean is not None and num_items_in_batch is not None:
-            count = torch.tensor(self._robust_num_clean, device=device)
+        count = None if num_items_in_batch is None else count_clean_samples(batch_samples)
+        if count is not None:
+            count = torch.tensor(count, device=device)
             if getattr(self.args, "average_tokens_across_devices", False) and self.args.world_size > 1:
                 count = self.accelerator.gather(count).sum()
-            self._robust_num_clean = count
+        self._robust_num_clean = count
         return batch_samples, num_items_in_batch
 
     def _robust_loss_scale(self, num_items_in_batch) -> float:
@@ -141,6 +142,7 @@ class RobustTrainerMixin:
                 self.robust_config,
                 num_items_in_batch=num_items_in_batch,
                 attack_grad_scale=self._robust_attack_grad_scale(model),
+                # the step's count only with the step's items (a direct call gets the micro-batch's own)
                 num_clean_in_batch=self._robust_num_clean if num_items_in_batch is not None else None,
             )
             loss = out.loss

@@ -732,11 +732,15 @@ def _clean_sample_count(ref_index, batch_size: int):
     without ``ref_index``. An int for a CPU ``ref_index`` (the collator's), else a 0-dim tensor."""
     if ref_index is None:
         return batch_size
-    ref = _normalize_ref_index(
-        ref_index, batch_size, ref_index.device if isinstance(ref_index, Tensor) else torch.device("cpu")
-    )
-    count = (ref == torch.arange(batch_size, device=ref.device)).sum().clamp_min(1)
+    count = _clean_rows(ref_index, batch_size).sum().clamp_min(1)
     return int(count) if count.device.type == "cpu" else count
+
+
+def _clean_rows(ref_index, batch_size: int) -> Tensor:
+    """Bool ``[B]``: the rows that are clean samples (``ref_index`` themselves, or -1)."""
+    device = ref_index.device if isinstance(ref_index, Tensor) else torch.device("cpu")
+    ref = _normalize_ref_index(ref_index, batch_size, device)
+    return ref == torch.arange(batch_size, device=device)
 
 
 def count_clean_samples(batches) -> Optional[int]:
@@ -748,11 +752,7 @@ def count_clean_samples(batches) -> Optional[int]:
         if not isinstance(ids, torch.Tensor):
             return None
         ref = batch.get("ref_index")
-        if ref is None:
-            total += ids.shape[0]
-        else:
-            ref = torch.as_tensor(ref).reshape(-1).cpu()
-            total += int(((ref == torch.arange(ref.numel())) | (ref < 0)).sum())
+        total += ids.shape[0] if ref is None else int(_clean_rows(torch.as_tensor(ref).cpu(), ids.shape[0]).sum())
     return total
 
 
@@ -801,7 +801,7 @@ def _consistency_terms(
     compare = []  # (branch, row mask): the rows compared with their clean sample's
     if config.pairs in ("official", "heuristic") and ref_rows is not None:
         compare.append((clean, ref_rows != torch.arange(ref_rows.numel(), device=device)))  # the copies' rows
-    if adv is not None and config.pairs in ("official", "adversarial"):
+    if adv is not None:  # an adversarial forward ran: pairs "official" or "adversarial"
         compare.append((adv, None))
     terms = []
     if clean.logits is not None:
@@ -831,8 +831,6 @@ def _consistency_terms(
             terms.append(div.sum() * weight)
             if branch is adv:
                 ce_adv = ce.sum()
-        if adv is not None and ce_adv is None:
-            ce_adv = passes.ce_sum(adv)
     return ce_adv, (sum(terms[1:], terms[0]) if terms else None)
 
 
