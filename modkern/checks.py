@@ -243,7 +243,8 @@ def check_token_mask(name: str, mask, shape, device) -> torch.Tensor:
 
 
 def check_scalar_on(name: str, value, device) -> tuple[float, torch.Tensor | None]:
-    """A Python number > 0, or a 0-dim real tensor on ``device`` holding a finite value > 0.
+    """A Python number > 0, or a 0-dim real tensor on ``device`` (or the CPU, as torch's scalar
+    tensors may be) holding a finite value > 0.
 
     Returns ``(value, None)`` for a number and ``(0.0, tensor)`` for a tensor, the form the
     registered ops take (a float argument would be specialized by ``torch.compile``, a tensor not).
@@ -255,12 +256,13 @@ def check_scalar_on(name: str, value, device) -> tuple[float, torch.Tensor | Non
         return value, None
     if value.dtype.is_complex or value.dtype == torch.bool:
         raise TypeError(f"{name} must be a real number or a 0-dim real tensor, got dtype {value.dtype}")
-    if value.device != device:
+    if value.device != device and value.device.type != "cpu":
         raise ValueError(f"{name} is on {value.device} but the tensors are on {device}")
     valid = (value > 0) & torch.isfinite(value)
     if readable(value):
         if not bool(valid):
             raise ValueError(f"{name} must be finite and > 0, got {value.item()}")
-        return 0.0, value
+        return 0.0, value.to(device)
     # an integer tensor cannot hold NaN: as float, so a bad value still shows up as NaN
-    return 0.0, nan_unless(valid, value if value.dtype.is_floating_point else value.to(torch.float32))
+    value = value if value.dtype.is_floating_point else value.to(torch.float32)
+    return 0.0, nan_unless(valid, value).to(device)

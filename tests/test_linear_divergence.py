@@ -20,7 +20,7 @@ On the Triton backend the per-chunk divergence runs in the Triton interpreter: s
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_params
+from conftest import DEVICE, backend_params
 
 from modkern import fused_linear_js, fused_linear_kl
 from modkern.ops.linear_divergence import default_chunk_size, linear_losses, linear_losses_fwd
@@ -57,12 +57,21 @@ def reference(case, p, q, w, bias=None, *, detach_p_logits=False, **kw):
     return kl_divergence(p_logits, q_logits, direction=case[3:], **kw)
 
 
+@pytest.fixture(autouse=True)
+def _on_device():
+    """Tensors made in a test are on the test device (the GPU where there is one)."""
+    with torch.device(DEVICE):
+        yield
+
+
 def make(n=5, r=None, h=16, v=37, dtype=torch.float32, bias=True, seed=0):
     gen = torch.Generator().manual_seed(seed)
     r = n if r is None else r
-    rand = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen, dtype=torch.float64) * s).to(dtype)
+    rand = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen, dtype=torch.float64, device="cpu") * s).to(
+        DEVICE, dtype
+    )
     p = rand(n, h).requires_grad_(True)
-    q = (p.detach()[torch.arange(r) % n] + rand(r, h, s=0.5)).requires_grad_(True)
+    q = (p.detach()[torch.arange(r, device=DEVICE) % n] + rand(r, h, s=0.5)).requires_grad_(True)
     w = rand(v, h, s=0.5).requires_grad_(True)
     b = rand(v, s=0.3).requires_grad_(True) if bias else None
     return p, q, w, b
@@ -230,8 +239,14 @@ def test_torch_compile_fullgraph():
     for g, e in zip(torch.autograd.grad(got, (p, q, w, b)), torch.autograd.grad(want, (p, q, w, b))):
         torch.testing.assert_close(g, e)
     bad = torch.tensor([0, 0, 4, 2])  # checked inside the op, also under compile
-    with pytest.raises(ValueError, match="ref_index values must lie in"):
-        torch.compile(fused_linear_js, fullgraph=True, backend="aot_eager")(p, q, w, ref_index=bad)
+    compiled_js = torch.compile(fused_linear_js, fullgraph=True, backend="aot_eager")
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match="ref_index values must lie in"):
+            compiled_js(p, q, w, ref_index=bad)
+    else:  # no host sync, no device-side assert: a NaN loss and NaN gradients
+        loss = compiled_js(p, q, w, ref_index=bad)
+        assert torch.isnan(loss)
+        assert torch.isnan(torch.autograd.grad(loss, q)[0]).all()
 
 
 @pytest.mark.parametrize(

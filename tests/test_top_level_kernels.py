@@ -65,22 +65,64 @@ def test_import_kernels_from_root_hands_over_to_the_next_package(tmp_path):
     assert proc.stdout.split() == ["hub", "kernels", "7", "modkern.kernels.perturb"]
 
 
-def test_import_kernels_from_root_without_another_package_fails_as_if_absent(tmp_path):
-    # Only the repository root and the standard library: no other ``kernels`` anywhere.
+def test_import_kernels_from_root_without_another_package_is_an_empty_namespace(tmp_path):
+    # Only the repository root and the standard library: no other ``kernels`` anywhere. The folder
+    # is then what any stray folder of that name is, an empty namespace: nothing of modkern in it.
     proc = _run_from_root(
         """
         import sys
         sys.path[:] = [p for p in sys.path if "site-packages" not in p]
+        import importlib.util
+        import kernels
+        print(kernels.__file__, hasattr(kernels, "__version__"), list(kernels.__path__))
+        print(importlib.util.find_spec("kernels").origin)
         try:
-            import kernels
+            import kernels.divergence
         except ModuleNotFoundError as e:
-            print("ABSENT", e.name, "kernels" in sys.modules)
-        else:
-            print("FOUND", kernels.__file__)
+            print("NO-SUBMODULE", e.name)
+        try:
+            kernels.get_kernel
+        except AttributeError as e:
+            print("not installed" in str(e), "modkern.kernels" in str(e))
         """
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["ABSENT", "kernels", "False"]
+    assert proc.stdout.split() == ["None", "False", "[]", "None", "NO-SUBMODULE", "kernels.divergence", "True", "True"]
+
+
+# Hides an installed Hugging Face ``kernels`` from the finders and from the package metadata.
+HIDE_HUB_KERNELS = """
+import importlib.machinery, importlib.metadata
+_find = importlib.machinery.PathFinder.find_spec
+def _find_without_hub(name, path=None, target=None):
+    spec = _find(name, path, target)
+    if name == "kernels" and spec is not None and "site-packages" in str(spec.origin):
+        return None
+    return spec
+importlib.machinery.PathFinder.find_spec = _find_without_hub
+_version = importlib.metadata.version
+def _version_without_hub(name):
+    if name == "kernels":
+        raise importlib.metadata.PackageNotFoundError(name)
+    return _version(name)
+importlib.metadata.version = _version_without_hub
+"""
+
+
+def test_transformers_without_hub_kernels_imports_from_root():
+    # transformers imports ``kernels`` to read its version when it finds no metadata: from the
+    # repository root, without Hugging Face's package, that must read as "not installed".
+    proc = _run_from_root(
+        HIDE_HUB_KERNELS
+        + """
+import transformers.activations
+from transformers.utils.import_utils import is_kernels_available
+import modkern.kernels.divergence
+print("OK", is_kernels_available())
+"""
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["OK", "False"]
 
 
 def test_transformers_hub_kernels_integration_imports_from_root():

@@ -493,8 +493,9 @@ def row_ref_index(rows: Tensor, ref_index: Tensor) -> Tensor:
 
     ``rows [B, L]`` marks the answer rows of each sample; ``ref_index [B]`` the clean sample of each
     sample. The k-th answer row of sample b maps to the k-th answer row of sample ``ref_index[b]``
-    (copies may have prompts of other lengths). Computed on the device without host syncs; on CPU
-    the answer counts of each copy and its reference are checked to agree.
+    (copies may have prompts of other lengths). Computed on the device without host syncs. The answer
+    counts of each copy and its reference must agree: checked on CPU (``ValueError``); elsewhere the
+    rows of a sample that breaks the rule map to -1, which the divergence ops turn into NaN.
     """
     batch, length = rows.shape
     rank = rows.long().cumsum(1) - 1
@@ -512,10 +513,11 @@ def row_ref_index(rows: Tensor, ref_index: Tensor) -> Tensor:
                 f"samples {bad} have a different number of answer tokens than their ref_index sample: a copy must "
                 "keep its clean sample's answer"
             )
-    else:
-        torch._assert_async(same.all(), "a copy's answer length differs from its ref_index sample's")
     ref_pos = pos[ref].gather(1, rank.clamp_min(0))
-    return (ref.unsqueeze(1) * length + ref_pos).reshape(-1)
+    # elsewhere no host sync: a sample whose answer length differs maps to -1, which the divergence
+    # ops turn into a NaN loss (no device-side assert, which would kill the CUDA context)
+    index = torch.where(same.unsqueeze(1), ref.unsqueeze(1) * length + ref_pos, torch.full_like(ref_pos, -1))
+    return index.reshape(-1)
 
 
 def _normalize_ref_index(ref_index, batch_size: int, device) -> Tensor:
@@ -572,10 +574,10 @@ class _AnswerRows:
         if ref_index is None:
             return None
         device = self.mask.device
-        full = row_ref_index(self.mask, _normalize_ref_index(ref_index, self.mask.shape[0], device))
+        full = row_ref_index(self.mask, _normalize_ref_index(ref_index, self.mask.shape[0], device))[self.index]
         position = torch.zeros(self.tokens, dtype=torch.long, device=device)
         position[self.index] = torch.arange(self.index.numel(), device=device)
-        return position[full[self.index]]
+        return torch.where(full >= 0, position[full.clamp_min(0)], full)  # -1 stays: a NaN loss
 
 
 def _answer_rows(shifted: Tensor, num_items_in_batch, config: RobustConfig, model, head: nn.Module) -> _AnswerRows:

@@ -115,17 +115,33 @@ class DivergenceSpec:
         return DivergenceSpec(kind, float(beta), float(inv_temperature), bool(need_grad_p), bool(need_grad_q), backend)
 
 
-def check_ref_index_values(ref_index: Optional[Tensor], num_p_rows: int) -> None:
-    # Runs inside the op, so it is opaque to torch.compile. CPU: a real check. CUDA: an async
-    # device-side assert (no host synchronization).
+def check_ref_index_values(ref_index: Optional[Tensor], num_p_rows: int) -> Optional[Tensor]:
+    """``ref_index`` as the kernels may read it. Runs inside the op, so it is opaque to torch.compile.
+
+    CPU: a real check (``ValueError``). Elsewhere the values cannot be read without a host sync, and
+    a device-side assert would kill the CUDA context: the indices are clamped into ``[0, N)`` so no
+    kernel reads outside ``p``, and the public functions make the result NaN through
+    :func:`ref_index_guard` (loss and gradients)."""
     if ref_index is None or ref_index.numel() == 0:
-        return
+        return ref_index
     if ref_index.device.type == "cpu":
         lo, hi = int(ref_index.min()), int(ref_index.max())
         if lo < 0 or hi >= num_p_rows:
             raise ValueError(f"ref_index values must lie in [0, {num_p_rows}), got range [{lo}, {hi}]")
-    else:
-        torch._assert_async(((ref_index >= 0) & (ref_index < num_p_rows)).all(), "ref_index out of range")
+        return ref_index
+    return ref_index.clamp(0, num_p_rows - 1)
+
+
+def ref_index_guard(ref_index: Optional[Tensor], num_p_rows: int) -> Optional[Tensor]:
+    """On a device, a 0-dim fp32 factor: 1 when every ``ref_index`` value lies in ``[0, N)``, else NaN.
+
+    The public functions multiply their per-row losses (or the forward-gradient weight) by it, so an
+    index out of range gives a NaN loss and NaN gradients instead of a device-side assert. None where
+    the op checks the values itself (CPU) or there is no ``ref_index``."""
+    if ref_index is None or ref_index.numel() == 0 or ref_index.device.type == "cpu":
+        return None
+    in_range = ((ref_index >= 0) & (ref_index < num_p_rows)).all()
+    return checks.nan_unless(in_range, torch.ones((), dtype=torch.float32, device=ref_index.device))
 
 
 @torch.library.custom_op("modkern::divergence_fwd", mutates_args=())
@@ -144,7 +160,7 @@ def divergence_fwd(
     """Returns (loss_rows [R], stats [R, STATS_WIDTH], grad_p [N, V] or [0], grad_q [R, V] or [0]).
 
     grad_p / grad_q are the per-row gradients of backends that store them (``STORES_GRADIENTS``)."""
-    check_ref_index_values(ref_index, p.shape[0])
+    ref_index = check_ref_index_values(ref_index, p.shape[0])
     spec = DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend)
     return call_impl("divergence", "forward", backend, q.device, (p.dtype, q.dtype), p, q, ref_index, mask, spec)
 
@@ -338,7 +354,7 @@ def divergence_fwd_grads(
 
     The Triton backend reads the logits once; the others run their forward, then their backward with
     ``weight`` as every row's incoming gradient (:mod:`modkern.ops.divergence.composed`)."""
-    check_ref_index_values(ref_index, p.shape[0])
+    ref_index = check_ref_index_values(ref_index, p.shape[0])
     spec = DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend)
     module = load_impl("divergence", backend, q.device, (p.dtype, q.dtype))
     with device_guard(q.device):
@@ -477,8 +493,10 @@ def _divergence(
     scale = checks.check_finite_factor("scale", scale, q2.device)
     if isinstance(scale, Tensor):  # the result keeps the accumulation dtype whatever the scale's
         scale = scale.to(device=q2.device, dtype=accumulation_dtype(p2))
+    guard = ref_index_guard(ref_index, p2.shape[0])
     if _uses_forward_grads(grad_mode, reduction, p2, q2, ref_index):
         weight = _reduction_weight(reduction, num_items, mask, q2.shape[0], q2.device)
+        weight = weight if guard is None else weight * guard
         # a constant scale goes into the gradients the forward writes (the backward then gets the
         # caller's outer gradient, often 1, and moves nothing); one that requires grad stays outside
         folded = scale is not None and not (isinstance(scale, Tensor) and scale.requires_grad)
@@ -487,6 +505,7 @@ def _divergence(
         out = ForwardGradsDivergence.apply(p2, q2, ref_index, mask, weight, kind, beta, float(temperature), backend)
         return out if scale is None or folded else out * scale
     rows = FusedDivergence.apply(p2, q2, ref_index, mask, kind, beta, float(temperature), backend)
+    rows = rows if guard is None else rows * guard
     out = rows.reshape(leading) if reduction == "none" else reduce_rows(rows, mask, reduction, num_items)
     return out if scale is None else out * scale
 

@@ -32,7 +32,13 @@ from modkern import checks
 from modkern._reduction import reduce_rows
 from modkern.constants import IGNORE_INDEX
 from modkern.ops.dispatch import accumulation_dtype, check_backend
-from modkern.ops.divergence.api import DIRECTIONS, check_ref_index_values, divergence_bwd, divergence_fwd
+from modkern.ops.divergence.api import (
+    DIRECTIONS,
+    check_ref_index_values,
+    divergence_bwd,
+    divergence_fwd,
+    ref_index_guard,
+)
 
 NO_DIVERGENCE = "none"
 # Default memory budget of one chunk's [rows, V] temporaries (logits of both branches, the
@@ -131,7 +137,7 @@ def linear_losses_fwd(
     ``detach_p_logits`` only matters to the backward (no gradient through the P logits).
     """
     if p_hidden is not None:
-        check_ref_index_values(ref_index, p_hidden.shape[0])  # inside the op: opaque to torch.compile
+        ref_index = check_ref_index_values(ref_index, p_hidden.shape[0])  # inside the op: opaque to compile
     rows, acc = q_hidden.shape[0], accumulation_dtype(q_hidden)
     div = q_hidden.new_zeros((rows if kind != NO_DIVERGENCE else 0,), dtype=acc)
     ce = q_hidden.new_zeros((rows if targets is not None else 0,), dtype=acc)
@@ -180,6 +186,8 @@ def linear_losses_bwd(
     """Returns the gradients of (q_hidden, p_hidden, weight, bias), each ``[0]`` when not needed."""
     use_div = kind != NO_DIVERGENCE
     use_ce = targets is not None
+    if use_div:
+        ref_index = check_ref_index_values(ref_index, p_hidden.shape[0])
     need_head = need_grad_weight or need_grad_bias
     q_logit_grad = need_grad_q or need_head
     p_logit_grad = use_div and not detach_p_logits and (need_grad_p or need_head)
@@ -383,6 +391,8 @@ def linear_losses(
         raise TypeError(f"detach_p_logits must be a bool, got {type(detach_p_logits).__name__}")
     args = (q_hidden, p_hidden, weight, bias, targets, mask, ref_index, kind, beta, 1.0 / temperature)
     div, ce = linear_losses_fwd(*args, int(chunk_size), detach_p_logits, backend)
+    guard = ref_index_guard(ref_index, p_hidden.shape[0]) if kind != NO_DIVERGENCE else None
+    div = div if guard is None else div * guard
     return (div if kind != NO_DIVERGENCE else None), (ce if targets is not None else None)
 
 
