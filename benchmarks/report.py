@@ -120,8 +120,10 @@ bash benchmarks/gpu_check.sh results-gpu      # on the GPU machine: build, test,
 bash benchmarks/gpu_check.sh --dry-run /tmp/x  # on any machine: prints the plan and runs the CPU-side parts (CI does)
 ```
 
-Order: the CUDA extension build (`pip install --no-build-isolation --no-deps -e .`, `MAX_JOBS`
-parallel jobs, its time printed) starts in the background; meanwhile the headline benchmarks run
+Order: a pure-Python editable install (`MODKERN_BUILD_CUDA=0 pip install --no-build-isolation
+--no-deps -e .`, seconds: the source tree alone has no `modkern.kernels`), then the CUDA extension
+build (`python setup.py build_ext --inplace`, `MAX_JOBS` parallel jobs, its time printed) starts in
+the background; meanwhile the headline benchmarks run
 (divergence bf16 R=4096 V=152064 forward + backward with one gradient - KL with P detached, the
 paper's case - and with two; PGD raw + linf 18 x 1000 x 4096; the robust step end to end; the
 fused-linear divergence when `bench_linear_divergence.py` exists), each pytest session measuring

@@ -122,6 +122,31 @@ def test_ref_index_out_of_range(backend, bad):
     assert torch.isfinite(good)
 
 
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("bad", [-1, 2])
+def test_ref_index_out_of_range_unread_is_nan(backend, bad, monkeypatch):
+    # The GPU path on any device: values not read on the host -> indices clamped for the kernels,
+    # loss and gradients NaN (no device-side assert, no read outside p).
+    from modkern.ops.divergence import api
+
+    monkeypatch.setattr(api, "values_checked_on_host", lambda t: False)
+    p = torch.randn(2, 10, device=DEVICE)
+    q = torch.randn(3, 10, device=DEVICE)
+    ref_index = torch.tensor([0, 1, bad], device=DEVICE)
+    for grad_mode in ("backward", "forward"):
+        p_, q_ = p.clone().requires_grad_(True), q.clone().requires_grad_(True)
+        loss = modkern.fused_kl(p_, q_, ref_index=ref_index, backend=backend, grad_mode=grad_mode)
+        loss.backward()
+        assert torch.isnan(loss) and torch.isnan(q_.grad).all(), grad_mode
+    p_, q_ = p.clone().requires_grad_(True), q.clone().requires_grad_(True)
+    rows = modkern.fused_js(p_, q_, ref_index=ref_index, backend=backend, reduction="none")
+    rows.sum().backward()
+    assert torch.isnan(rows).all() and torch.isnan(p_.grad).all() and torch.isnan(q_.grad).all()
+    w = torch.randn(10, 4, device=DEVICE)
+    linear = modkern.fused_linear_js(p[:, :4], q[:, :4], w, ref_index=ref_index, backend=backend)
+    assert torch.isnan(linear)
+
+
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     p, q = _pq()

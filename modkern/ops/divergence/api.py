@@ -115,6 +115,11 @@ class DivergenceSpec:
         return DivergenceSpec(kind, float(beta), float(inv_temperature), bool(need_grad_p), bool(need_grad_q), backend)
 
 
+def values_checked_on_host(t: Tensor) -> bool:
+    """Whether the op reads ``t``'s values for a check (CPU: no sync to pay) or leaves them on the device."""
+    return t.device.type == "cpu"
+
+
 def check_ref_index_values(ref_index: Optional[Tensor], num_p_rows: int) -> Optional[Tensor]:
     """``ref_index`` as the kernels may read it. Runs inside the op, so it is opaque to torch.compile.
 
@@ -124,7 +129,7 @@ def check_ref_index_values(ref_index: Optional[Tensor], num_p_rows: int) -> Opti
     :func:`ref_index_guard` (loss and gradients)."""
     if ref_index is None or ref_index.numel() == 0:
         return ref_index
-    if ref_index.device.type == "cpu":
+    if values_checked_on_host(ref_index):
         lo, hi = int(ref_index.min()), int(ref_index.max())
         if lo < 0 or hi >= num_p_rows:
             raise ValueError(f"ref_index values must lie in [0, {num_p_rows}), got range [{lo}, {hi}]")
@@ -138,7 +143,7 @@ def ref_index_guard(ref_index: Optional[Tensor], num_p_rows: int) -> Optional[Te
     The public functions multiply their per-row losses (or the forward-gradient weight) by it, so an
     index out of range gives a NaN loss and NaN gradients instead of a device-side assert. None where
     the op checks the values itself (CPU) or there is no ``ref_index``."""
-    if ref_index is None or ref_index.numel() == 0 or ref_index.device.type == "cpu":
+    if ref_index is None or ref_index.numel() == 0 or values_checked_on_host(ref_index):
         return None
     in_range = ((ref_index >= 0) & (ref_index < num_p_rows)).all()
     return checks.nan_unless(in_range, torch.ones((), dtype=torch.float32, device=ref_index.device))
@@ -215,6 +220,7 @@ def divergence_bwd(
     ``p`` / ``q`` are read only when ``ref_index`` is given and P's gradient is wanted; otherwise
     only their shape and dtype matter (the autograd path passes stride-0 stand-ins then, so the
     logits need not stay alive until the backward)."""
+    ref_index = check_ref_index_values(ref_index, p.shape[0])
     spec = DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend)
     tensors = (grad_rows.contiguous(), p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q)
     return call_impl("divergence", "backward", backend, q.device, (p.dtype, q.dtype), *tensors, spec)
