@@ -257,6 +257,7 @@ def model_kernel(
 def _divergence_case(kind, grad_p, grad_q, dtype_name="bfloat16", grad_mode="backward"):
     import torch
     from modkern.kernels import divergence as kd
+    from modkern.kernels import divergence_one_read as one_read
 
     from modkern.ops.divergence import DivergenceSpec
 
@@ -272,11 +273,11 @@ def _divergence_case(kind, grad_p, grad_q, dtype_name="bfloat16", grad_mode="bac
         if grad_mode == "forward":
             # first the kernel without its fallback branch (the path every program takes: the
             # model's counts), then the kernel as launched (its registers and occupancy)
-            kd._STATIC_MODEL_COMMON_PATH = True
+            one_read.STATIC_MODEL_COMMON_PATH = True
             try:
                 kd.forward_with_grads(p, q, None, None, torch.ones(()), spec)
             finally:
-                kd._STATIC_MODEL_COMMON_PATH = False
+                one_read.STATIC_MODEL_COMMON_PATH = False
             _, gp, gq = kd.forward_with_grads(p, q, None, None, torch.ones(()), spec)
             kd.scale_(torch.full((), 2.0), *(g for g in (gp, gq) if g.numel()))
             return
@@ -285,14 +286,14 @@ def _divergence_case(kind, grad_p, grad_q, dtype_name="bfloat16", grad_mode="bac
             kd.backward(torch.ones(rows), p, q, None, None, stats, gp, gq, spec)
 
     if grad_mode == "forward":
-        block = kd._fused_block(V, elem)
+        block = one_read.fused_block(V, elem)
         geometry = {
             "_divergence_fused_kernel": (block, R * math.ceil(V / block), 1 + int(spec.grads_read_row_sums)),
             # per gradient tensor; only when the incoming gradient is not 1 (op total, grad != 1)
-            "_scale_inplace_kernel": (kd.SCALE_BLOCK, R * V // kd.SCALE_BLOCK, "grad != 1"),
+            "_scale_inplace_kernel": (one_read.SCALE_BLOCK, R * V // one_read.SCALE_BLOCK, "grad != 1"),
         }
     else:
-        block = kd._block_v(V)
+        block = kd.block_v(V)
         chunk = block * kd.BWD_BLOCKS_PER_PROGRAM
         geometry = {"_divergence_fwd_kernel": (block, R), "_divergence_bwd_kernel": (block, R * math.ceil(V / chunk))}
     mode = "fwd" if n_grads == 0 else ("fwd_bwd_q" if n_grads == 1 else "fwd_bwd_pq")

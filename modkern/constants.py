@@ -9,7 +9,7 @@ import torch
 IGNORE_INDEX = -100
 
 # Element types of GPU kernels written for fp32 accumulation of 16/32-bit inputs (what
-# modkern.ops.dispatch.SUPPORTED_DTYPES lists for them; other inputs, float64, run the PyTorch backend).
+# the ops register for them in modkern.ops.dispatch; other inputs, float64, run the PyTorch backend).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The divergence kinds every backend implements, with the integer code the Triton and CUDA kernels

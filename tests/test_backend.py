@@ -6,7 +6,13 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from modkern.ops.dispatch import KERNEL_DTYPES, available_backends, load_impl
+import modkern  # noqa: F401  (the ops register their implementations on import)
+from modkern.ops.dispatch import KERNEL_DTYPES, REGISTRY, Impl, OpImpls, available_backends, register
+
+
+def load_impl(op, backend, device, dtypes):
+    return REGISTRY[op].load(backend, device, dtypes)
+
 
 needs_triton = pytest.mark.skipif(
     "triton" not in available_backends(DEVICE), reason="Triton cannot run here (no GPU and no interpreter)"
@@ -41,17 +47,33 @@ def test_float64_divergence_goes_to_torch_while_fp64_kernels_stay():
 
 
 def test_cuda_backends_declare_their_dtypes():
-    from modkern.ops.dispatch import SUPPORTED_DTYPES
+    def dtypes(op, backend):
+        return REGISTRY[op].impls[backend].dtypes
 
     for op in ("adv_step", "perturb"):
-        assert SUPPORTED_DTYPES[(op, "cuda")] == KERNEL_DTYPES
+        assert dtypes(op, "cuda") == KERNEL_DTYPES
+        assert dtypes(op, "triton") is None  # an fp64 path of their own
     # the CUDA divergence kernels store the forward's gradients in the logits' dtype; fp16 needs
     # fp32 there (saved_grad_dtype), so fp16 runs the PyTorch backend
-    assert SUPPORTED_DTYPES[("divergence", "cuda")] == (torch.float32, torch.bfloat16)
-    assert SUPPORTED_DTYPES[("divergence", "triton")] == KERNEL_DTYPES
+    assert dtypes("divergence", "cuda") == (torch.float32, torch.bfloat16)
+    assert dtypes("divergence", "triton") == KERNEL_DTYPES
     for op in ("adv_step", "divergence", "perturb"):
-        assert torch.float64 not in SUPPORTED_DTYPES[(op, "cuda")]
-        assert "torch" not in {b for o, b in SUPPORTED_DTYPES if o == op}  # PyTorch takes every dtype
+        assert torch.float64 not in dtypes(op, "cuda")
+        assert dtypes(op, "torch") is None  # PyTorch takes every dtype
+
+
+def test_registry_entries_are_checked_and_fall_back_to_torch():
+    with pytest.raises(ValueError, match="'torch' implementation"):
+        OpImpls("x", triton=Impl("modkern.kernels.perturb"))
+    with pytest.raises(ValueError, match="only backends"):
+        OpImpls("x", torch=Impl("modkern.ops.perturb.torch_impl"), tpu=Impl("x"))
+    only_torch = register("test-only-op", torch=Impl("modkern.ops.perturb.torch_impl"))
+    try:
+        # a backend the op lacks runs PyTorch, decided without importing anything
+        assert only_torch.name("triton" if "triton" in available_backends(DEVICE) else "torch", DEVICE) == "torch"
+        assert only_torch.load("auto", DEVICE).__name__ == "modkern.ops.perturb.torch_impl"
+    finally:
+        del REGISTRY["test-only-op"]
 
 
 def test_every_divergence_backend_has_the_one_read_entry_points():
@@ -66,7 +88,7 @@ def test_every_divergence_backend_has_the_one_read_entry_points():
         assert callable(module.forward_with_grads) and callable(module.scale_), module.__name__
 
 
-def test_call_impl_makes_the_tensors_device_current(monkeypatch):
+def test_ops_make_the_tensors_device_current(monkeypatch):
     # Triton launches on the *current* CUDA device: the ops make the tensors' device current
     import modkern.ops.dispatch as B
 
@@ -86,14 +108,5 @@ def test_call_impl_makes_the_tensors_device_current(monkeypatch):
     assert isinstance(B.device_guard(torch.device("cpu")), type(B.contextlib.nullcontext()))
     B.device_guard(torch.device("cuda", 1))
     assert entered == [torch.device("cuda", 1)]
-    out = B.call_impl(
-        "perturb",
-        "forward",
-        "torch",
-        torch.device("cpu"),
-        (torch.float32,),
-        torch.ones(2, 3),
-        torch.ones(2, 3),
-        torch.ones(2, dtype=torch.bool),
-    )
+    out = torch.ops.modkern.perturb_fwd(torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, dtype=torch.bool), "torch")
     assert torch.equal(out, torch.full((2, 3), 2.0))

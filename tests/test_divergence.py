@@ -436,7 +436,7 @@ def test_fp32_gradients_on_peaked_distributions(case, backend):
     # T = 0.5, logits of std 3 (scaled logits of std 6), V = 3001: peaked rows whose top entries
     # have log P ~ 0 next to a log-sum-exp ~ 20. Every backend's fp32 gradients within 1.5e-4
     # relative L2 error of float64 (forming lse = max + log-sum before subtracting it cost the
-    # kernels ~3.5e-4 and torch's CPU log_softmax ~2.6e-4; see kernels/divergence.py _lse_finish).
+    # kernels ~3.5e-4 and torch's CPU log_softmax ~2.6e-4; see kernels/divergence_common.py lse_finish).
     check_peaked_gradients(case, backend)
 
 
@@ -480,10 +480,9 @@ def test_backward_keeps_only_what_it_reads(backend):
     # logits are not kept alive (stride-0 stand-ins carry their shape) unless ref_index shares P
     # rows and P's gradient is wanted. The Triton backend recomputes every gradient from p, q and
     # the row statistics, so it keeps them whenever a gradient is wanted - and stores none.
-    from modkern.ops.dispatch import impl_name
-    from modkern.ops.divergence.api import STORES_GRADIENTS
+    from modkern.ops.divergence.api import IMPLS, STORES_GRADIENTS
 
-    stores = STORES_GRADIENTS[impl_name("divergence", backend, DEVICE, (torch.float32,))]
+    stores = STORES_GRADIENTS[IMPLS.name(backend, DEVICE, (torch.float32,))]
     p = _logits((4, 64), torch.float32)
     q = _logits((4, 64), torch.float32)
     for p_in, ref_index, shared in ((p.detach(), None, False), (p, None, False), (p, [0, 1, 1, 3], True)):
@@ -520,12 +519,12 @@ def test_masked_rows_are_not_read(backend):
 try:  # the probe of the Triton kernels' fast log2 / exp2 (triton is optional)
     import triton
     import triton.language as tl
-    from modkern.kernels import divergence as _kd
+    from modkern.kernels.divergence_common import fast_log2
 
     @triton.jit
     def _fast_math_probe(x_ptr, y_ptr, log_out, exp_out, N: tl.constexpr):
         offs = tl.arange(0, N)
-        tl.store(log_out + offs, _kd._fast_log2(tl.load(x_ptr + offs)))
+        tl.store(log_out + offs, fast_log2(tl.load(x_ptr + offs)))
         tl.store(exp_out + offs, tl.exp2(tl.load(y_ptr + offs)))
 
 except ImportError:  # pragma: no cover - without triton
@@ -538,7 +537,7 @@ except ImportError:  # pragma: no cover - without triton
 def test_fast_log2_and_exp2_accuracy():
     # The per-element log of the Triton kernels: lg2.approx on a GPU (tl.log2 in the interpreter),
     # on x = 1 + e, e in [0, 1]; and ex2.approx.ftz on [-30, 0]. The accuracy argument in
-    # kernels/divergence.py (_fast_log2) assumes ~2^-22 absolute (log2) / relative (exp2) error.
+    # kernels/divergence_common.py (fast_log2) assumes ~2^-22 absolute (log2) / relative (exp2) error.
     n = 4096
     x = torch.linspace(1.0, 2.0, n, device=DEVICE)
     y = torch.linspace(-30.0, 0.0, n, device=DEVICE)
@@ -556,7 +555,7 @@ def test_fast_log2_and_exp2_accuracy():
 def test_near_identical_rows(direction, temperature, backend):
     # The consistency loss's usual regime: Q's logits are P's plus noise of std 1.4e-3 (and a
     # common offset of 1 in half the rows): KL ~ 1e-6. The Triton forward is one pass for KL
-    # (KL = E_P[a - b] - (lse_a - lse_b), kernels/divergence.py): the two terms cancel here.
+    # (KL = E_P[a - b] - (lse_a - lse_b), kernels/divergence_common.py): the two terms cancel here.
     # Measured vs float64 (8 rows, fp32, V = 3001 / 32064, T = 1 / 0.5), relative error median
     # (max): forward / reverse one-pass 2-5% (0.5), two-pass 5-13% (0.4) - a single direction's
     # KL ~ 1e-6 is ~1e-7 absolute from the fp32 log-sum-exps alone, in any fp32 implementation;

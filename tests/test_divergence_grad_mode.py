@@ -36,10 +36,10 @@ __all__ = ["poison_allocations"]  # the autouse fixture: outputs start as NaN
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     try:
-        from modkern.kernels import divergence as kd
+        from modkern.kernels import divergence_one_read
     except ImportError:  # pragma: no cover - without triton
         return
-    monkeypatch.setattr(kd, "FUSED_BLOCK", 64)
+    monkeypatch.setattr(divergence_one_read, "FUSED_BLOCK", 64)
 
 
 def _run(case, p, q, backend, reduction="mean", num_items=None, grad_scale=2.5, **kw):
@@ -266,9 +266,9 @@ def test_fp32_gradients_on_peaked_distributions(case, backend, monkeypatch):
     # gradients within 1.5e-4 relative L2 error of float64. Rows span 3 programs of 1024 columns
     # (the interpreter's fallback is quadratic in the programs per row).
     if backend == "triton":
-        from modkern.kernels import divergence as kd
+        from modkern.kernels import divergence_one_read
 
-        monkeypatch.setattr(kd, "FUSED_BLOCK", 1024)
+        monkeypatch.setattr(divergence_one_read, "FUSED_BLOCK", 1024)
     check_peaked_gradients(case, backend, grad_mode="forward")
 
 

@@ -21,6 +21,8 @@ import functools
 import importlib
 import importlib.util
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -135,42 +137,59 @@ def resolve_backend(backend: str, device: torch.device, op: str = "") -> str:
     return backend
 
 
-# Where each backend keeps its implementation of an op: ``{op}`` is the op family name
-# ("divergence", "adv_step", ...). Every backend module of one family exposes the same functions
-# with the same signatures, so the registered custom ops dispatch with one line.
-IMPL_MODULES = {
-    "torch": "modkern.ops.{op}.torch_impl",
-    "triton": "modkern.kernels.{op}",
-    "cuda": "modkern.ops.{op}.cuda_impl",
-}
+@dataclass(frozen=True)
+class Impl:
+    """One backend's implementation of an op family.
+
+    ``module``: where it lives, imported on first use (the Triton kernels must be defined after
+    ``TRITON_INTERPRET`` is read); every backend module of a family exposes the same functions with
+    the same signatures. ``dtypes``: the element types its kernels take, or None for every dtype; a
+    call with another dtype runs the PyTorch backend (exact fp64 arithmetic, not a performance path).
+    """
+
+    module: str
+    dtypes: Optional[tuple[torch.dtype, ...]] = None
+
+    def load(self):
+        return importlib.import_module(self.module)
 
 
-# The element types a backend's kernels take, per (op, backend); a call with another dtype runs the
-# PyTorch backend (exact fp64 arithmetic, not a performance path). The CUDA divergence kernels store
-# the forward's gradients in the logits' dtype, and fp16 needs them in fp32 (saved_grad_dtype), so
-# fp16 runs the PyTorch backend there too; bf16 / fp32 are the training dtypes it is for.
-SUPPORTED_DTYPES = {
-    ("divergence", "triton"): KERNEL_DTYPES,
-    ("divergence", "cuda"): (torch.float32, torch.bfloat16),
-    ("adv_step", "cuda"): KERNEL_DTYPES,
-    ("perturb", "cuda"): KERNEL_DTYPES,
-}
+class OpImpls:
+    """The registry entry of one op family: its implementation per backend, registered once by the
+    op's ``api.py`` (:func:`register`) and asked at every call which one runs."""
+
+    def __init__(self, op: str, **impls: Impl):
+        unknown = set(impls) - set(BACKENDS[1:])
+        if "torch" not in impls or unknown:
+            raise ValueError(
+                f"op {op!r}: a 'torch' implementation and only backends of {BACKENDS[1:]}, got {sorted(impls)}"
+            )
+        self.op = op
+        self.impls = dict(impls)
+
+    def name(self, backend: str, device: torch.device, dtypes=()) -> str:
+        """The backend that runs a call (``dtypes``: the element types of its floating inputs /
+        outputs), decided without importing it: :func:`resolve_backend`, then the PyTorch backend
+        for a backend this op lacks or a dtype its kernels do not take."""
+        name = resolve_backend(backend, device, self.op)
+        impl = self.impls.get(name)
+        if impl is None or (impl.dtypes is not None and any(d not in impl.dtypes for d in dtypes)):
+            return "torch"
+        return name
+
+    def load(self, backend: str, device: torch.device, dtypes=()):
+        """The implementation module that runs the call (see :meth:`name`)."""
+        return self.impls[self.name(backend, device, dtypes)].load()
 
 
-def impl_name(op: str, backend: str, device: torch.device, dtypes=()) -> str:
-    """The backend that runs a call of op family ``op`` (``dtypes``: the element types of its floating
-    inputs / outputs), decided without importing it: ``resolve_backend``, then the PyTorch backend
-    for a dtype that :data:`SUPPORTED_DTYPES` does not list."""
-    name = resolve_backend(backend, device, op)
-    supported = SUPPORTED_DTYPES.get((op, name))
-    if supported is not None and any(d not in supported for d in dtypes):
-        return "torch"
-    return name
+REGISTRY: dict[str, OpImpls] = {}
 
 
-def load_impl(op: str, backend: str, device: torch.device, dtypes=()):
-    """The implementation module of op family ``op`` that runs the call (see :func:`impl_name`)."""
-    return importlib.import_module(IMPL_MODULES[impl_name(op, backend, device, dtypes)].format(op=op))
+def register(op: str, **impls: Impl) -> OpImpls:
+    """Register op family ``op``'s implementations (``torch=Impl(...)``, ``triton=...``, ``cuda=...``);
+    a second registration (a reloaded module) replaces the first."""
+    REGISTRY[op] = OpImpls(op, **impls)
+    return REGISTRY[op]
 
 
 def device_guard(device: torch.device):
@@ -178,10 +197,3 @@ def device_guard(device: torch.device):
     tensors'); a no-op context elsewhere."""
     device = torch.device(device)
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def call_impl(op: str, fn: str, backend: str, device: torch.device, dtypes, *args):
-    """``load_impl(op, backend, device, dtypes).<fn>(*args)`` with ``device`` current."""
-    module = load_impl(op, backend, device, dtypes)
-    with device_guard(device):
-        return getattr(module, fn)(*args)

@@ -31,58 +31,58 @@ import torch
 from torch import Tensor
 
 from modkern import checks
-from modkern.ops.dispatch import call_impl, check_backend
+from modkern.constants import KERNEL_DTYPES
+from modkern.ops.dispatch import Impl, check_backend, device_guard, register
 
 STEPS = ("raw", "sign", "l2", "l2_token", "linf")
 NORMS = ("linf", "l2", "l2_token", None)
 
+# The PGD step's implementations: the Triton kernels have an fp64 path of their own; the CUDA ones
+# take the kernel dtypes.
+IMPLS = register(
+    "adv_step",
+    torch=Impl("modkern.ops.adv_step.torch_impl"),
+    triton=Impl("modkern.kernels.adv_step"),
+    cuda=Impl("modkern.ops.adv_step.cuda_impl", KERNEL_DTYPES),
+)
 
-@torch.library.custom_op("modkern::masked_adv_step", mutates_args=())
-def masked_adv_step_op(
-    delta: Tensor,
-    grad: Tensor,
-    mask: Tensor,
-    alpha: float,
-    alpha_t: Optional[Tensor],
-    epsilon: float,
-    epsilon_t: Optional[Tensor],
-    step: str,
-    norm: str,
-    backend: str,
-) -> Tensor:
-    """Out-of-place step: returns ``delta'`` (``norm`` ``"none"`` for no projection)."""
+
+# The two registered forms of the step (out-of-place, in place) share one argument list; only
+# delta's role differs (read, or read and written).
+_STEP_ARGS = (
+    "Tensor grad, Tensor mask, float alpha, Tensor? alpha_t, float epsilon, Tensor? epsilon_t, str step, "
+    "str norm, str backend"
+)
+
+
+def _step_into(out: Tensor, delta: Tensor, grad: Tensor, mask: Tensor, *options) -> None:
+    """``out = delta'``: the backend's step (``options``: alpha .. norm, then backend)."""
+    *step_options, backend = options
+    with device_guard(delta.device):
+        IMPLS.load(backend, delta.device, (delta.dtype, grad.dtype)).step(delta, grad, mask, out, *step_options)
+
+
+def _step_out_of_place(delta: Tensor, grad: Tensor, mask: Tensor, *options) -> Tensor:
     out = torch.empty_like(delta)
-    args = (delta, grad, mask, out, alpha, alpha_t, epsilon, epsilon_t, step, norm)
-    call_impl("adv_step", "step", backend, delta.device, (delta.dtype, grad.dtype), *args)
+    _step_into(out, delta, grad, mask, *options)
     return out
 
 
-@masked_adv_step_op.register_fake
-def _(delta, grad, mask, alpha, alpha_t, epsilon, epsilon_t, step, norm, backend):
-    return torch.empty_like(delta)
+def _step_inplace(delta: Tensor, grad: Tensor, mask: Tensor, *options) -> None:
+    _step_into(delta, delta, grad, mask, *options)
 
 
-@torch.library.custom_op("modkern::masked_adv_step_inplace", mutates_args=("delta",))
-def masked_adv_step_inplace_op(
-    delta: Tensor,
-    grad: Tensor,
-    mask: Tensor,
-    alpha: float,
-    alpha_t: Optional[Tensor],
-    epsilon: float,
-    epsilon_t: Optional[Tensor],
-    step: str,
-    norm: str,
-    backend: str,
-) -> None:
-    """In-place step: writes ``delta'`` into ``delta``."""
-    args = (delta, grad, mask, delta, alpha, alpha_t, epsilon, epsilon_t, step, norm)
-    call_impl("adv_step", "step", backend, delta.device, (delta.dtype, grad.dtype), *args)
-
-
-@masked_adv_step_inplace_op.register_fake
-def _(delta, grad, mask, alpha, alpha_t, epsilon, epsilon_t, step, norm, backend):
-    return None
+masked_adv_step_op = torch.library.custom_op(
+    "modkern::masked_adv_step", _step_out_of_place, mutates_args=(), schema=f"(Tensor delta, {_STEP_ARGS}) -> Tensor"
+)
+masked_adv_step_op.register_fake(lambda delta, *args: torch.empty_like(delta))
+masked_adv_step_inplace_op = torch.library.custom_op(
+    "modkern::masked_adv_step_inplace",
+    _step_inplace,
+    mutates_args=("delta",),
+    schema=f"(Tensor(a!) delta, {_STEP_ARGS}) -> ()",
+)
+masked_adv_step_inplace_op.register_fake(lambda delta, *args: None)
 
 
 def _has_overlap(t: Tensor) -> bool:

@@ -27,17 +27,24 @@ from torch import Tensor
 
 from modkern import checks
 from modkern._reduction import mean_divisor, reduce_rows
-from modkern.constants import STATS_WIDTH
+from modkern.constants import DIVERGENCE_KIND_IDS, KERNEL_DTYPES, STATS_WIDTH, accumulation_dtype
 from modkern.ops.dispatch import (
     DIVERGENCE_GRAD_MODE_AUTO,
-    DIVERGENCE_KIND_IDS,
-    accumulation_dtype,
-    call_impl,
+    Impl,
     check_backend,
     device_guard,
-    impl_name,
-    load_impl,
+    register,
     saved_grad_dtype,
+)
+
+# The family's implementations. The Triton kernels accumulate in fp32 (float64 logits run the
+# PyTorch backend); the CUDA kernels store the forward's gradients in the logits' dtype and fp16
+# needs them in fp32 (saved_grad_dtype), so fp16 runs the PyTorch backend there too.
+IMPLS = register(
+    "divergence",
+    torch=Impl("modkern.ops.divergence.torch_impl"),
+    triton=Impl("modkern.kernels.divergence", KERNEL_DTYPES),
+    cuda=Impl("modkern.ops.divergence.cuda_impl", (torch.float32, torch.bfloat16)),
 )
 
 KINDS = tuple(DIVERGENCE_KIND_IDS)
@@ -62,8 +69,8 @@ class DivergenceSpec:
         backward(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, spec)
             -> (grad_p, grad_q)
 
-    The custom ops keep flat arguments (``torch.library`` schemas take no objects) and build the
-    spec right inside (``DivergenceSpec.of``).
+    The custom ops keep flat arguments (``torch.library`` schemas take no objects): the spec's
+    fields last, in ``SPEC_SCHEMA``'s order (``op_args``), rebuilt inside (``DivergenceSpec.of``).
     """
 
     kind: str  # "js", "kl_forward", "kl_reverse" or "kl_symmetric"
@@ -110,6 +117,10 @@ class DivergenceSpec:
             return s_q
         return s_p + s_q
 
+    def op_args(self) -> tuple:
+        """The spec as the custom ops take it (their last arguments, ``SPEC_SCHEMA``)."""
+        return (self.kind, self.beta, self.inv_temperature, self.need_grad_p, self.need_grad_q, self.backend)
+
     @staticmethod
     def of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend="auto") -> DivergenceSpec:
         return DivergenceSpec(kind, float(beta), float(inv_temperature), bool(need_grad_p), bool(need_grad_q), backend)
@@ -149,25 +160,28 @@ def ref_index_guard(ref_index: Optional[Tensor], num_p_rows: int) -> Optional[Te
     return checks.nan_unless(in_range, torch.ones((), dtype=torch.float32, device=ref_index.device))
 
 
-@torch.library.custom_op("modkern::divergence_fwd", mutates_args=())
-def divergence_fwd(
-    p: Tensor,
-    q: Tensor,
-    ref_index: Optional[Tensor],
-    mask: Optional[Tensor],
-    kind: str,
-    beta: float,
-    inv_temperature: float,
-    need_grad_p: bool,
-    need_grad_q: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+# The ops' signatures, written once: the logits and their optional row maps first, the spec's fields
+# (DivergenceSpec.op_args) last.
+ROWS_SCHEMA = "Tensor p, Tensor q, Tensor? ref_index, Tensor? mask"
+SPEC_SCHEMA = "str kind, float beta, float inv_temperature, bool need_grad_p, bool need_grad_q, str backend"
+
+
+def _forward(p: Tensor, q: Tensor, ref_index: Optional[Tensor], mask: Optional[Tensor], *spec_args):
     """Returns (loss_rows [R], stats [R, STATS_WIDTH], grad_p [N, V] or [0], grad_q [R, V] or [0]).
 
     grad_p / grad_q are the per-row gradients of backends that store them (``STORES_GRADIENTS``)."""
     ref_index = check_ref_index_values(ref_index, p.shape[0])
-    spec = DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend)
-    return call_impl("divergence", "forward", backend, q.device, (p.dtype, q.dtype), p, q, ref_index, mask, spec)
+    spec = DivergenceSpec.of(*spec_args)
+    with device_guard(q.device):
+        return IMPLS.load(spec.backend, q.device, (p.dtype, q.dtype)).forward(p, q, ref_index, mask, spec)
+
+
+divergence_fwd = torch.library.custom_op(
+    "modkern::divergence_fwd",
+    _forward,
+    mutates_args=(),
+    schema=f"({ROWS_SCHEMA}, {SPEC_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor)",
+)
 
 
 # Whether a backend's forward stores each row's gradients (the backward scales them) or its backward
@@ -179,73 +193,53 @@ STORES_GRADIENTS = {"torch": True, "triton": False, "cuda": True}
 def _stores_gradients(backend, p, q) -> bool:
     """Whether the backend that runs this call stores the gradients in the forward (decided without
     loading it: the fake implementation asks too)."""
-    return STORES_GRADIENTS[impl_name("divergence", backend, q.device, (p.dtype, q.dtype))]
+    return STORES_GRADIENTS[IMPLS.name(backend, q.device, (p.dtype, q.dtype))]
 
 
 @divergence_fwd.register_fake
-def _(p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q, backend):
+def _(p, q, ref_index, mask, *spec_args):
     rows = q.shape[0]
     acc = accumulation_dtype(p)
-    stores = _stores_gradients(backend, p, q)
-    store_p = stores and DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q).stores_grad_p(
-        ref_index
-    )
+    spec = DivergenceSpec.of(*spec_args)
+    stores = _stores_gradients(spec.backend, p, q)
     return (
         q.new_empty((rows,), dtype=acc),
         q.new_empty((rows, STATS_WIDTH), dtype=acc),
-        torch.empty_like(p, dtype=saved_grad_dtype(p.dtype)) if store_p else p.new_empty(0),
-        torch.empty_like(q, dtype=saved_grad_dtype(q.dtype)) if stores and need_grad_q else q.new_empty(0),
+        torch.empty_like(p, dtype=saved_grad_dtype(p.dtype))
+        if stores and spec.stores_grad_p(ref_index)
+        else p.new_empty(0),
+        torch.empty_like(q, dtype=saved_grad_dtype(q.dtype)) if stores and spec.need_grad_q else q.new_empty(0),
     )
 
 
-@torch.library.custom_op("modkern::divergence_bwd", mutates_args=())
-def divergence_bwd(
-    grad_rows: Tensor,
-    p: Tensor,
-    q: Tensor,
-    ref_index: Optional[Tensor],
-    mask: Optional[Tensor],
-    stats: Tensor,
-    saved_grad_p: Tensor,
-    saved_grad_q: Tensor,
-    kind: str,
-    beta: float,
-    inv_temperature: float,
-    need_grad_p: bool,
-    need_grad_q: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
+def _backward_op(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, *spec_args):
     """Returns (grad_p [N, V] or [0], grad_q [R, V] or [0]) for the per-row output gradient.
 
     ``p`` / ``q`` are read only when ``ref_index`` is given and P's gradient is wanted; otherwise
     only their shape and dtype matter (the autograd path passes stride-0 stand-ins then, so the
     logits need not stay alive until the backward)."""
     ref_index = check_ref_index_values(ref_index, p.shape[0])
-    spec = DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend)
+    spec = DivergenceSpec.of(*spec_args)
     tensors = (grad_rows.contiguous(), p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q)
-    return call_impl("divergence", "backward", backend, q.device, (p.dtype, q.dtype), *tensors, spec)
+    with device_guard(q.device):
+        return IMPLS.load(spec.backend, q.device, (p.dtype, q.dtype)).backward(*tensors, spec)
+
+
+divergence_bwd = torch.library.custom_op(
+    "modkern::divergence_bwd",
+    _backward_op,
+    mutates_args=(),
+    schema=f"(Tensor grad_rows, {ROWS_SCHEMA}, Tensor stats, Tensor saved_grad_p, Tensor saved_grad_q, "
+    f"{SPEC_SCHEMA}) -> (Tensor, Tensor)",
+)
 
 
 @divergence_bwd.register_fake
-def _(
-    grad_rows,
-    p,
-    q,
-    ref_index,
-    mask,
-    stats,
-    saved_grad_p,
-    saved_grad_q,
-    kind,
-    beta,
-    inv_temperature,
-    need_grad_p,
-    need_grad_q,
-    backend,
-):
+def _(grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, *spec_args):
+    spec = DivergenceSpec.of(*spec_args)
     return (
-        torch.empty_like(p) if need_grad_p else p.new_empty(0),
-        torch.empty_like(q) if need_grad_q else q.new_empty(0),
+        torch.empty_like(p) if spec.need_grad_p else p.new_empty(0),
+        torch.empty_like(q) if spec.need_grad_q else q.new_empty(0),
     )
 
 
@@ -270,45 +264,22 @@ def _backward(ctx, grad_rows):
     """Shared by the op's registered autograd and by ``FusedDivergence.backward``."""
     p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q = ctx.saved_tensors
     spec: DivergenceSpec = ctx.spec
-    kind, beta, inv_temperature, need_grad_p, need_grad_q, backend = (
-        spec.kind,
-        spec.beta,
-        spec.inv_temperature,
-        spec.need_grad_p,
-        spec.need_grad_q,
-        spec.backend,
-    )
-    if not (need_grad_p or need_grad_q):
+    if not (spec.need_grad_p or spec.need_grad_q):
         return None, None
     grad_p, grad_q = torch.ops.modkern.divergence_bwd(
-        grad_rows,
-        p,
-        q,
-        ref_index,
-        mask,
-        stats,
-        saved_grad_p,
-        saved_grad_q,
-        kind,
-        beta,
-        inv_temperature,
-        need_grad_p,
-        need_grad_q,
-        backend,
+        grad_rows, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, *spec.op_args()
     )
-    return (grad_p if need_grad_p else None), (grad_q if need_grad_q else None)
+    return (grad_p if spec.need_grad_p else None), (grad_q if spec.need_grad_q else None)
 
 
 def _setup_context(ctx, inputs, output):
-    p, q, ref_index, mask, kind, beta, inv_temperature, need_grad_p, need_grad_q, backend = inputs
+    p, q, ref_index, mask, *spec_args = inputs
     _, stats, saved_grad_p, saved_grad_q = output
-    spec = DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend)
-    _save(ctx, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, spec)
+    _save(ctx, p, q, ref_index, mask, stats, saved_grad_p, saved_grad_q, DivergenceSpec.of(*spec_args))
 
 
 def _op_backward(ctx, grad_rows, _grad_stats, _grad_gp, _grad_gq):
-    grad_p, grad_q = _backward(ctx, grad_rows)
-    return grad_p, grad_q, None, None, None, None, None, None, None, None
+    return (*_backward(ctx, grad_rows), *(None,) * 8)
 
 
 divergence_fwd.register_autograd(_op_backward, setup_context=_setup_context)
@@ -327,11 +298,8 @@ class FusedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p, q, ref_index, mask, kind, beta, temperature, backend):
         need_grad_p, need_grad_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        inv_t = 1.0 / temperature
-        rows, stats, gp, gq = torch.ops.modkern.divergence_fwd(
-            p, q, ref_index, mask, kind, beta, inv_t, need_grad_p, need_grad_q, backend
-        )
-        spec = DivergenceSpec.of(kind, beta, inv_t, need_grad_p, need_grad_q, backend)
+        spec = DivergenceSpec.of(kind, beta, 1.0 / temperature, need_grad_p, need_grad_q, backend)
+        rows, stats, gp, gq = torch.ops.modkern.divergence_fwd(p, q, ref_index, mask, *spec.op_args())
         _save(ctx, p, q, ref_index, mask, stats, gp, gq, spec)
         return rows
 
@@ -341,38 +309,34 @@ class FusedDivergence(torch.autograd.Function):
         return grad_p, grad_q, None, None, None, None, None, None
 
 
-@torch.library.custom_op("modkern::divergence_fwd_grads", mutates_args=())
-def divergence_fwd_grads(
-    p: Tensor,
-    q: Tensor,
-    ref_index: Optional[Tensor],
-    mask: Optional[Tensor],
-    weight: Tensor,
-    kind: str,
-    beta: float,
-    inv_temperature: float,
-    need_grad_p: bool,
-    need_grad_q: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _forward_with_grads(p, q, ref_index, mask, weight, *spec_args):
     """Returns (loss_rows [R], grad_p [N, V] or [0], grad_q [R, V] or [0]): the per-row losses and
     the gradients of ``weight * loss_rows.sum()`` (``weight``: a 0-dim fp32 tensor), in one call.
 
     The Triton backend reads the logits once; the others run their forward, then their backward with
     ``weight`` as every row's incoming gradient (:mod:`modkern.ops.divergence.composed`)."""
     ref_index = check_ref_index_values(ref_index, p.shape[0])
-    spec = DivergenceSpec.of(kind, beta, inv_temperature, need_grad_p, need_grad_q, backend)
-    module = load_impl("divergence", backend, q.device, (p.dtype, q.dtype))
+    spec = DivergenceSpec.of(*spec_args)
+    module = IMPLS.load(spec.backend, q.device, (p.dtype, q.dtype))
     with device_guard(q.device):
         return module.forward_with_grads(p, q, ref_index, mask, weight, spec)
 
 
+divergence_fwd_grads = torch.library.custom_op(
+    "modkern::divergence_fwd_grads",
+    _forward_with_grads,
+    mutates_args=(),
+    schema=f"({ROWS_SCHEMA}, Tensor weight, {SPEC_SCHEMA}) -> (Tensor, Tensor, Tensor)",
+)
+
+
 @divergence_fwd_grads.register_fake
-def _(p, q, ref_index, mask, weight, kind, beta, inv_temperature, need_grad_p, need_grad_q, backend):
+def _(p, q, ref_index, mask, weight, *spec_args):
+    spec = DivergenceSpec.of(*spec_args)
     return (
         q.new_empty((q.shape[0],), dtype=accumulation_dtype(p)),
-        torch.empty_like(p) if need_grad_p else p.new_empty(0),
-        torch.empty_like(q) if need_grad_q else q.new_empty(0),
+        torch.empty_like(p) if spec.need_grad_p else p.new_empty(0),
+        torch.empty_like(q) if spec.need_grad_q else q.new_empty(0),
     )
 
 
@@ -383,7 +347,7 @@ def divergence_scale_(grad_scale: Tensor, grad_p: Tensor, grad_q: Tensor, backen
     tensors = [t for t in (grad_p, grad_q) if t.numel()]
     if not tensors:
         return
-    module = load_impl("divergence", backend, tensors[0].device, tuple(t.dtype for t in tensors))
+    module = IMPLS.load(backend, tensors[0].device, tuple(t.dtype for t in tensors))
     with device_guard(tensors[0].device):
         module.scale_(grad_scale, *tensors)
 

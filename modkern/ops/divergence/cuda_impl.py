@@ -4,7 +4,7 @@ Thin wrapper over ``modkern._C.divergence_forward`` / ``divergence_backward`` (`
 the forward computes per-row losses, row statistics and the per-row gradients in one kernel (row
 slices kept in shared memory, split over a thread-block cluster on Hopper); the backward scales
 the stored gradients, or with ``ref_index`` recomputes P's gradient per P row over its copies.
-float64 and float16 inputs run the PyTorch backend (``modkern.ops.dispatch.SUPPORTED_DTYPES``).
+float64 and float16 inputs run the PyTorch backend (the ``Impl`` dtypes registered in ``modkern.ops.divergence.api``).
 """
 
 from __future__ import annotations

@@ -19,7 +19,16 @@ import torch
 from torch import Tensor
 
 from modkern import checks
-from modkern.ops.dispatch import call_impl, check_backend
+from modkern.constants import KERNEL_DTYPES
+from modkern.ops.dispatch import Impl, check_backend, device_guard, register
+
+# perturb's implementations: the Triton kernels have an fp64 path; the CUDA ones take the kernel dtypes.
+IMPLS = register(
+    "perturb",
+    torch=Impl("modkern.ops.perturb.torch_impl"),
+    triton=Impl("modkern.kernels.perturb"),
+    cuda=Impl("modkern.ops.perturb.cuda_impl", KERNEL_DTYPES),
+)
 
 
 def _contiguous(t: Tensor) -> Tensor:
@@ -32,7 +41,8 @@ def _contiguous(t: Tensor) -> Tensor:
 def perturb_fwd(embeds: Tensor, delta: Tensor, mask: Tensor, backend: str) -> Tensor:
     """``embeds + delta * mask`` computed in fp32, in ``embeds.dtype``."""
     args = (_contiguous(embeds), _contiguous(delta), _contiguous(mask))
-    return call_impl("perturb", "forward", backend, embeds.device, (embeds.dtype, delta.dtype), *args)
+    with device_guard(embeds.device):
+        return IMPLS.load(backend, embeds.device, (embeds.dtype, delta.dtype)).forward(*args)
 
 
 @perturb_fwd.register_fake
@@ -44,7 +54,8 @@ def _(embeds, delta, mask, backend):
 def perturb_bwd(grad_out: Tensor, mask: Tensor, delta_dtype: torch.dtype, backend: str) -> Tensor:
     """Gradient for ``delta``: ``grad_out`` on masked tokens, 0 elsewhere, in ``delta_dtype``."""
     args = (_contiguous(grad_out), _contiguous(mask), delta_dtype)
-    return call_impl("perturb", "backward", backend, grad_out.device, (grad_out.dtype, delta_dtype), *args)
+    with device_guard(grad_out.device):
+        return IMPLS.load(backend, grad_out.device, (grad_out.dtype, delta_dtype)).backward(*args)
 
 
 @perturb_bwd.register_fake
