@@ -336,75 +336,68 @@ def _tiling(L: int, H: int):
     return rows, block_h, triton.cdiv(H, block_h), triton.cdiv(L, rows)
 
 
+def _scalar_args(name, value, value_t, stand_in) -> dict:
+    """A scalar kernel argument: by pointer (a 0-dim tensor on the device) or by value (a float)."""
+    return {
+        f"{name}_ptr": stand_in if value_t is None else value_t,
+        name: 0.0 if value_t is not None else float(value),
+        f"{name.upper()}_IS_PTR": value_t is not None,
+    }
+
+
 def step(delta, grad, mask, out, alpha, alpha_t, epsilon, epsilon_t, step, norm):
     """Write one masked PGD step of ``delta [B, L, H]`` into ``out`` (which may be ``delta``).
 
     Same contract as ``modkern.ops.adv_step.torch_impl.step``: ``mask`` bool ``[B, L]``; ``alpha_t``
     / ``epsilon_t`` 0-dim tensors on the device (used instead of the floats when given); ``step``
-    / ``norm`` names (``norm`` ``"none"`` for no projection).
+    / ``norm`` names (``norm`` ``"none"`` for no projection). Two launches at most: the per-sample
+    statistics (when the step or the projection needs a norm over the sample), then the update.
     """
     B, L, H = delta.shape
     if delta.numel() == 0:
         return out
     step_code, norm_code = STEP_CODES[step], NORM_CODES[norm]
     acc_torch = torch.float64 if delta.dtype == torch.float64 else torch.float32
-    acc = tl.float64 if acc_torch == torch.float64 else tl.float32
     if acc_torch == torch.float64:  # float kernel arguments are fp32: pass fp64 scalars by pointer
         as_t = lambda v, t: torch.full((), v, dtype=torch.float64, device=delta.device) if t is None else t  # noqa: E731
         alpha_t, epsilon_t = as_t(alpha, alpha_t), as_t(epsilon, epsilon_t)
     mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     rows, block_h, chunks_h, nc = _tiling(L, H)
-    grid = (nc, B)
-    num_warps = 8 if rows * block_h >= 4096 else 4
-    need_sample = step_code in (2, 4) or norm_code == 2
-    need_token = step_code == 3 or norm_code == 3
-    strides = (*delta.stride(), *grad.stride(), *mask.stride())
-    if need_sample:
-        part = torch.empty((B, nc, 4), dtype=acc_torch, device=delta.device)
-        _adv_stats_kernel[grid](
-            delta,
-            grad,
-            mask,
-            part,
-            L,
-            H,
-            *strides,
-            LOAD_DELTA=norm_code == 2,
-            STEP=step_code,
-            ACC=acc,
-            ROWS=rows,
-            BLOCK_H=block_h,
-            NUM_H_CHUNKS=chunks_h,
-            num_warps=num_warps,
-        )
-    else:
-        part = delta  # never read
-    _adv_update_kernel[grid](
-        delta,
-        grad,
-        mask,
-        out,
-        part,
-        delta if alpha_t is None else alpha_t,
-        0.0 if alpha_t is not None else float(alpha),
-        delta if epsilon_t is None else epsilon_t,
-        0.0 if epsilon_t is not None else float(epsilon),
-        L,
-        H,
-        nc,
-        *strides,
-        *out.stride(),
+    tiles = dict(
+        delta_ptr=delta,
+        grad_ptr=grad,
+        mask_ptr=mask,
+        L=L,
+        H=H,
+        **dict(
+            zip(
+                ("sdb", "sdl", "sdh", "sgb", "sgl", "sgh", "smb", "sml"),
+                (*delta.stride(), *grad.stride(), *mask.stride()),
+            )
+        ),
         STEP=step_code,
-        NORM=norm_code,
-        ALPHA_IS_PTR=alpha_t is not None,
-        EPS_IS_PTR=epsilon_t is not None,
-        NEED_SAMPLE=need_sample,
-        NEED_TOKEN=need_token,
-        ACC=acc,
+        ACC=tl.float64 if acc_torch == torch.float64 else tl.float32,
         ROWS=rows,
         BLOCK_H=block_h,
         NUM_H_CHUNKS=chunks_h,
+        num_warps=8 if rows * block_h >= 4096 else 4,
+    )
+    need_sample = step_code in (2, 4) or norm_code == 2
+    part = delta  # never read without the sample statistics
+    if need_sample:
+        part = torch.empty((B, nc, 4), dtype=acc_torch, device=delta.device)
+        _adv_stats_kernel[(nc, B)](**tiles, part_ptr=part, LOAD_DELTA=norm_code == 2)
+    _adv_update_kernel[(nc, B)](
+        **tiles,
+        **_scalar_args("alpha", alpha, alpha_t, delta),
+        **_scalar_args("eps", epsilon, epsilon_t, delta),
+        out_ptr=out,
+        part_ptr=part,
+        NC=nc,
+        **dict(zip(("sob", "sol", "soh"), out.stride())),
+        NORM=norm_code,
+        NEED_SAMPLE=need_sample,
+        NEED_TOKEN=step_code == 3 or norm_code == 3,
         PART_BLOCK=min(triton.next_power_of_2(nc), MAX_PARTIAL_BLOCK),
-        num_warps=num_warps,
     )
     return out

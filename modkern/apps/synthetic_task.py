@@ -36,7 +36,8 @@ from typing import Optional
 
 import torch
 
-from modkern.objective.augment import IGNORE_INDEX, AugmentConfig, Sample
+from modkern.constants import IGNORE_INDEX
+from modkern.objective.augment import AugmentConfig, Sample
 
 _WORD = re.compile(r"<[a-z_]+>|\w+|[^\w\s]")
 

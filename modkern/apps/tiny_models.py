@@ -72,6 +72,33 @@ def _info(kind, vocab_size, hidden_size, text_token_range, token_ids, **extra):
     )
 
 
+def _mrope_text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions, vision):
+    """The decoder config of the Qwen-VL family (M-RoPE), after checking the vision geometry."""
+    if vision["image_size"] % (vision["patch_size"] * vision["spatial_merge_size"]):
+        raise ValueError("image_size must be a multiple of patch_size * spatial_merge_size")
+    head_dim = hidden_size // num_heads
+    if head_dim % 2:
+        raise ValueError("hidden_size // num_heads must be even")
+    # M-RoPE splits head_dim / 2 frequencies over (temporal, height, width).
+    half = head_dim // 2
+    mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
+    text = _text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions)
+    text["rope_parameters"] = dict(rope_type="default", rope_theta=10000.0, mrope_section=mrope_section)
+    return text
+
+
+def _qwen_vision(image_size, patch_size, temporal_patch_size, spatial_merge_size) -> dict:
+    """The vision geometry of the Qwen-VL family, as ``info`` records it."""
+    side = image_size // patch_size
+    return dict(
+        image_size=image_size,
+        patch_size=patch_size,
+        temporal_patch_size=temporal_patch_size,
+        spatial_merge_size=spatial_merge_size,
+        num_image_tokens=(side // spatial_merge_size) ** 2,
+    )
+
+
 def tiny_llava(
     vocab_size: int = 128,
     *,
@@ -160,18 +187,10 @@ def tiny_qwen2_vl(
     """
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    if image_size % (patch_size * spatial_merge_size):
-        raise ValueError("image_size must be a multiple of patch_size * spatial_merge_size")
-    head_dim = hidden_size // num_heads
-    if head_dim % 2:
-        raise ValueError("hidden_size // num_heads must be even")
-    # M-RoPE splits head_dim / 2 frequencies over (temporal, height, width).
-    half = head_dim // 2
-    mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
+    vision = _qwen_vision(image_size, patch_size, temporal_patch_size, spatial_merge_size)
+    text = _mrope_text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions, vision)
     image_token_id, video_token_id = vocab_size - 1, vocab_size - 2
     vision_start, vision_end = vocab_size - 4, vocab_size - 3
-    text = _text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions)
-    text["rope_parameters"] = dict(rope_type="default", rope_theta=10000.0, mrope_section=mrope_section)
     config = Qwen2VLConfig(
         vision_config=dict(
             depth=1,
@@ -192,7 +211,6 @@ def tiny_qwen2_vl(
     )
     state = _seeded(seed)
     model = _finish(Qwen2VLForConditionalGeneration(config), state, dtype)
-    side = image_size // patch_size
     info = _info(
         "qwen2_vl",
         vocab_size,
@@ -203,11 +221,7 @@ def tiny_qwen2_vl(
         video_token_id=video_token_id,
         vision_start_token_id=vision_start,
         vision_end_token_id=vision_end,
-        image_size=image_size,
-        patch_size=patch_size,
-        temporal_patch_size=temporal_patch_size,
-        spatial_merge_size=spatial_merge_size,
-        num_image_tokens=(side // spatial_merge_size) ** 2,
+        **vision,
     )
     return model, info
 
@@ -245,16 +259,7 @@ def qwen2_vl_pixel_values(images: torch.Tensor, info: dict):
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape [N, 3, S, S], got {tuple(images.shape)}")
     n, c, h, w = images.shape
-    ps, tp, ms = info["patch_size"], info["temporal_patch_size"], info["spatial_merge_size"]
-    if h % (ps * ms) or w % (ps * ms):
-        raise ValueError(f"image height/width must be multiples of {ps * ms}, got {h}x{w}")
-    gh, gw = h // ps, w // ps
-    frames = images.unsqueeze(1).expand(n, tp, c, h, w)
-    patches = frames.reshape(n, 1, tp, c, gh // ms, ms, ps, gw // ms, ms, ps)
-    patches = patches.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
-    pixel_values = patches.reshape(n * gh * gw, c * tp * ps * ps).contiguous()
-    grid = torch.tensor([[1, gh, gw]] * n, dtype=torch.long, device=images.device)
-    return pixel_values, grid
+    return qwen_video_pixel_values(images.unsqueeze(1).expand(n, info["temporal_patch_size"], c, h, w), info)
 
 
 def tiny_qwen2_5_omni(
@@ -292,13 +297,9 @@ def tiny_qwen2_5_omni(
     """
     from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
-    if image_size % (patch_size * spatial_merge_size):
-        raise ValueError("image_size must be a multiple of patch_size * spatial_merge_size")
-    head_dim = hidden_size // num_heads
-    if head_dim % 2:
-        raise ValueError("hidden_size // num_heads must be even")
-    half = head_dim // 2
-    mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
+    vision = _qwen_vision(image_size, patch_size, temporal_patch_size, spatial_merge_size)
+    text = _mrope_text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions, vision)
+    text["tie_word_embeddings"] = False
     ids = dict(
         image_token_id=vocab_size - 1,
         video_token_id=vocab_size - 2,
@@ -308,9 +309,6 @@ def tiny_qwen2_5_omni(
         audio_start_token_id=vocab_size - 6,
         audio_end_token_id=vocab_size - 7,
     )
-    text = _text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions)
-    text["rope_parameters"] = dict(rope_type="default", rope_theta=10000.0, mrope_section=mrope_section)
-    text["tie_word_embeddings"] = False
     config = Qwen2_5OmniThinkerConfig(
         audio_config=dict(
             num_mel_bins=num_mel_bins,
@@ -346,19 +344,14 @@ def tiny_qwen2_5_omni(
     )
     state = _seeded(seed)
     model = _finish(Qwen2_5OmniThinkerForConditionalGeneration(config), state, dtype)
-    side = image_size // patch_size
     info = _info(
         "qwen2_5_omni",
         vocab_size,
         hidden_size,
         (3, vocab_size - 7),
         {"image": ids["image_token_id"], "video": ids["video_token_id"], "audio": ids["audio_token_id"]},
-        image_size=image_size,
-        patch_size=patch_size,
-        temporal_patch_size=temporal_patch_size,
-        spatial_merge_size=spatial_merge_size,
-        num_image_tokens=(side // spatial_merge_size) ** 2,
         num_mel_bins=num_mel_bins,
+        **vision,
         **ids,
     )
     return model, info

@@ -12,6 +12,7 @@ import torch
 
 from modkern.apps.diagnose.items import VIDEO_CAPTION, DiagnoseError, donor, needs, other_class
 from modkern.apps.diagnose.models import ModelSpec
+from modkern.apps.synthetic_task import CAPTION, EVAL_OBJECTS, FACT, MISLEADING_NOTE, WORD_LIST
 
 # --- conditions ------------------------------------------------------------------------------------
 
@@ -45,31 +46,23 @@ def condition_context(seed: int, name: str, classes) -> ConditionContext:
 
 
 def _mislead_text(items, i, ctx):
-    from modkern.apps.synthetic_task import CAPTION
-
     it = items[i]
     return dataclasses.replace(it, context=CAPTION.format(label=other_class(it.target_class, ctx.classes, ctx.rng)))
 
 
 def _unrelated_text(items, i, ctx):
-    from modkern.apps.synthetic_task import EVAL_OBJECTS, FACT
-
     it = items[i]
     fact = FACT.format(obj=ctx.rng.choice(EVAL_OBJECTS), label=other_class(it.target_class, ctx.classes, ctx.rng))
     return dataclasses.replace(it, context=fact)
 
 
 def _long_context(items, i, ctx, sentences: int = 8):
-    from modkern.apps.synthetic_task import EVAL_OBJECTS, FACT
-
     it = items[i]
     facts = [FACT.format(obj=ctx.rng.choice(EVAL_OBJECTS), label=ctx.rng.choice(ctx.classes)) for _ in range(sentences)]
     return dataclasses.replace(it, context=" ".join([*facts, it.context]).strip())
 
 
 def _word_list(items, i, ctx, words: int = 6):
-    from modkern.apps.synthetic_task import EVAL_OBJECTS, WORD_LIST
-
     it = items[i]
     picked = [ctx.rng.choice(EVAL_OBJECTS) for _ in range(words // 2)]
     picked += [other_class(it.target_class, ctx.classes, ctx.rng)] + [
@@ -80,8 +73,6 @@ def _word_list(items, i, ctx, words: int = 6):
 
 
 def _mislead_note(items, i, ctx):
-    from modkern.apps.synthetic_task import MISLEADING_NOTE
-
     it = items[i]
     return dataclasses.replace(
         it, context=MISLEADING_NOTE.format(label=other_class(it.target_class, ctx.classes, ctx.rng))

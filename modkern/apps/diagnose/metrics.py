@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modkern.apps.diagnose.items import KINDS, PROMPT_PAIRS, PROMPT_TYPES
-from modkern.objective.robust import IGNORE_INDEX, shift_labels
+from modkern.constants import IGNORE_INDEX
+from modkern.objective.robust import shift_labels
+from modkern.ops.divergence.api import fused_js
 
 # --- metrics ---------------------------------------------------------------------------------------
 
@@ -58,8 +60,6 @@ def item_metrics(rows: AnswerRows, n_items: int) -> dict:
 
 def compare(clean: AnswerRows, pert: AnswerRows, n_items: int, backend: str = "auto") -> dict:
     """Per item metrics of a perturbed batch against its clean batch (rows paired in order)."""
-    from modkern import fused_js
-
     if clean.logits.shape != pert.logits.shape:
         raise RuntimeError(
             f"clean and perturbed items have different answer lengths ({clean.logits.shape[0]} vs "

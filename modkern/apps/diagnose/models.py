@@ -12,8 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from modkern.apps.diagnose.items import TOKENIZER_FILE, DiagnoseError, Item
+from modkern.apps.synthetic_task import WordTokenizer, hf_text_encoder
+from modkern.apps.tiny_models import omni_audio_tokens, qwen2_vl_pixel_values, qwen_video_pixel_values
+from modkern.apps.train_loop import load_checkpoint
+from modkern.constants import IGNORE_INDEX
+from modkern.objective.augment import right_pad
 from modkern.objective.model_hooks import infer_token_ids
-from modkern.objective.robust import IGNORE_INDEX
 
 # --- models: what they take and how to feed them ---------------------------------------------------
 
@@ -101,8 +105,6 @@ class ModelSpec:
 
 
 def text_encoder(tokenizer) -> Callable[[str], list]:
-    from modkern.apps.synthetic_task import WordTokenizer, hf_text_encoder
-
     if isinstance(tokenizer, WordTokenizer):
         return tokenizer.encode
     if callable(tokenizer):
@@ -140,8 +142,6 @@ class Collator:
         return [s.markers[start], *body, s.markers[end]]
 
     def encode(self, item: Item) -> tuple[list, list]:
-        from modkern.apps.tiny_models import omni_audio_tokens
-
         s = self.spec
         ids = [] if self.bos is None else [self.bos]
         for name, value in (("image", item.image), ("video", item.video), ("audio", item.audio)):
@@ -163,9 +163,6 @@ class Collator:
         return ids + answer, [IGNORE_INDEX] * len(ids) + answer
 
     def __call__(self, items: Sequence[Item]) -> dict:
-        from modkern.apps.tiny_models import qwen2_vl_pixel_values, qwen_video_pixel_values
-        from modkern.objective.augment import right_pad
-
         s = self.spec
         input_ids, attention_mask, labels = right_pad([self.encode(it) for it in items], self.pad)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
@@ -216,9 +213,6 @@ class Collator:
 def load_model(path: str):
     """``(model, tokenizer)`` from a local checkpoint directory (the demo's word vocabulary when the
     directory has one, else the Hugging Face tokenizer saved with the model)."""
-    from modkern.apps.synthetic_task import WordTokenizer
-    from modkern.apps.train_loop import load_checkpoint
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise DiagnoseError(f"--model {path}: no such directory (a local Hugging Face checkpoint is expected)")

@@ -153,12 +153,47 @@ def linear_losses_fwd(
 
 
 @linear_losses_fwd.register_fake
-def _(q_hidden, p_hidden, weight, bias, targets, mask, ref_index, kind, beta, inv_t, chunk_size, detach_p, backend):
+def _(q_hidden, p_hidden, weight, bias, targets, mask, ref_index, kind, *options):
     rows, acc = q_hidden.shape[0], accumulation_dtype(q_hidden)
     return (
         q_hidden.new_empty((rows if kind != NO_DIVERGENCE else 0,), dtype=acc),
         q_hidden.new_empty((rows if targets is not None else 0,), dtype=acc),
     )
+
+
+@dataclass
+class _HeadGrads:
+    """The gradients the backward accumulates chunk by chunk (``[0]`` where not wanted), in the
+    accumulation dtype except Q's (written once per row)."""
+
+    q: Tensor
+    p: Tensor
+    weight: Tensor
+    bias: Tensor
+
+    @staticmethod
+    def zeros(q_hidden, p_hidden, weight, need_q, need_p, need_weight, need_bias) -> _HeadGrads:
+        acc = accumulation_dtype(weight)
+        return _HeadGrads(
+            torch.zeros_like(q_hidden) if need_q else q_hidden.new_empty(0),
+            torch.zeros_like(p_hidden, dtype=acc) if need_p else q_hidden.new_empty(0),
+            torch.zeros_like(weight, dtype=acc) if need_weight else weight.new_empty(0),
+            torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else weight.new_empty(0),
+        )
+
+    def add(self, d_logits: Tensor, hidden: Tensor, weight: Tensor, q_rows: Optional[slice], p_rows: Optional[Tensor]):
+        """Add one chunk's logit gradient ``d_logits`` (of ``hidden``'s rows) into the bias, the
+        head weight and the hidden states (Q rows ``q_rows`` or P rows ``p_rows``)."""
+        acc = accumulation_dtype(weight)
+        if self.bias.numel():
+            self.bias.add_(d_logits.sum(0, dtype=acc))
+        d_logits = d_logits.to(weight.dtype)
+        if self.weight.numel():
+            self.weight.add_(_mm(d_logits.t(), hidden, acc))
+        if q_rows is not None and self.q.numel():
+            self.q[q_rows] = d_logits @ weight
+        elif p_rows is not None and self.p.numel():
+            self.p.index_add_(0, p_rows, _mm(d_logits, weight, acc))
 
 
 @torch.library.custom_op("modkern::linear_losses_bwd", mutates_args=())
@@ -185,19 +220,14 @@ def linear_losses_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns the gradients of (q_hidden, p_hidden, weight, bias), each ``[0]`` when not needed."""
     use_div = kind != NO_DIVERGENCE
-    use_ce = targets is not None
     if use_div:
         ref_index = check_ref_index_values(ref_index, p_hidden.shape[0])
     need_head = need_grad_weight or need_grad_bias
     q_logit_grad = need_grad_q or need_head
     p_logit_grad = use_div and not detach_p_logits and (need_grad_p or need_head)
     need_grad_p = need_grad_p and p_logit_grad
-    acc = accumulation_dtype(weight)
-    grad_q = torch.zeros_like(q_hidden) if need_grad_q else q_hidden.new_empty(0)
-    grad_p = torch.zeros_like(p_hidden, dtype=acc) if need_grad_p else q_hidden.new_empty(0)
-    grad_w = torch.zeros_like(weight, dtype=acc) if need_grad_weight else weight.new_empty(0)
-    grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_grad_bias else weight.new_empty(0)
-
+    grads = _HeadGrads.zeros(q_hidden, p_hidden, weight, need_grad_q, need_grad_p, need_grad_weight, need_grad_bias)
+    spec_args = (kind, beta, inv_temperature, p_logit_grad, q_logit_grad, backend)
     for chunk in _chunks(q_hidden.shape[0], chunk_size, ref_index, q_hidden.device):
         q_h = chunk.slice(q_hidden)
         q_logits = _logits(q_h, weight, bias)
@@ -205,35 +235,29 @@ def linear_losses_bwd(
         if use_div and (q_logit_grad or p_logit_grad):
             p_h = p_hidden.index_select(0, chunk.p_rows)
             p_logits = _logits(p_h, weight, bias)
-            common = (None, chunk.slice(mask))
-            flags = (kind, beta, inv_temperature, p_logit_grad, q_logit_grad)
-            _, stats, saved_p, saved_q = divergence_fwd(p_logits, q_logits, *common, *flags, backend)
-            d_p, d_q = divergence_bwd(
-                chunk.slice(grad_div), p_logits, q_logits, *common, stats, saved_p, saved_q, *flags, backend
-            )
-            del p_logits, stats, saved_p, saved_q
-        if use_ce and q_logit_grad:
+            d_p, d_q = _divergence_logit_grads(p_logits, q_logits, chunk.slice(mask), chunk.slice(grad_div), spec_args)
+            del p_logits
+        if targets is not None and q_logit_grad:
             d_ce = _ce_grad(q_logits, chunk.slice(targets), chunk.slice(grad_ce))
             d_q = d_ce if d_q is None or d_q.numel() == 0 else d_ce.add_(d_q)
         del q_logits
-        for d, h in ((d_q, q_h), (d_p if p_logit_grad else None, p_h)):
-            if d is None or d.numel() == 0:
-                continue
-            if need_grad_bias:
-                grad_b.add_(d.sum(0, dtype=acc))
-            d = d.to(weight.dtype)
-            if need_grad_weight:
-                grad_w.add_(_mm(d.t(), h, acc))
-            if h is q_h and need_grad_q:
-                grad_q[chunk.start : chunk.stop] = d @ weight
-            elif h is p_h and need_grad_p:
-                grad_p.index_add_(0, chunk.p_rows, _mm(d, weight, acc))
+        if d_q is not None and d_q.numel():
+            grads.add(d_q, q_h, weight, slice(chunk.start, chunk.stop), None)
+        if p_logit_grad and d_p.numel():
+            grads.add(d_p, p_h, weight, None, chunk.p_rows)
     return (
-        grad_q,
-        grad_p.to(p_hidden.dtype) if need_grad_p else grad_p,
-        grad_w.to(weight.dtype) if need_grad_weight else grad_w,
-        grad_b.to(bias.dtype) if need_grad_bias else grad_b,
+        grads.q,
+        grads.p.to(p_hidden.dtype) if need_grad_p else grads.p,
+        grads.weight.to(weight.dtype) if need_grad_weight else grads.weight,
+        grads.bias.to(bias.dtype) if need_grad_bias else grads.bias,
     )
+
+
+def _divergence_logit_grads(p_logits, q_logits, mask, grad_rows, spec_args):
+    """One chunk's divergence gradients of its P and Q logits, through the divergence ops (the
+    forward for the row statistics, then the backward)."""
+    _, stats, saved_p, saved_q = divergence_fwd(p_logits, q_logits, None, mask, *spec_args)
+    return divergence_bwd(grad_rows, p_logits, q_logits, None, mask, stats, saved_p, saved_q, *spec_args)
 
 
 @linear_losses_bwd.register_fake
@@ -255,10 +279,13 @@ def _setup_context(ctx, inputs, output):
 
 def _op_backward(ctx, grad_div, grad_ce):
     q_hidden, p_hidden, weight, bias, targets, mask, ref_index = ctx.saved_tensors
-    kind, beta, inv_t, chunk_size, detach_p, backend = ctx.meta
-    needs = ctx.needs_input_grad
+    detach_p, backend = ctx.meta[-2:]
+    wanted = ctx.needs_input_grad
     need = dict(
-        q=needs[0], p=p_hidden is not None and needs[1] and not detach_p, w=needs[2], b=bias is not None and needs[3]
+        q=wanted[0],
+        p=p_hidden is not None and wanted[1] and not detach_p,
+        w=wanted[2],
+        b=bias is not None and wanted[3],
     )
     if not any(need.values()):
         return (None,) * 13
@@ -266,27 +293,9 @@ def _op_backward(ctx, grad_div, grad_ce):
     acc = accumulation_dtype(q_hidden)
     grad_div = grad_div if grad_div is not None and grad_div.numel() else q_hidden.new_zeros(rows, dtype=acc)
     grad_ce = grad_ce if grad_ce is not None and grad_ce.numel() else q_hidden.new_zeros(rows, dtype=acc)
-    gq, gp, gw, gb = linear_losses_bwd(
-        grad_div.contiguous(),
-        grad_ce.contiguous(),
-        q_hidden,
-        p_hidden,
-        weight,
-        bias,
-        targets,
-        mask,
-        ref_index,
-        kind,
-        beta,
-        inv_t,
-        chunk_size,
-        detach_p,
-        need["q"],
-        need["p"],
-        need["w"],
-        need["b"],
-        backend,
-    )
+    grad_div, grad_ce = grad_div.contiguous(), grad_ce.contiguous()
+    needs = (need["q"], need["p"], need["w"], need["b"])
+    gq, gp, gw, gb = linear_losses_bwd(grad_div, grad_ce, *ctx.saved_tensors, *ctx.meta[:-1], *needs, backend)
     pick = lambda flag, g: g if flag else None
     return (pick(need["q"], gq), pick(need["p"], gp), pick(need["w"], gw), pick(need["b"], gb)) + (None,) * 9
 
