@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,3 +287,20 @@ def median(values):
 
 def nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+STEP_WORKER = Path(__file__).resolve().parent / "robust_step_worker.py"
+
+
+def run_step_worker(provider: str, case: dict) -> dict:
+    """``robust_step_worker.py --provider P --key value ...`` in a fresh interpreter (its peak memory
+    is the provider's alone); its JSON line."""
+    args = [sys.executable, str(STEP_WORKER), "--provider", provider]
+    args += [x for k, v in case.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    args += ["--device", DEVICE.type, "--dtype", "bfloat16" if ON_CUDA else "float32"]
+    args += ["--threads", os.environ.get("MODKERN_BENCH_MEM_THREADS", "2")]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{provider} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

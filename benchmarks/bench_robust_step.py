@@ -19,15 +19,20 @@ to one provider: on CPU a Llama with tiny layers (hidden 128, 2 layers), batch 4
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from _harness import DEVICE, ON_CUDA, events_median_ms, median, record, set_group, skip_out_of_memory
+from _harness import (
+    DEVICE,
+    ON_CUDA,
+    events_median_ms,
+    median,
+    record,
+    run_step_worker,
+    set_group,
+    skip_out_of_memory,
+)
 from eager_objective import eager_robust_loss
 
 HPARAMS = dict(epsilon=1e-3, alpha=0.1, steps=2, lam=0.01, temperature=1.0)
@@ -181,27 +186,7 @@ MEMORY_CASE = dict(
     heads=32 if ON_CUDA else 4,
     kv_heads=4 if ON_CUDA else 2,
 )
-WORKER = Path(__file__).resolve().parent / "robust_step_worker.py"
 _MEMORY_RESULTS: dict = {}
-
-
-def run_worker(provider: str) -> dict:
-    """``robust_step_worker.py`` for one provider in a fresh interpreter; its JSON line."""
-    case = {k: str(v) for k, v in MEMORY_CASE.items()}
-    args = [
-        sys.executable,
-        str(WORKER),
-        "--provider",
-        provider,
-        *[x for k, v in case.items() for x in (f"--{k.replace('_', '-')}", v)],
-    ]
-    args += ["--device", DEVICE.type, "--dtype", "bfloat16" if ON_CUDA else "float32"]
-    args += ["--threads", os.environ.get("MODKERN_BENCH_MEM_THREADS", "2")]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{provider} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("provider", ["eager-official", "modkern"])
@@ -211,7 +196,7 @@ def test_robust_step_memory(benchmark, provider):
     The modkern row also records the ratios to the eager row measured in the same run
     (``peak_ratio``: whole-process peak; ``step_peak_ratio``: the step's own increase).
     """
-    result = run_worker(provider)
+    result = run_step_worker(provider, MEMORY_CASE)
     _MEMORY_RESULTS[provider] = result
     info = dict(op="robust_step_memory", mode="K=2 kl", provider=provider, shape=result["shape"], dtype=result["dtype"])
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)

@@ -217,15 +217,21 @@ def test_perturbation_reaches_exactly_the_masked_positions(models, name, monkeyp
         expected[b] = {"image_heavy": text[b], "text_heavy": placeholders[b], "vqa": torch.zeros_like(text[b])}[kind]
     assert torch.equal(mask.cpu(), expected)
     assert expected.any()
-    # calls: clean, 2 attack forwards, adversarial forward
+    # calls: clean, 2 attack forwards, adversarial forward; the last three on the samples with a
+    # non-empty mask only (skip_unperturbed), the VQA samples are left out
+    kept = mask.any(1).cpu()
+    assert not kept.all() and kept.any()
+    mask = mask[kept.to(mask.device)]
     assert len(seen) == 4 and len(grads) == 2
     for g in grads:  # the attack gradient w.r.t. delta vanishes off the mask
+        assert g.shape[0] == int(kept.sum())
         assert torch.all(g[~mask] == 0)
         assert torch.all(g[mask].abs().sum(-1) > 0)
     for x in seen[1:]:  # embeddings differ from the clean ones exactly on the mask, within epsilon
-        diff = (x - seen[0]).abs()
+        diff = (x - seen[0][kept.to(x.device)]).abs()
         assert torch.equal(diff.amax(-1) > 0, mask)
         assert float(diff.max()) <= cfg.epsilon * (1 + 1e-5)
+    assert torch.equal(out.delta[~kept.to(out.delta.device)], torch.zeros_like(out.delta[~kept.to(out.delta.device)]))
     assert no_hooks(model)
 
 
@@ -544,11 +550,17 @@ def head_batch_sizes(model):
 def test_the_lm_head_sees_only_the_answer_rows(models):
     model, info = models["llava"]
     batch = make_batch(info, 3, seed=9, kinds=["image_heavy", "text_heavy", "vqa"])
-    n = int((shift_labels(batch["labels"]) != -100).sum())
+    answers = shift_labels(batch["labels"]) != -100
+    n, n_perturbed = int(answers.sum()), int(answers[:2].sum())  # the VQA sample has nothing to perturb
     sizes, handle = head_batch_sizes(model)
     try:
         robust_loss(model, batch, RobustConfig(steps=2, lm_head="rows"))
-        assert sizes == [(n,)] * 4  # clean, 2 attack steps, adversarial: [n, V] logits, never [B, L, V]
+        # clean, 2 attack steps, adversarial: [n, V] logits, never [B, L, V]; the attack and the
+        # adversarial forward on the perturbed samples' rows only
+        assert sizes == [(n,)] + [(n_perturbed,)] * 3 and n_perturbed < n
+        sizes.clear()
+        robust_loss(model, batch, RobustConfig(steps=2, lm_head="rows", skip_unperturbed=False))
+        assert sizes == [(n,)] * 4
         sizes.clear()
         # auto: the rows' fp32 logits over the budget -> the chunked path, the head gets an empty batch
         robust_loss(model, batch, RobustConfig(steps=2, logits_budget_mb=1e-6))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -126,14 +127,44 @@ def infer_exclude_ids(model: nn.Module) -> tuple:
     return tuple(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
 
 
+def _batch_dim(name: str, value: Tensor) -> Optional[int]:
+    """The batch dimension of a language-model argument that a replay on some samples may select
+    (None: the tensor has none, as ``cache_position``). Raises KeyError for an argument whose layout
+    is not known: the replay then runs on the whole batch."""
+    if name == "cache_position":
+        return None
+    if name == "position_ids":
+        return 1 if value.dim() == 3 else 0  # M-RoPE: [sections, B, L]
+    if name in ("inputs_embeds", "attention_mask", "input_ids"):
+        return 0
+    raise KeyError(name)
+
+
+class _SampleGradScale(torch.autograd.Function):
+    """Identity forward; the backward multiplies each sample's gradient by ``scale[b]``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1))), None
+
+
 class EmbeddingInjector:
     """Forward pre-hook on the language model: records the clean call, replays it perturbed.
 
     Use as a context manager (the hook is removed on exit, also on exceptions). While
     ``set_perturbation`` has not been called, a call passes through and its arguments are
     recorded (``input_ids`` are embedded first when the module got no ``inputs_embeds``, as a plain
-    causal LM's decoder does). Afterwards every call is replaced by the recorded one (tensors
-    detached) with ``inputs_embeds = perturb(x0.detach(), delta, mask)``.
+    causal LM's decoder does); ``on_clean(x0)``, when set, may return a per-sample gradient scale
+    ``[B]`` for the clean call's embeddings (the values pass unchanged). Afterwards every call is
+    replaced by the recorded one (tensors detached) with ``inputs_embeds = perturb(x0.detach(),
+    delta, mask)``, on the samples ``samples`` of the batch only when they are given (every
+    argument's batch dimension selected; :attr:`selectable` says whether the recorded call allows it).
     """
 
     def __init__(self, language_model: nn.Module, backend: str = "auto"):
@@ -142,8 +173,10 @@ class EmbeddingInjector:
         self.handle = None
         self.captured: Optional[dict] = None
         self.calls = 0
+        self.on_clean: Optional[Callable[[Tensor], Optional[Tensor]]] = None
         self._delta = None
         self._mask = None
+        self._samples: Optional[Tensor] = None
         self._signature = None
 
     # context manager ------------------------------------------------------------------------
@@ -160,7 +193,7 @@ class EmbeddingInjector:
             self.handle.remove()
             self.handle = None
         self.captured = None
-        self._delta = self._mask = None
+        self._delta = self._mask = self._samples = None
 
     # state ----------------------------------------------------------------------------------
     @property
@@ -169,8 +202,22 @@ class EmbeddingInjector:
             raise RuntimeError("the language model was not called during the clean forward")
         return self.captured["inputs_embeds"]
 
-    def set_perturbation(self, delta: Tensor, mask: Tensor):
-        self._delta, self._mask = delta, mask
+    @property
+    def selectable(self) -> bool:
+        """Whether the recorded call can be replayed on some of its samples (every tensor argument
+        of a known layout)."""
+        try:
+            for name, value in self.captured.items():
+                if isinstance(value, Tensor):
+                    _batch_dim(name, value)
+        except KeyError:
+            return False
+        return True
+
+    def set_perturbation(self, delta: Tensor, mask: Tensor, samples: Optional[Tensor] = None):
+        """Replay with ``delta`` / ``mask`` (``[b, L, ...]``), on the batch's samples ``samples [b]``
+        (all of them when None)."""
+        self._delta, self._mask, self._samples = delta, mask, samples
         self.calls = 0
 
     # hook -----------------------------------------------------------------------------------
@@ -190,24 +237,36 @@ class EmbeddingInjector:
         self.calls += 1
         kwargs = self._as_kwargs(module, args, kwargs)
         if self._delta is None:
-            if self.calls > 1:
-                raise RuntimeError(
-                    "the language model was called more than once in one forward; modkern's embedding hook "
-                    "needs exactly one call (pass RobustConfig(language_model=...) to pick another module)"
-                )
-            if kwargs.get("inputs_embeds") is None:
-                input_ids = kwargs.get("input_ids")
-                if input_ids is None:
-                    raise RuntimeError("the language model received neither inputs_embeds nor input_ids")
-                kwargs["inputs_embeds"] = module.get_input_embeddings()(input_ids)
-                kwargs["input_ids"] = None
-            self.captured = kwargs
-            return (), kwargs
-        replay = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in self.captured.items()}
+            return (), self._record(module, kwargs)
+        replay = {k: (self._select(k, v.detach()) if isinstance(v, Tensor) else v) for k, v in self.captured.items()}
         replay["inputs_embeds"] = perturb(replay["inputs_embeds"], self._delta, self._mask, backend=self.backend)
         if "input_ids" in replay:
             replay["input_ids"] = None
         return (), replay
+
+    def _record(self, module, kwargs) -> dict:
+        if self.calls > 1:
+            raise RuntimeError(
+                "the language model was called more than once in one forward; modkern's embedding hook "
+                "needs exactly one call (pass RobustConfig(language_model=...) to pick another module)"
+            )
+        if kwargs.get("inputs_embeds") is None:
+            input_ids = kwargs.get("input_ids")
+            if input_ids is None:
+                raise RuntimeError("the language model received neither inputs_embeds nor input_ids")
+            kwargs["inputs_embeds"] = module.get_input_embeddings()(input_ids)
+            kwargs["input_ids"] = None
+        self.captured = kwargs
+        scale = self.on_clean(kwargs["inputs_embeds"]) if self.on_clean is not None else None
+        if scale is None:
+            return kwargs
+        return dict(kwargs, inputs_embeds=_SampleGradScale.apply(kwargs["inputs_embeds"], scale))
+
+    def _select(self, name: str, value: Tensor) -> Tensor:
+        if self._samples is None:
+            return value
+        dim = _batch_dim(name, value)
+        return value if dim is None else value.index_select(dim, self._samples.to(value.device))
 
 
 def get_logits(output) -> Tensor:

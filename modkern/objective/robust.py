@@ -194,6 +194,12 @@ class RobustConfig:
             ``"auto"`` (rows unless their fp32 logits exceed ``logits_budget_mb``).
         logits_budget_mb: the ``"auto"`` threshold, in MiB of ``rows x V`` fp32 logits.
         chunk_size: rows per chunk of the chunked path (None: from a memory budget).
+        skip_unperturbed: run the attack and the adversarial forward only on the samples whose
+            modality mask is non-empty (and the copies, whose clean rows the consistency compares):
+            the others' adversarial forward recomputes their clean one (no dropout), so their
+            adversarial CE is taken from the clean pass and their consistency is 0. Exact: the loss
+            and every gradient as without skipping (see :func:`robust_loss`). Needs a language-model
+            call whose arguments have a known batch layout; otherwise the whole batch runs.
     """
 
     epsilon: float = 1e-3
@@ -224,6 +230,7 @@ class RobustConfig:
     logits_budget_mb: float = 1024.0
     chunk_size: Optional[int] = None
     attack_stats: bool = True
+    skip_unperturbed: bool = True
 
     def __post_init__(self):
         self.epsilon = checks.check_positive_number("epsilon", self.epsilon, allow_tensor=False)
@@ -258,7 +265,7 @@ class RobustConfig:
         if self.exclude_ids is not None:
             self.exclude_ids = tuple(int(i) for i in self.exclude_ids)
         self.backend = check_backend(self.backend)
-        for name in ("freeze_params_during_attack", "reuse_encoder_outputs", "attack_stats"):
+        for name in ("freeze_params_during_attack", "reuse_encoder_outputs", "attack_stats", "skip_unperturbed"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         self.encoder_input_keys = tuple(self.encoder_input_keys)
@@ -616,10 +623,60 @@ def _use_chunked_head(config: RobustConfig, rows: int, model, head) -> bool:
 
 @dataclass
 class _Branch:
-    """One forward's answer rows: ``logits [n, V]`` (answer-row path) or ``hidden [n, H]`` (chunked)."""
+    """One forward's answer rows: ``logits [n, V]`` (answer-row path) or ``hidden [n, H]`` (chunked),
+    and their ``targets [n]``."""
 
+    targets: Tensor
     logits: Optional[Tensor] = None
     hidden: Optional[Tensor] = None
+
+
+@dataclass
+class _SkipPlan:
+    """The samples that the attack and the adversarial forward run on (``skip_unperturbed``).
+
+    ``samples [b]`` (int64, increasing); ``index`` / ``tokens`` / ``targets``: their answer rows as
+    the head hook takes them (flat over the sub-batch's ``b * L`` positions); ``kept_rows [n_b]``:
+    which of the whole batch's answer rows those are; ``skipped_rows`` (bool ``[n]``): the rows whose
+    adversarial CE is their clean CE; ``adv_weight``: 0 when no sample needed the forwards (sample 0
+    runs them anyway, weighted 0: every rank makes the same module calls), else 1.
+    """
+
+    samples: Tensor
+    index: Tensor
+    tokens: int
+    targets: Tensor
+    kept_rows: Tensor
+    skipped_rows: Tensor
+    adv_weight: float
+
+    @staticmethod
+    def of(keep: Tensor, rows: _AnswerRows) -> _SkipPlan:
+        """The plan for the samples ``keep`` (bool ``[B]``); one host sync (how many are kept)."""
+        device = rows.mask.device
+        keep = keep.to(device)
+        samples = keep.nonzero().squeeze(1)
+        adv_weight = 1.0
+        if samples.numel() == 0:
+            samples, adv_weight = samples.new_zeros(1), 0.0
+        in_plan = torch.zeros_like(keep).index_fill_(0, samples, True)
+        row_sample = rows.index // rows.mask.shape[1]
+        kept_rows = in_plan[row_sample].nonzero().squeeze(1)
+        sub = rows.mask.index_select(0, samples)
+        return _SkipPlan(
+            samples=samples,
+            index=sub.reshape(-1).nonzero().squeeze(1),
+            tokens=sub.numel(),
+            targets=rows.targets.index_select(0, kept_rows),
+            kept_rows=kept_rows,
+            skipped_rows=~keep[row_sample],
+            adv_weight=adv_weight,
+        )
+
+    def adv_ref_rows(self, ref_rows: Optional[Tensor], device) -> Tensor:
+        """The clean answer row each adversarial row is compared with."""
+        kept = self.kept_rows.to(device)
+        return kept if ref_rows is None else ref_rows.index_select(0, kept)
 
 
 class _ForwardPasses(contextlib.ExitStack):
@@ -631,6 +688,7 @@ class _ForwardPasses(contextlib.ExitStack):
         self.injector = EmbeddingInjector(find_language_model(model, config.language_model), backend=config.backend)
         self.head = AnswerRowHead(head)
         self.rows: Optional[_AnswerRows] = None
+        self.plan: Optional[_SkipPlan] = None
 
     def __enter__(self):
         super().__enter__()
@@ -638,16 +696,18 @@ class _ForwardPasses(contextlib.ExitStack):
         self.enter_context(self.head)
         return self
 
-    def _run(self, module: nn.Module, inputs: dict) -> _Branch:
-        self.head.expect(self.rows.index, self.rows.tokens, keep_hidden=self.rows.chunked)
+    def _run(self, module: nn.Module, inputs: dict, index: Tensor, tokens: int, targets: Tensor) -> _Branch:
+        self.head.expect(index, tokens, keep_hidden=self.rows.chunked)
         output = module(**inputs)
         if self.rows.chunked:
-            return _Branch(hidden=self.head.rows_hidden())
-        return _Branch(logits=self.head.logits(output))
+            return _Branch(targets, hidden=self.head.rows_hidden())
+        return _Branch(targets, logits=self.head.logits(output))
 
-    def clean(self, inputs: dict) -> _Branch:
-        """The clean forward, through a DDP wrapper when there is one (its graph covers every parameter)."""
-        branch = self._run(self.model, inputs)
+    def clean(self, inputs: dict, on_x0=None) -> _Branch:
+        """The clean forward, through a DDP wrapper when there is one (its graph covers every parameter).
+        ``on_x0(x0)``: see :class:`EmbeddingInjector`'s ``on_clean``."""
+        self.injector.on_clean = on_x0
+        branch = self._run(self.model, inputs, self.rows.index, self.rows.tokens, self.rows.targets)
         if tuple(self.x0.shape[:2]) != tuple(self.rows.mask.shape):
             raise RuntimeError(
                 f"the language model received embeddings of shape {tuple(self.x0.shape)} but input_ids has shape "
@@ -660,23 +720,30 @@ class _ForwardPasses(contextlib.ExitStack):
         return self.injector.x0
 
     def perturbed(self, inputs: dict, delta: Tensor, mask: Tensor) -> _Branch:
-        """A forward of the clean call replayed with ``inputs_embeds = perturb(x0, delta, mask)``."""
-        self.injector.set_perturbation(delta, mask)
+        """A forward of the clean call replayed with ``inputs_embeds = perturb(x0, delta, mask)``, on
+        the plan's samples when there is a plan (``delta`` / ``mask`` then hold those samples)."""
+        plan = self.plan
+        self.injector.set_perturbation(delta, mask, None if plan is None else plan.samples)
         with wrapper_forward_context(self.model):
-            return self._run(self.base, inputs)
+            if plan is None:
+                return self._run(self.base, inputs, self.rows.index, self.rows.tokens, self.rows.targets)
+            return self._run(self.base, inputs, plan.index, plan.tokens, plan.targets)
 
     def head_weights(self):
         """``(weight, bias)`` of the head (the chunked path; its suitability was checked when it was chosen)."""
         return self.head.module.weight, self.head.module.bias
 
-    def ce_sum(self, branch: _Branch) -> Tensor:
-        """Token-sum next-token CE of the answer rows, in fp32 (fp64 for a fp64 model)."""
+    def ce_rows(self, branch: _Branch) -> Tensor:
+        """Next-token CE of each answer row of ``branch``, in fp32 (fp64 for a fp64 model)."""
         if branch.logits is not None:
-            return token_ce_rows(branch.logits, self.rows.targets.to(branch.logits.device)).sum()
+            return token_ce_rows(branch.logits, branch.targets.to(branch.logits.device))
         weight, bias = self.head_weights()
-        targets = self.rows.targets.to(branch.hidden.device)
-        _, ce = linear_losses(branch.hidden, weight, bias, targets=targets, **self._chunking())
-        return ce.sum()
+        targets = branch.targets.to(branch.hidden.device)
+        return linear_losses(branch.hidden, weight, bias, targets=targets, **self._chunking())[1]
+
+    def ce_sum(self, branch: _Branch) -> Tensor:
+        """Token-sum next-token CE of the answer rows of ``branch``."""
+        return self.ce_rows(branch).sum()
 
     def _chunking(self) -> dict:
         return dict(chunk_size=self.config.chunk_size, backend=self.config.backend)
@@ -686,8 +753,7 @@ class _ForwardPasses(contextlib.ExitStack):
 # The objective: clean pass, attack, adversarial pass, consistency
 
 
-def _modality_mask(passes: _ForwardPasses, micro: _MicroBatch, model: nn.Module, config: RobustConfig) -> Tensor:
-    device = passes.x0.device
+def _modality_mask(device, micro: _MicroBatch, model: nn.Module, config: RobustConfig) -> Tensor:
     return modality_mask(
         micro.input_ids.to(device),
         perturb=micro.policy,
@@ -705,11 +771,18 @@ def _attack(passes: _ForwardPasses, micro: _MicroBatch, mask: Tensor, config: Ro
     FSDP / ZeRO-3 parameter all-gathers pair up across ranks. ``grad_scale`` multiplies the attack
     loss before the backward and divides the (fp32) gradient after it, like a GradScaler, so that
     fp16 activation gradients do not underflow; a step whose gradient overflowed is skipped.
-    Returns ``(delta, telemetry)`` (see :func:`attack_telemetry`; ``{}`` when not asked for).
+    With a skip plan the attack runs on the plan's samples: ``delta`` starts as those samples' rows
+    of the whole batch's random start (the same values as without the plan).
+    Returns ``(delta, mask, telemetry)`` on those samples (see :func:`attack_telemetry`; ``{}`` when
+    not asked for).
     """
     grad = None
     init_norm = "zero" if config.init == "zero" else ("linf" if config.norm in ("linf", None) else "l2")
     delta = init_delta(passes.x0, mask, epsilon=config.epsilon, norm=init_norm, dtype=torch.float32)
+    x0 = passes.x0
+    if passes.plan is not None:
+        samples = passes.plan.samples.to(x0.device)
+        delta, mask, x0 = (t.index_select(0, samples) for t in (delta, mask, x0))
     with FrozenParams(passes.base, config.freeze_params_during_attack):
         for _ in range(config.steps):
             delta.requires_grad_(True)
@@ -725,8 +798,8 @@ def _attack(passes: _ForwardPasses, micro: _MicroBatch, mask: Tensor, config: Ro
             step = dict(step=config.step, norm=config.norm, inplace=True, backend=config.backend)
             masked_adv_step(delta, grad, mask, alpha=config.alpha, epsilon=config.epsilon, **step)
     delta = delta.detach()
-    stats = attack_telemetry(passes.x0, delta, grad, mask, config) if config.attack_stats else {}
-    return delta, stats
+    stats = attack_telemetry(x0, delta, grad, mask, config) if config.attack_stats else {}
+    return delta, mask, stats
 
 
 def _clean_sample_count(ref_index, batch_size: int):
@@ -792,32 +865,35 @@ def _consistency_terms(
     writes.
     """
     any_branch = clean.logits if clean.logits is not None else clean.hidden
+    adv_weight = 1.0 if passes.plan is None else passes.plan.adv_weight
     ce_adv = any_branch.new_zeros((), dtype=torch.float32) if adv is None else None
     if not config.uses_divergence:
-        return (passes.ce_sum(adv) if adv is not None else ce_adv), None
+        return (passes.ce_sum(adv) * adv_weight if adv is not None else ce_adv), None
     device = any_branch.device  # the head's (device_map models)
     ref_rows = passes.rows.ref_rows(micro.ref_index)
     ref_rows = None if ref_rows is None else ref_rows.to(device)
     weight = _consistency_weight(passes, micro, config, num_clean, device)
-    options = dict(temperature=config.temperature, ref_index=ref_rows, backend=config.backend)
-    compare = []  # (branch, row mask): the rows compared with their clean sample's
+    compare = []  # (branch, row mask, ref_index, weight): the rows compared with their clean sample's
     if config.pairs in ("official", "heuristic") and ref_rows is not None:
-        compare.append((clean, ref_rows != torch.arange(ref_rows.numel(), device=device)))  # the copies' rows
+        copies = ref_rows != torch.arange(ref_rows.numel(), device=device)
+        compare.append((clean, copies, ref_rows, weight))  # the copies' clean rows
     if adv is not None:  # an adversarial forward ran: pairs "official" or "adversarial"
-        compare.append((adv, None))
+        adv_ref = ref_rows if passes.plan is None else passes.plan.adv_ref_rows(ref_rows, device)
+        compare.append((adv, None, adv_ref, weight * adv_weight))
+    options = dict(temperature=config.temperature, backend=config.backend)
     terms = []
     if clean.logits is not None:
         p = clean.logits.detach()
-        for branch, rows in compare:
-            o = dict(options, mask=rows, scale=weight, grad_mode=config.divergence_grad_mode)
+        for branch, rows, ref, scale in compare:
+            o = dict(options, mask=rows, ref_index=ref, scale=scale, grad_mode=config.divergence_grad_mode)
             terms.append(_divergence_sum(p, branch.logits, config, **o))
         if adv is not None:
-            ce_adv = passes.ce_sum(adv)
+            ce_adv = passes.ce_sum(adv) * adv_weight
     else:
         head_weight, bias = passes.head_weights()
         kind = dict(divergence=config.divergence, direction=config.kl_direction, beta=config.beta)
-        for branch, rows in compare:
-            targets = passes.rows.targets.to(device) if branch is adv else None
+        for branch, rows, ref, scale in compare:
+            targets = branch.targets.to(device) if branch is adv else None
             div, ce = linear_losses(
                 branch.hidden,
                 head_weight,
@@ -825,15 +901,54 @@ def _consistency_terms(
                 p_hidden=clean.hidden.detach(),
                 targets=targets,
                 mask=rows,
+                ref_index=ref,
                 detach_p_logits=True,
                 chunk_size=config.chunk_size,
                 **kind,
                 **options,
             )
-            terms.append(div.sum() * weight)
+            terms.append(div.sum() * scale)
             if branch is adv:
-                ce_adv = ce.sum()
+                ce_adv = ce.sum() * adv_weight
     return ce_adv, (sum(terms[1:], terms[0]) if terms else None)
+
+
+def _samples_to_run(mask: Tensor, micro: _MicroBatch, config: RobustConfig) -> Tensor:
+    """Bool ``[B]``: the samples that the attack and the adversarial forward must run on: those with a
+    non-empty modality mask, and the copies whose clean rows the consistency compares (their clean
+    logits get a gradient of their own, which the shortcut below cannot split off)."""
+    keep = mask.any(1)
+    if config.pairs in ("official", "heuristic") and micro.ref_index is not None:
+        batch = mask.shape[0]
+        ref = _normalize_ref_index(micro.ref_index, batch, mask.device)
+        keep = keep | (ref != torch.arange(batch, device=mask.device))
+    return keep
+
+
+def _on_clean_embeddings(x0: Tensor, passes: _ForwardPasses, micro: _MicroBatch, model, config, found: dict):
+    """Runs inside the clean forward, on the language model's input ``x0``: the modality mask, and
+    with ``skip_unperturbed`` the samples to run the attack on and the gradient scale of ``x0``.
+
+    Why the scale: a skipped sample's adversarial forward would recompute its clean one, with ``x0``
+    detached (the official objective sends no adversarial gradient into the encoders or the
+    embedding table). Its adversarial CE is taken from the clean pass instead, so the clean graph
+    carries that sample's CE twice: right for every parameter after ``x0``, twice too much for
+    ``x0``, whose gradient for those samples is halved here. Exact as long as nothing else reaches
+    a skipped sample's clean logits with a gradient (the copies, whose clean rows the consistency
+    compares, are never skipped)."""
+    found["mask"] = mask = _modality_mask(x0.device, micro, model, config)
+    if not (config.uses_attack and config.skip_unperturbed and passes.injector.selectable):
+        return None
+    keep = found["keep"] = _samples_to_run(mask, micro, config)
+    return torch.where(keep, 1.0, 0.5).to(torch.float32)
+
+
+def _whole_batch(delta: Tensor, plan: Optional[_SkipPlan], batch: int) -> Tensor:
+    """The plan's samples' perturbation as the whole batch's (zero on the skipped samples)."""
+    if plan is None:
+        return delta
+    full = delta.new_zeros((batch, *delta.shape[1:]))
+    return full.index_copy_(0, plan.samples.to(delta.device), delta)
 
 
 def _check_call(config) -> RobustConfig:
@@ -904,14 +1019,23 @@ def robust_loss(
     head = find_lm_head(model)
     with _ForwardPasses(model, config, head) as passes:
         passes.rows = _answer_rows(micro.shifted, num_items_in_batch, config, model, head)
-        clean = passes.clean(micro.inputs)
-        ce_clean = passes.ce_sum(clean)
-        mask = _modality_mask(passes, micro, model, config)
+        found = {}
+        clean = passes.clean(
+            micro.inputs, on_x0=lambda x0: _on_clean_embeddings(x0, passes, micro, model, config, found)
+        )
+        ce_rows_clean = passes.ce_rows(clean)
+        mask = found["mask"]
+        passes.plan = _SkipPlan.of(found["keep"], passes.rows) if "keep" in found else None
         delta, adv, stats = None, None, {}
         if config.uses_attack:
-            delta, stats = _attack(passes, micro, mask, config, attack_grad_scale)
-            adv = passes.perturbed(micro.replay_inputs, delta, mask)
+            delta, attack_mask, stats = _attack(passes, micro, mask, config, attack_grad_scale)
+            adv = passes.perturbed(micro.replay_inputs, delta, attack_mask)
+            delta = _whole_batch(delta, passes.plan, mask.shape[0])
         ce_adv, consistency = _consistency_terms(passes, micro, clean, adv, config, num_clean_in_batch)
+        if passes.plan is not None:  # the skipped rows' adversarial CE: their clean CE
+            skipped = passes.plan.skipped_rows.to(ce_rows_clean.device)
+            ce_adv = ce_adv + torch.where(skipped, ce_rows_clean, torch.zeros_like(ce_rows_clean)).sum()
+    ce_clean = ce_rows_clean.sum()
 
     denom = passes.rows.denom
     if consistency is None:  # disabled
