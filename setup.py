@@ -99,10 +99,12 @@ setup(
             "matplotlib",
             "liger-kernel",
             "peft",
+            "trl",  # the SFTTrainer integration test (tests/test_trl.py)
             # ZeRO-3 test on CPU (DeepSpeed's CPU accelerator, gloo); the test skips when it is not importable
             "deepspeed; platform_system == 'Linux'",
         ],
         "hf": ["transformers>=5,<6", "accelerate"],
+        "trl": ["trl", "transformers>=5,<6", "accelerate"],
         "demo": ["transformers>=5,<6", "matplotlib"],
         "liger": ["liger-kernel"],
         "bench": [TRITON, "pytest>=8", "pytest-benchmark>=4", "transformers>=5,<6", "matplotlib", "liger-kernel"],

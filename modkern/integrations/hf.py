@@ -67,6 +67,11 @@ class RobustTrainerMixin:
         self._robust_parts = None
         self._robust_log_steps = None
         self._robust_num_clean = None
+        # TRL's SFTTrainer logs the clean predictions' entropy, token accuracy and the tokens seen from
+        # its own compute_loss, which the robust one replaces: computed here instead, same names.
+        self._robust_trl_metrics = _is_trl_sft_trainer(type(self))
+        self._robust_token_metrics = {"entropy": [], "mean_token_accuracy": []}
+        self._robust_num_tokens = 0
         if getattr(self, "_signature_columns", None) is not None:
             self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CONSUMED_KEYS]))
 
@@ -144,6 +149,7 @@ class RobustTrainerMixin:
                 attack_grad_scale=self._robust_attack_grad_scale(model),
                 # the step's count only with the step's items (a direct call gets the micro-batch's own)
                 num_clean_in_batch=self._robust_num_clean if num_items_in_batch is not None else None,
+                token_stats=self._robust_trl_metrics,
             )
             loss = out.loss
             report = scale
@@ -152,6 +158,8 @@ class RobustTrainerMixin:
                 report /= micro_batches
             self._robust_accumulate(out.parts(), report)
             self._robust_accumulate(out.attack, 1.0 / micro_batches)  # a mean over the micro-batches
+            if self._robust_trl_metrics:
+                self._robust_token_step(out.token_stats, inputs)
         else:
             loss, outputs = clean_loss(model, inputs, num_items_in_batch)
         if scale != 1.0:
@@ -182,7 +190,24 @@ class RobustTrainerMixin:
             total = self._robust_parts.setdefault(k, torch.zeros((), dtype=torch.float32, device=v.device))
             total += v.detach().float() * factor
 
+    def _robust_token_step(self, stats: dict, inputs: dict):
+        """TRL's per-micro-batch metrics (summed over processes): the mean entropy and argmax
+        accuracy of the clean answer rows, and the tokens seen so far (attention-mask sum)."""
+        gather = self.accelerator.gather_for_metrics
+        tokens = gather(stats["tokens"].reshape(1)).sum()
+        for name, key in (("entropy", "entropy_sum"), ("mean_token_accuracy", "correct")):
+            total = gather(stats[key].reshape(1)).sum()
+            self._robust_token_metrics[name].append(float(total / tokens) if float(tokens) > 0 else 0.0)
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            self._robust_num_tokens += int(gather(mask.sum().reshape(1)).sum())
+
     def log(self, logs: dict, *args, **kwargs):
+        if "loss" in logs and self._robust_trl_metrics and self._robust_token_metrics["entropy"]:
+            for name, values in self._robust_token_metrics.items():
+                logs[name] = sum(values) / len(values)
+                values.clear()
+            logs["num_tokens"] = self._robust_num_tokens
         steps = self._robust_log_steps
         if "loss" in logs and self._robust_parts is not None and steps is not None and steps > 0:
             names = list(self._robust_parts)
@@ -193,6 +218,11 @@ class RobustTrainerMixin:
                 logs[k] = v / steps
             self._robust_parts = None
         return super().log(logs, *args, **kwargs)
+
+
+def _is_trl_sft_trainer(cls: type) -> bool:
+    """Whether ``cls`` derives from TRL's ``SFTTrainer`` (without importing TRL)."""
+    return any(c.__name__ == "SFTTrainer" and c.__module__.split(".")[0] == "trl" for c in cls.__mro__)
 
 
 def make_robust_trainer(trainer_class: type, config: Optional[RobustConfig] = None) -> type:

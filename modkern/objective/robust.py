@@ -88,7 +88,7 @@ from modkern.objective.model_hooks import (  # noqa: F401 (re-exported: the obje
 from modkern.ops.adv_step import NORMS, STEPS, masked_adv_step
 from modkern.ops.dispatch import check_backend
 from modkern.ops.divergence import DIRECTIONS, GRAD_MODES, fused_js, fused_kl
-from modkern.ops.linear_divergence import linear_losses, token_ce_rows
+from modkern.ops.linear_divergence import default_chunk_size, linear_losses, token_ce_rows
 from modkern.ops.perturb.delta_init import init_delta
 from modkern.ops.perturb.mask import modality_mask
 
@@ -333,7 +333,9 @@ class RobustOutput:
     logits of the answer rows ``[rows, V]`` (row-major over ``[B, L]``, shifted: the row at t - 1
     predicts the answer token at t), only with ``return_logits=True`` on the answer-row path; no
     ``[B, L, V]`` tensor is kept. ``delta`` is the final perturbation and ``mask`` the modality mask
-    ``[B, L]``.
+    ``[B, L]``. ``token_stats`` (with ``token_stats=True``): over the clean answer rows, the sum of
+    the predictive entropies ``entropy_sum``, the argmax hits ``correct`` and the row count
+    ``tokens`` (detached 0-dim fp32 tensors; TRL's ``entropy`` and ``mean_token_accuracy``).
     """
 
     loss: Tensor
@@ -344,6 +346,7 @@ class RobustOutput:
     delta: Optional[Tensor] = None
     mask: Optional[Tensor] = None
     attack: dict = field(default_factory=dict)
+    token_stats: dict = field(default_factory=dict)
 
     def parts(self) -> dict:
         """The loss's parts (they add up to ``loss``)."""
@@ -913,6 +916,30 @@ def _consistency_terms(
     return ce_adv, (sum(terms[1:], terms[0]) if terms else None)
 
 
+@torch.no_grad()
+def _clean_token_stats(passes: _ForwardPasses, clean: _Branch) -> dict:
+    """Over the clean answer rows: the summed entropy of the predicted distribution, the argmax
+    hits and the rows (what TRL's ``entropy`` / ``mean_token_accuracy`` average)."""
+    if clean.logits is not None:
+        pieces = [(clean.logits, clean.targets)]
+    else:
+        weight, bias = passes.head_weights()
+        rows = clean.hidden.shape[0]
+        size = passes.config.chunk_size or default_chunk_size(rows, weight.shape[0])
+        pieces = ((F.linear(h, weight, bias), t) for h, t in zip(clean.hidden.split(size), clean.targets.split(size)))
+    device = (clean.logits if clean.logits is not None else clean.hidden).device
+    entropy = torch.zeros((), dtype=torch.float32, device=device)
+    correct = torch.zeros((), dtype=torch.float32, device=device)
+    for logits, targets in pieces:
+        entropy += torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum()
+        correct += (logits.argmax(-1) == targets.to(logits.device)).sum()
+    return {
+        "entropy_sum": entropy,
+        "correct": correct,
+        "tokens": torch.tensor(float(clean.targets.numel()), device=device),
+    }
+
+
 def _samples_to_run(mask: Tensor, micro: _MicroBatch, config: RobustConfig) -> Tensor:
     """Bool ``[B]``: the samples that the attack and the adversarial forward must run on: those with a
     non-empty modality mask, and the copies whose clean rows the consistency compares (their clean
@@ -971,6 +998,7 @@ def robust_loss(
     num_items_in_batch=None,
     *,
     return_logits: bool = False,
+    token_stats: bool = False,
     attack_grad_scale=None,
     num_clean_in_batch=None,
 ) -> RobustOutput:
@@ -987,6 +1015,8 @@ def robust_loss(
         num_items_in_batch: total answer tokens of the accumulated batch (Hugging Face's
             ``num_items_in_batch``); the CEs are token sums divided by it. None divides by this
             micro-batch's answer tokens.
+        token_stats: compute :attr:`RobustOutput.token_stats` (the clean rows' entropy and argmax
+            accuracy, without a gradient; on the chunked path one more pass over the head).
         return_logits: keep the clean logits of the answer rows (``[rows, V]``) in the output
             (answer-row path only: the chunked path never holds them, and returns None).
         attack_grad_scale: a loss scale for the attack's backward (a number or 0-dim tensor > 0),
@@ -1024,6 +1054,7 @@ def robust_loss(
             micro.inputs, on_x0=lambda x0: _on_clean_embeddings(x0, passes, micro, model, config, found)
         )
         ce_rows_clean = passes.ce_rows(clean)
+        clean_stats = _clean_token_stats(passes, clean) if token_stats else {}
         mask = found["mask"]
         passes.plan = _SkipPlan.of(found["keep"], passes.rows) if "keep" in found else None
         delta, adv, stats = None, None, {}
@@ -1050,6 +1081,7 @@ def robust_loss(
         delta=delta,
         mask=mask,
         attack=stats,
+        token_stats=clean_stats,
     )
 
 
