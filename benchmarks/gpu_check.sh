@@ -19,6 +19,7 @@
 #                        P detached = the paper's case) and two gradients (p, q): torch + triton
 #              pgd       masked_adv_step raw+linf, 18 x 1000 x 4096 (fp32 / bf16 delta)
 #              e2e       one robust training step end to end (bench_robust_step.py)
+#              cost      the step against SFT at a layers-dominated shape (bench_step_cost.py)
 #              linear    bench_linear_divergence.py (when it exists)
 #   wait       for the build (fails the CUDA stages below if it failed)
 #   tests      the CUDA op test suite with MODKERN_REQUIRE_BACKENDS=cuda,triton: a skipped cuda or
@@ -250,7 +251,8 @@ fi
 HEAD_DIV='R4096xV152064 and bfloat16 and fwd_bwd and (modkern-triton or modkern-torch)'
 bench div 130 benchmarks/bench_divergence.py -k "$HEAD_DIV"
 bench pgd 45 benchmarks/bench_adv_step.py -k "test_masked_adv_step and raw and (modkern-triton or modkern-torch)"
-bench e2e 120 benchmarks/bench_robust_step.py
+bench e2e 150 benchmarks/bench_robust_step.py
+bench cost 150 benchmarks/bench_step_cost.py
 if [ -f benchmarks/bench_linear_divergence.py ]; then
     bench linear 75 benchmarks/bench_linear_divergence.py
 else
