@@ -34,7 +34,7 @@ import time
 import pytest
 import torch
 from _harness import DEVICE, ON_CUDA, median, record, run_step_worker, set_group
-from robust_step_worker import MIX, PROVIDERS, QUESTION, SYSTEM, mix_batch, objective
+from robust_step_worker import MIX, PROVIDERS, QUESTION, SYSTEM, llama, mix_batch, objective, train_step
 
 ANSWER = 8
 if ON_CUDA:
@@ -50,33 +50,8 @@ _RESULTS: dict = {}
 
 
 def _model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=MODEL["vocab"],
-        hidden_size=MODEL["hidden"],
-        intermediate_size=MODEL["intermediate"],
-        num_hidden_layers=MODEL["layers"],
-        num_attention_heads=MODEL["heads"],
-        num_key_value_heads=MODEL["kv_heads"],
-        max_position_embeddings=2048,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model = LlamaForCausalLM(config).to(DTYPE)
-    return model.train()
-
-
-def _step(model, loss_fn):
-    model.zero_grad(set_to_none=True)
-    loss = loss_fn()
-    loss.backward()
-    if ON_CUDA:
-        torch.cuda.synchronize()
-    return float(loss.detach())
+    keys = ("vocab", "hidden", "intermediate", "layers", "heads", "kv_heads")
+    return llama(*(MODEL[k] for k in keys), 2048, DTYPE, DEVICE)
 
 
 def _measure(image_tokens: int) -> dict:
@@ -90,7 +65,7 @@ def _measure(image_tokens: int) -> dict:
     for round_ in range(ROUNDS + 1):
         for provider in PROVIDERS:
             t0 = time.perf_counter()
-            losses[provider] = _step(model, loss_fns[provider])
+            losses[provider] = train_step(model, loss_fns[provider])
             if round_:
                 times[provider].append(1e3 * (time.perf_counter() - t0))
     del model, loss_fns

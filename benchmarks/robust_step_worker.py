@@ -79,25 +79,50 @@ def reset_peak_rss() -> None:
         pass
 
 
-def build(args, device):
+def llama(vocab, hidden, intermediate, layers, heads, kv_heads, max_positions, dtype, device):
+    """A Llama causal LM with random weights (seed 0), in train mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate or 2 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2048, args.seq),
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
     )
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
-    model.train()
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.train()
+
+
+def train_step(model, loss_fn) -> float:
+    """``zero_grad`` + loss + ``backward`` (no optimizer step); the loss, after a device sync."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    if loss.is_cuda:
+        torch.cuda.synchronize()
+    return float(loss.detach())
+
+
+def build(args, device):
+    model = llama(
+        args.vocab,
+        args.hidden,
+        args.intermediate or 2 * args.hidden,
+        args.layers,
+        args.heads,
+        args.kv_heads,
+        max(2048, args.seq),
+        getattr(torch, args.dtype),
+        device,
+    )
     if args.image_tokens:
         return model, mix_batch(args.image_tokens, args.answer, args.vocab, device)
     input_ids = torch.randint(3, args.vocab, (args.batch, args.seq), device=device)
@@ -157,14 +182,6 @@ def main(argv=None) -> dict:
     model, batch = build(args, device)
     loss_fn = objective(args.provider, model, batch, mix=args.image_tokens > 0)
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        if cuda:
-            torch.cuda.synchronize()
-        return float(loss.detach())
-
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -175,7 +192,7 @@ def main(argv=None) -> dict:
     times, losses = [], []
     for i in range(args.warmup + args.repeat):
         start = time.perf_counter()
-        losses.append(step())
+        losses.append(train_step(model, loss_fn))
         if i >= args.warmup:
             times.append((time.perf_counter() - start) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else peak_rss_mb()

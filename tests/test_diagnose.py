@@ -19,9 +19,12 @@ from modkern.apps.diagnose import (
     ModelSpec,
     cohens_d,
     diagnose,
+    format_table,
     image_task_items,
+    plot_report,
     task_words,
 )
+from modkern.apps.diagnose.metrics import MIN_POOLED_SD
 from modkern.apps.synthetic_task import WordTokenizer
 from modkern.apps.tiny_models import tiny_llava
 from modkern.apps.train_loop import save_checkpoint
@@ -117,7 +120,11 @@ def test_every_number_against_a_hand_computation(llava):
         for m in range(2):
             a, b = img_f[:, layer, m].tolist(), txt_f[:, layer, m].tolist()
             pooled = math.sqrt((2 * statistics.variance(a) + 2 * statistics.variance(b)) / 4)
-            assert d[layer][m] == pytest.approx((statistics.mean(a) - statistics.mean(b)) / pooled, rel=1e-3)
+            if pooled < MIN_POOLED_SD:  # near-constant shares: undefined, not a huge d
+                assert d[layer][m] is None
+            else:
+                assert d[layer][m] == pytest.approx((statistics.mean(a) - statistics.mean(b)) / pooled, rel=1e-3)
+    assert "pooled sd below" in att["cohens_d_note"]
 
 
 def test_cohens_d_hand_values_and_undefined_cases():
@@ -127,6 +134,22 @@ def test_cohens_d_hand_values_and_undefined_cases():
     assert float(cohens_d(a, b)) == pytest.approx((2.0 - 5.0) / pooled)
     assert math.isnan(float(cohens_d(a[:1], b)))  # one item on a side
     assert math.isnan(float(cohens_d(torch.ones(3, 1), torch.ones(3, 1))))  # zero spread
+    # near-constant shares (an untrained model's): a d of ~ -40 from sds of 1e-6 is noise -> undefined
+    tiny = torch.tensor([0.5, 0.500001, 0.499999])[:, None]
+    assert math.isnan(float(cohens_d(tiny, tiny + 4e-5)))
+    assert float(cohens_d(tiny, tiny + 4e-5, min_pooled_sd=0.0)) < -30
+
+
+def test_table_and_picture_use_one_unit_per_quantity(tmp_path):
+    cond = dict(items=4, accuracy=0.25, clean_accuracy=0.75, flip_rate=0.5)
+    cond.update(causal_effect={"mean": 0.125, "std": 0.05}, js={"mean": 0.0123, "std": 0.004})
+    report = dict(model="m", clean={"image_heavy": {"accuracy": 0.75}}, items={"image_heavy": 4}, skipped={})
+    report["conditions"] = {"mislead_text": cond}
+    table = format_table(report)
+    assert "acc. %" in table and "flip %" in table and "JS, 10^-3 nats" in table
+    row = next(line for line in table.splitlines() if line.startswith("mislead_text"))
+    assert row.split()[2:5] == ["25.0", "75.0", "50.0"] and "+12.50" in row and "12.300" in row
+    assert os.path.getsize(plot_report(report, str(tmp_path / "d.png"))) > 0
 
 
 def test_batch_size_does_not_change_the_numbers(llava):

@@ -86,16 +86,27 @@ def mean_std(x: Tensor) -> dict:
     return {"mean": float(x.mean()), "std": std}
 
 
-def cohens_d(a: Tensor, b: Tensor) -> Tensor:
-    """Cohen's d of ``a [na, ...]`` against ``b [nb, ...]`` along dim 0, pooled std with n-1 variances;
-    NaN where it is undefined (fewer than two items on a side, or zero pooled std)."""
+# Below this pooled standard deviation (attention shares are fractions of 1) the shares are
+# near-constant across items - an untrained model's, say - and a d is a ratio of noise to noise
+# (an untrained checkpoint gave d = +-39.9): it is reported as undefined instead.
+MIN_POOLED_SD = 1e-3
+COHENS_D_NOTE = (
+    "null where undefined: fewer than 2 items of a prompt type, or a pooled sd below "
+    f"{MIN_POOLED_SD:g} (near-constant shares across items; a d there measures noise)"
+)
+
+
+def cohens_d(a: Tensor, b: Tensor, min_pooled_sd: float = MIN_POOLED_SD) -> Tensor:
+    """Cohen's d of ``a [na, ...]`` against ``b [nb, ...]`` along dim 0, pooled std with n-1 variances:
+    ``(mean_a - mean_b) / sqrt(((na-1) var_a + (nb-1) var_b) / (na+nb-2))``. NaN where it is
+    undefined: fewer than two items on a side, or a pooled std below ``min_pooled_sd``."""
     a, b = a.double(), b.double()
     na, nb = a.shape[0], b.shape[0]
     if na < 2 or nb < 2:
         return torch.full(a.shape[1:], float("nan"), dtype=torch.float64)
     pooled = (((na - 1) * a.var(0, unbiased=True) + (nb - 1) * b.var(0, unbiased=True)) / (na + nb - 2)).sqrt()
     d = (a.mean(0) - b.mean(0)) / pooled
-    return torch.where(pooled > 0, d, torch.full_like(d, float("nan")))
+    return torch.where(pooled >= min_pooled_sd, d, torch.full_like(d, float("nan")))
 
 
 def attention_share(attentions, query_rows: Tensor, categories: Tensor, num_categories: int) -> Tensor:
@@ -129,6 +140,7 @@ def attention_report(shares: Tensor, kinds: Tensor, modalities: list) -> dict:
         "share_by_prompt_type": {},
         "items_by_prompt_type": {},
         "cohens_d": {},
+        "cohens_d_note": COHENS_D_NOTE,
     }
     for i, k in enumerate(KINDS):
         sel = kinds == i
