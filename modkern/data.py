@@ -1,0 +1,181 @@
+"""Data files in the official code's format: the samples of a robust fine-tuning or a diagnosis.
+
+A file is a JSON list of samples or JSON Lines (one sample per line; ``.jsonl`` or any file whose
+first non-blank character is not ``[``). A sample is an object with
+
+* ``type``: ``image_heavy`` (the image decides; the text around it may mislead), ``text_heavy``
+  (the text decides; the image is noise) or ``VQA`` (both needed), in any case;
+* ``image``: the image's path, relative to the data file (or absolute); required for image-heavy
+  and VQA samples, optional for text-heavy ones (the official code gives those a noise image);
+* ``question`` (the options inside it, one ``A: cat`` per line, as in the official
+  ``"Question:\\n...\\nOption:\\nA: x\\nB: y"``) and ``answer`` (text, or a number);
+* optionally ``facts``: text about the image naming a wrong option (an object of option -> text,
+  a list of texts, or one text; the first is the related text of the image-heavy copy).
+
+:func:`read_samples` checks every sample and names the file and line of the first bad one
+(:class:`DataFileError`); with ``skip_bad=True`` it leaves the bad ones out and lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+try:  # the image reader of the checks (Pillow: with transformers' image processors, matplotlib)
+    from PIL import Image
+except ImportError:  # pragma: no cover - without Pillow the images are checked for existence only
+    Image = None
+
+SAMPLE_TYPES = {"image_heavy": "image_heavy", "text_heavy": "text_heavy", "vqa": "vqa"}
+NEEDS_IMAGE = ("image_heavy", "vqa")
+# One option per line: "A: cat" (the official question format); the letter and the text.
+OPTION_LINE = re.compile(r"^\s*([A-Z])\s*:\s*(.+?)\s*$", re.MULTILINE)
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read, or a bad sample in it (the message names the file and line)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One checked sample. ``kind``: ``"image_heavy"``, ``"text_heavy"`` or ``"vqa"``; ``image``: an
+    absolute path or None; ``options``: letter -> text, parsed from the question; ``line``: where
+    the sample starts in its file."""
+
+    kind: str
+    question: str
+    answer: str
+    image: Optional[str]
+    facts: tuple = ()
+    options: dict = field(default_factory=dict)
+    line: int = 0
+
+
+@dataclass
+class DataFile:
+    """The samples of a file, and the bad ones left out (``(line, reason)``, only with ``skip_bad``)."""
+
+    path: str
+    samples: list
+    skipped: list
+
+
+def read_samples(path, *, skip_bad: bool = False) -> DataFile:
+    """Read and check the samples of a JSON / JSONL data file (see the module docstring)."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise DataFileError(f"{path}: cannot read the data file ({exc.strerror or exc})") from None
+    base = os.path.dirname(os.path.abspath(path))
+    samples, skipped = [], []
+    for line, raw in _raw_samples(path, text):
+        try:
+            if isinstance(raw, Exception):
+                raise raw
+            samples.append(check_sample(raw, base, line))
+        except (DataFileError, ValueError, TypeError) as exc:
+            if not skip_bad:
+                raise DataFileError(f"{path}:{line}: {exc}") from None
+            skipped.append((line, str(exc)))
+    if not samples:
+        raise DataFileError(f"{path}: no usable sample" + (f" ({len(skipped)} bad ones left out)" if skipped else ""))
+    return DataFile(path, samples, skipped)
+
+
+def _raw_samples(path: str, text: str):
+    """``(line, object or the error)`` per sample: JSON Lines line by line (a broken line is one bad
+    sample), a JSON list element by element (a syntax error breaks the whole file)."""
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataFileError(f"{path}: the data file is empty")
+    if stripped[0] != "[":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield number, ValueError(f"not a JSON object ({exc.msg})")
+        return
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        pos = _skip_space(text, pos)
+        if pos < len(text) and text[pos] == "]":
+            return
+        try:
+            item, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataFileError(f"{path}:{exc.lineno}: broken JSON ({exc.msg})") from None
+        yield text.count("\n", 0, pos) + 1, item
+        pos = _skip_space(text, end)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos >= len(text) or text[pos] != "]":
+            raise DataFileError(f"{path}:{text.count(chr(10), 0, pos) + 1}: broken JSON (',' or ']' expected)")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
+
+
+def check_sample(raw, base_dir: str, line: int = 0) -> Sample:
+    """One raw sample as a :class:`Sample` (a ValueError / TypeError naming what is wrong)."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"a sample must be a JSON object, got {type(raw).__name__}")
+    kind = raw.get("type")
+    if not isinstance(kind, str) or kind.lower() not in SAMPLE_TYPES:
+        raise ValueError(f"unknown type {kind!r} (expected image_heavy, text_heavy or VQA)")
+    kind = SAMPLE_TYPES[kind.lower()]
+    question = _text(raw, "question")
+    answer = raw.get("answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    answer = _text({"answer": answer}, "answer")
+    image = _image_path(raw.get("image"), base_dir, required=kind in NEEDS_IMAGE, kind=kind)
+    return Sample(kind, question, answer, image, _facts(raw.get("facts")), dict(OPTION_LINE.findall(question)), line)
+
+
+def _text(raw: dict, key: str) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"'{key}' must be a non-empty text, got {value!r}")
+    return value
+
+
+def _image_path(value, base_dir: str, *, required: bool, kind: str) -> Optional[str]:
+    if value is None:
+        if required:
+            raise ValueError(f"a {kind} sample needs an 'image'")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"'image' must be a path, got {value!r}")
+    path = os.path.normpath(os.path.join(base_dir, value))
+    if not os.path.isfile(path):
+        raise ValueError(f"image {value!r} not found ({path})")
+    if Image is None:
+        return path
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as exc:  # noqa: BLE001 - any reader failure means: not an image PIL can read
+        raise ValueError(f"image {value!r} is not a readable image ({type(exc).__name__}: {exc})") from None
+    return path
+
+
+def _facts(value) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    elif isinstance(value, dict):
+        value = list(value.values())
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("'facts' must be a text, a list of texts or an object of option -> text")
+    return tuple(value)
