@@ -14,6 +14,7 @@ first non-blank character is not ``[``). A sample is an object with
 
 :func:`read_samples` checks every sample and names the file and line of the first bad one
 (:class:`DataFileError`); with ``skip_bad=True`` it leaves the bad ones out and lists them.
+:class:`KindMixSampler` makes batches of a fixed mix of the three kinds, as the official configs do.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
+
+import torch
+from torch.utils.data import Sampler
 
 try:  # the image reader of the checks (Pillow: with transformers' image processors, matplotlib)
     from PIL import Image
@@ -179,3 +184,51 @@ def _facts(value) -> tuple:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError("'facts' must be a text, a list of texts or an object of option -> text")
     return tuple(value)
+
+
+# The official LLaVA / Qwen KL + PGD configs: per batch of 8, int(8 x 0.25) image-heavy and
+# text-heavy samples, the rest VQA.
+OFFICIAL_MIX = {"image_heavy": 2, "text_heavy": 2, "vqa": 4}
+
+
+def parse_mix(text: str) -> dict:
+    """``"2:2:4"`` (image-heavy : text-heavy : VQA samples per batch) as a mix."""
+    parts = text.split(":")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts) or not sum(int(p) for p in parts):
+        raise ValueError(f"a mix is three counts per batch, image-heavy:text-heavy:VQA such as 2:2:4, got {text!r}")
+    return dict(zip(("image_heavy", "text_heavy", "vqa"), (int(p) for p in parts)))
+
+
+class KindMixSampler(Sampler):
+    """Batches of ``mix[kind]`` samples of each kind (a ``batch_sampler`` for a DataLoader).
+
+    Each kind's samples are shuffled once per epoch (``seed`` + :meth:`set_epoch`) and drawn without
+    repetition; the epoch ends when a kind that the mix asks for runs out (its last, incomplete
+    batch share is dropped). The official configs' mix is :data:`OFFICIAL_MIX` (2:2:4).
+    """
+
+    def __init__(self, kinds: Sequence[str], mix: Optional[dict] = None, *, seed: int = 0):
+        mix = dict(OFFICIAL_MIX if mix is None else mix)
+        unknown = set(mix) - set(SAMPLE_TYPES.values())
+        if unknown or any(not isinstance(n, int) or n < 0 for n in mix.values()) or not sum(mix.values()):
+            raise ValueError(f"mix must give a count >= 0 per kind of {tuple(SAMPLE_TYPES.values())}, got {mix}")
+        self.pools = {k: [i for i, kind in enumerate(kinds) if kind == k] for k in mix if mix[k]}
+        missing = [k for k, pool in self.pools.items() if len(pool) < mix[k]]
+        if missing:
+            have = {k: len(p) for k, p in self.pools.items()}
+            raise ValueError(f"the mix {mix} needs more samples of {missing} than the data has ({have})")
+        self.mix, self.seed, self.epoch = mix, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return min(len(pool) // self.mix[k] for k, pool in self.pools.items())
+
+    def __iter__(self) -> Iterator[list]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = {
+            k: [pool[i] for i in torch.randperm(len(pool), generator=gen).tolist()] for k, pool in self.pools.items()
+        }
+        for b in range(len(self)):
+            yield [i for k, n in self.mix.items() if n for i in order[k][b * n : (b + 1) * n]]

@@ -94,3 +94,27 @@ def test_broken_lines_and_files(images):
     all_bad = _write_jsonl(images / "bad.jsonl", [{"type": "x"}])
     with pytest.raises(DataFileError, match=r"no usable sample \(1 bad ones left out\)"):
         read_samples(all_bad, skip_bad=True)
+
+
+def test_kind_mix_sampler_makes_the_official_batches():
+    from modkern.data import OFFICIAL_MIX, KindMixSampler, parse_mix
+
+    kinds = ["image_heavy"] * 5 + ["text_heavy"] * 6 + ["vqa"] * 13
+    sampler = KindMixSampler(kinds, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 2  # image-heavy runs out first: 5 // 2
+    for batch in batches:
+        assert [kinds[i] for i in batch] == ["image_heavy"] * 2 + ["text_heavy"] * 2 + ["vqa"] * 4
+    flat = [i for b in batches for i in b]
+    assert len(flat) == len(set(flat))  # no sample twice in an epoch
+    assert batches == list(KindMixSampler(kinds, seed=3))  # deterministic
+    sampler.set_epoch(1)
+    assert list(sampler) != batches  # reshuffled per epoch
+    assert parse_mix("1:1:6") == {"image_heavy": 1, "text_heavy": 1, "vqa": 6} and OFFICIAL_MIX == parse_mix("2:2:4")
+    assert [kinds[i] for i in next(iter(KindMixSampler(kinds, parse_mix("0:3:1"))))] == ["text_heavy"] * 3 + ["vqa"]
+    with pytest.raises(ValueError, match="three counts"):
+        parse_mix("2:2")
+    with pytest.raises(ValueError, match=r"more samples of \['image_heavy', 'text_heavy'\]"):
+        KindMixSampler(["vqa"] * 8)
+    with pytest.raises(ValueError, match="count >= 0 per kind"):
+        KindMixSampler(kinds, {"captions": 2})
