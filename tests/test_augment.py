@@ -226,8 +226,11 @@ def test_collate_padding_and_labels():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="text_transforms"):
         AugmentConfig(classes=CLASSES, text_transforms=("rotate",))
+    aug = HeuristicAugmenter(AugmentConfig(classes=()))  # related_text names the sample's own options
     with pytest.raises(ValueError, match="classes"):
-        AugmentConfig(classes=())  # related_text names an option
+        aug.apply("related_text", [Sample("q", "a", None, "image_heavy")], 0)
+    own = aug.apply("related_text", [Sample("q", "A", None, "image_heavy", options=("cat", "dog"))], 0)
+    assert own.context in ("This picture seems to depict a cat.", "This picture seems to depict a dog.")
     with pytest.raises(ValueError, match="classes"):
         AugmentConfig(classes=("red",), text_transforms=("misleading_text",))
     with pytest.raises(ValueError, match="paragraph_sentences"):
@@ -238,6 +241,8 @@ def test_bad_arguments():
         Sample("q", "a", None, "audio_heavy")
     with pytest.raises(ValueError, match="samples"):
         RobustCollator(lambda s: ([1], [1]))([])
+    with pytest.raises(ValueError, match="encode"):
+        RobustCollator()
     with pytest.raises(ValueError, match="image"):
         HeuristicAugmenter(AugmentConfig(classes=CLASSES)).apply(
             "black_image", [Sample("q", "a", None, "text_heavy")], 0

@@ -1,7 +1,8 @@
 """modkern: fused kernels for modality-robust fine-tuning of multimodal LLMs - the console command.
 
   modkern train       the demo (modkern.apps.demo): SFT, + the paper's augmentation, + PGD and consistency,
-                      and the two ablations, on a synthetic modality-interference task, 3 seeds
+                      and the two ablations, on a synthetic modality-interference task, 3 seeds;
+                      with --model DIR --data FILE: robust fine-tuning of your checkpoint (modkern.apps.finetune)
   modkern selfcheck   every op on this machine's device against the float64 reference, with timings
   modkern diagnose    how much modality interference a checkpoint has (modkern.apps.diagnose): flip rate,
                       causal effect and JS per interference condition, attention share per modality
@@ -23,8 +24,12 @@ import torch
 import modkern
 from modkern import reference
 from modkern.apps import demo
-from modkern.apps.diagnose import DiagnoseError, diagnose
+from modkern.apps.diagnose import DiagnoseError, diagnose, diagnose_compare
+from modkern.apps.finetune import FinetuneConfig, FinetuneError, run_finetune
+from modkern.data import DataFileError, parse_mix
+from modkern.objective.config import PRESETS, RobustConfig
 from modkern.ops import dispatch
+from modkern.processing import ProcessorError
 
 DEBUG_ENV = "MODKERN_DEBUG"
 
@@ -52,6 +57,17 @@ def positive_int(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {n}")
     return n
+
+
+def positive_float(value: str) -> float:
+    """``argparse`` type: a finite number > 0."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return x
 
 
 def seed_list(value: str) -> tuple:
@@ -130,51 +146,153 @@ def _add_no_progress(parser):
 def _add_train(sub):
     p = sub.add_parser(
         "train",
-        help="run the demo: SFT, + the paper's augmentation, + PGD and consistency, and the two ablations, "
-        "on a synthetic task, 3 seeds (about 4.5 minutes on 2 idle CPU cores)",
-        description="Train five models per seed on the synthetic modality-interference task and compare them "
-        "(mean ± sd over the seeds).",
+        help="run the demo (SFT, + the paper's augmentation, + PGD and consistency, and the two ablations, on a "
+        "synthetic task, 3 seeds, about 4.5 minutes on 2 CPU cores); with --model DIR --data FILE: the robust "
+        "fine-tuning of your checkpoint on your data file",
+        description="Without --data: train five models per seed on the synthetic modality-interference task and "
+        "compare them (mean ± sd over the seeds). With --model DIR --data FILE --out DIR: robust fine-tuning of a "
+        "local checkpoint (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni thinker) through its own "
+        "processor and a Hugging Face Trainer, with the paper's copies and objective.",
     )
     p.add_argument(
         "--model",
         default=None,
         type=checkpoint_dir(
-            "give a local Hugging Face LLaVA checkpoint directory, or leave out --model for the built-in tiny LLaVA"
+            "give a local Hugging Face checkpoint directory, or leave out --model for the built-in tiny LLaVA"
         ),
-        help="local Hugging Face LLaVA checkpoint directory (default: a tiny LLaVA with random weights)",
+        help="local Hugging Face checkpoint directory (demo default: a tiny LLaVA with random weights)",
     )
-    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps per method (default 160)")
+    p.add_argument(
+        "--data", default=None, help="data file (JSON list or JSON Lines of samples): fine-tune --model on it"
+    )
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="demo: optimizer steps per method (default 160); with --data: the attack's PGD steps K",
+    )
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument(
         "--seeds",
         type=seed_list,
         default=None,
-        help="comma-separated seeds of the data, the initial weights and the batches (default 0,1,2)",
+        help="demo: comma-separated seeds of the data, the initial weights and the batches (default 0,1,2)",
     )
-    seeds.add_argument("--seed", type=int, default=None, help="a single seed (same as --seeds N)")
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    seeds.add_argument("--seed", type=int, default=None, help="a single seed (demo: same as --seeds N)")
+    p.add_argument("--out", default=None, help="output directory (default runs/demo, with --data runs/finetune)")
     _add_device(p)
     p.add_argument(
         "--threads",
         type=positive_int,
         default=None,
-        help="CPU threads (default: torch's, less the cores that other processes keep busy)",
+        help="demo: CPU threads (default: torch's, less the cores that other processes keep busy)",
     )
-    p.add_argument("--quick", action="store_true", help="a reduced smoke run (seconds; for tests)")
+    p.add_argument("--quick", action="store_true", help="demo: a reduced smoke run (seconds; for tests)")
+    _add_finetune_options(p.add_argument_group("with --data (robust fine-tuning of --model)"))
     _add_no_progress(p)
     _add_debug(p)
     p.set_defaults(func=cmd_train)
     return p
 
 
+def _add_finetune_options(g):
+    g.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--epochs", type=positive_float, default=1.0, help="epochs over the data (default 1)")
+    g.add_argument("--lr", type=positive_float, default=2e-5, help="learning rate (default 2e-5, the official LLaVA)")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="samples per batch before the copies (default 8)")
+    g.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps (default 1)")
+    g.add_argument("--mix", default=None, help="image-heavy:text-heavy:VQA samples per batch (default 2:2:4 scaled)")
+    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a published RobustConfig")
+    g.add_argument("--epsilon", type=positive_float, default=None, help="perturbation radius (RobustConfig.epsilon)")
+    g.add_argument("--alpha", type=positive_float, default=None, help="PGD step size (RobustConfig.alpha)")
+    g.add_argument("--lam", type=float, default=None, help="consistency weight (RobustConfig.lam)")
+    g.add_argument("--divergence", default=None, choices=("kl", "js"), help="consistency divergence")
+    g.add_argument("--eval", default=None, dest="eval_data", help="data file evaluated (clean CE) after each epoch")
+    g.add_argument("--skip-bad", action="store_true", help="leave out bad samples of the data files (and say how many)")
+    g.add_argument("--resume", default=None, help="resume from a Trainer checkpoint directory, or 'last'")
+    g.add_argument("--save-steps", type=positive_int, default=500, help="a Trainer checkpoint every N steps")
+    g.add_argument("--fsdp", default="", help="the Trainer's fsdp option, e.g. 'full_shard auto_wrap'")
+    g.add_argument("--deepspeed", default=None, help="a DeepSpeed config file (e.g. ZeRO-3)")
+
+
+FINETUNE_ONLY = ("max_steps", "mix", "preset", "epsilon", "alpha", "lam", "divergence", "eval_data", "resume")
+DEMO_ONLY = ("seeds", "threads")
+
+
 def cmd_train(args) -> int:
-    kwargs = dict(out=args.out, device=args.device, model=args.model, quick=args.quick, threads=args.threads)
+    if args.data is not None:
+        return _finetune(args)
+    given = [name for name in FINETUNE_ONLY if getattr(args, name) not in (None, "")]
+    if given or args.bf16 or args.skip_bad or args.fsdp or args.deepspeed:
+        names = ", ".join("--" + n.replace("_", "-").replace("eval-data", "eval") for n in given) or "these options"
+        raise CliError(f"{names} need --data FILE (and --model DIR): the demo takes none of them")
+    kwargs = dict(
+        out=args.out or "runs/demo", device=args.device, model=args.model, quick=args.quick, threads=args.threads
+    )
     if args.steps is not None:
         kwargs["steps"] = args.steps
     if args.seeds is not None or args.seed is not None:
         kwargs["seeds"] = args.seeds if args.seeds is not None else (args.seed,)
     kwargs["progress"] = not args.no_progress
     demo.run_demo(demo.DemoConfig(**kwargs))
+    return 0
+
+
+def _robust_config(args) -> RobustConfig:
+    overrides = {
+        k: v
+        for k, v in dict(
+            epsilon=args.epsilon, alpha=args.alpha, lam=args.lam, divergence=args.divergence, steps=args.steps
+        ).items()
+        if v is not None
+    }
+    try:
+        return RobustConfig.preset(args.preset, **overrides) if args.preset else RobustConfig(**overrides)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"robust objective: {exc}") from None
+
+
+def _finetune(args) -> int:
+    if args.model is None:
+        raise CliError("--data needs --model DIR: the checkpoint to fine-tune (with its processor)")
+    demo_given = [n for n in DEMO_ONLY if getattr(args, n) is not None] + (["quick"] if args.quick else [])
+    if demo_given:
+        raise CliError(f"--{demo_given[0]} is a demo option; with --data use --seed, --max-steps or --epochs")
+    try:
+        mix = parse_mix(args.mix) if args.mix else None
+    except ValueError as exc:
+        raise CliError(f"--mix: {exc}") from None
+    if mix is not None and sum(mix.values()) != args.batch_size:
+        raise CliError(
+            f"--mix {args.mix} makes batches of {sum(mix.values())} samples but --batch-size is {args.batch_size}"
+        )
+    cfg = FinetuneConfig(
+        model=args.model,
+        data=args.data,
+        out=args.out or "runs/finetune",
+        robust=_robust_config(args),
+        max_steps=args.max_steps or -1,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        mix=mix,
+        bf16=args.bf16,
+        eval_data=args.eval_data,
+        skip_bad=args.skip_bad,
+        seed=args.seed if args.seed is not None else 0,
+        resume=args.resume,
+        save_steps=args.save_steps,
+        device=args.device,
+        fsdp=args.fsdp,
+        deepspeed=args.deepspeed,
+        progress=not args.no_progress,
+    )
+    try:
+        run_finetune(cfg)
+    except (FinetuneError, DataFileError, ProcessorError) as exc:
+        raise CliError(str(exc)) from None
     return 0
 
 
@@ -327,6 +445,19 @@ def _add_diagnose(sub):
         ),
         help="local checkpoint directory: a `modkern train` checkpoint, LLaVA, Qwen2-VL or the Qwen2.5-Omni thinker",
     )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a data file (JSON list or JSON Lines of samples) diagnosed through the checkpoint's own processor "
+        "(default: the built-in tasks)",
+    )
+    p.add_argument("--skip-bad", action="store_true", help="leave out bad samples of --data (and say how many)")
+    p.add_argument(
+        "--compare",
+        default=None,
+        type=checkpoint_dir("give a second local checkpoint directory, e.g. the fine-tuned one"),
+        help="a second checkpoint diagnosed on the same items: both side by side (before = --model, after = this)",
+    )
     p.add_argument("--out", default="runs/diagnose", help="output directory (default runs/diagnose)")
     p.add_argument("--max-items", type=positive_int, default=64, help="clean items per item kind (default 64)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="items per forward (default 16)")
@@ -343,9 +474,12 @@ def _add_diagnose(sub):
 
 
 def cmd_diagnose(args) -> int:
+    if args.skip_bad and args.data is None:
+        raise CliError("--skip-bad needs --data FILE")
     try:
-        diagnose(
-            args.model,
+        kwargs = dict(
+            data=args.data,
+            skip_bad=args.skip_bad,
             out=args.out,
             conditions=args.conditions,
             max_items=args.max_items,
@@ -355,6 +489,10 @@ def cmd_diagnose(args) -> int:
             attention=not args.no_attention,
             progress=not args.no_progress,
         )
+        if args.compare is not None:
+            diagnose_compare(args.model, args.compare, **kwargs)
+        else:
+            diagnose(args.model, **kwargs)
     except DiagnoseError as exc:
         raise CliError(str(exc)) from None
     return 0

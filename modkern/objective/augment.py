@@ -63,8 +63,10 @@ class Sample:
     ``None``), ``kind`` one of :data:`SAMPLE_KINDS`, ``label`` the answer's class name (used to pick
     a *wrong* class for misleading text; defaults to ``answer``), ``context`` optional text in
     front of the question (a caption, a fact; text augmentations write here) and ``tag`` a
-    free-form name of how the sample was made ("clean", "misleading_text", ...). The prompt is
-    ``context + " " + text``.
+    free-form name of how the sample was made ("clean", "misleading_text", ...), ``facts`` texts
+    about the image naming a wrong option (the first is the ``related_text`` copy's) and
+    ``options`` the sample's own answer options (``related_text`` names one of them; the
+    ``classes`` of :class:`AugmentConfig` when empty). The prompt is ``context + " " + text``.
     """
 
     text: str
@@ -75,6 +77,7 @@ class Sample:
     context: str = ""
     tag: str = "clean"
     facts: tuple = ()
+    options: tuple = ()
 
     def __post_init__(self):
         if self.kind not in SAMPLE_KINDS:
@@ -106,8 +109,9 @@ class AugmentConfig:
     the copies; ``copies_per_sample=None`` makes one of each (the paper), an int draws that many
     distinct ones per sample; each sample gets copies with probability ``prob``.
     ``noise_clean_image`` replaces a text-heavy clean sample's image by uniform noise.
-    ``classes`` are the answer options of ``related_text`` (any of them, the right one included)
-    and the candidate wrong labels of ``misleading_text`` (a sample's own class excluded).
+    ``classes`` are the answer options of ``related_text`` for samples without ``options`` of
+    their own (any of them, the right one included) and the candidate wrong labels of
+    ``misleading_text`` (a sample's own class excluded).
     ``related_templates`` (``{option}``), ``irrelevant_sentences`` with ``paragraph_sentences`` per
     paragraph (``unrelated_paragraph``), ``misleading_templates`` (``{label}``) and
     ``unrelated_facts`` are the texts. ``noise_std`` is the std of the ``noise_image`` copy's
@@ -145,7 +149,7 @@ class AugmentConfig:
             raise ValueError(f"paragraph_sentences must be >= 1, got {self.paragraph_sentences}")
         self.classes = tuple(self.classes)
         needs = {
-            "related_text": ("related_templates", "classes"),
+            "related_text": ("related_templates",),
             "unrelated_paragraph": ("irrelevant_sentences",),
             "misleading_text": ("misleading_templates",),
             "unrelated_text": ("unrelated_facts",),
@@ -177,10 +181,17 @@ def insert_before_question(sample: Sample, text: str, tag: str) -> Sample:
 
 def related_text(sample: Sample, classes: Sequence[str], rng: random.Random, templates=RELATED_TEMPLATES) -> Sample:
     """The official related / misleading sentence in front of the prompt: the sample's first fact,
-    else a template naming an option drawn from ``classes`` (possibly the right one)."""
+    else a template naming an option drawn from the sample's ``options`` or, when it has none,
+    from ``classes`` (possibly the right one)."""
     if sample.facts:
         return insert_before_question(sample, sample.facts[0], "related_text")
-    return insert_before_question(sample, rng.choice(templates).format(option=rng.choice(classes)), "related_text")
+    options = sample.options or tuple(classes)
+    if not options:
+        raise ValueError(
+            "related_text: the sample has no facts and no options, and AugmentConfig.classes is empty; "
+            "give the answer options (AugmentConfig(classes=...)) or leave related_text out"
+        )
+    return insert_before_question(sample, rng.choice(templates).format(option=rng.choice(options)), "related_text")
 
 
 def unrelated_paragraph(sample: Sample, sentences: Sequence[str], n: int, rng: random.Random) -> Sample:
@@ -318,14 +329,22 @@ class RobustCollator:
     with ``pad_token_id``. The batch holds ``input_ids``, ``attention_mask``, ``labels``,
     ``pixel_values`` (when samples have images; one row per image, in sample order),
     ``sample_kind`` (list of kinds), ``ref_index`` (int64: the clean sample of each row) and
-    ``tags`` (how each row was made, for logging; not a model input).
+    ``tags`` (how each row was made, for logging; not a model input). ``collate`` replaces the
+    encoding and padding of the samples (clean ones first, then the copies) by a callable that
+    makes the whole batch, e.g. :class:`modkern.processing.ChatProcessor` (the model's own
+    processor); ``encode`` is then unused.
     """
 
-    encode: Encode
+    encode: Optional[Encode] = None
     augmenter: Optional[HeuristicAugmenter] = None
     pad_token_id: int = 0
     image_transform: Optional[Callable[[Tensor], Tensor]] = None
     return_tags: bool = field(default=False)
+    collate: Optional[Callable[[list], dict]] = None
+
+    def __post_init__(self):
+        if self.encode is None and self.collate is None:
+            raise ValueError("RobustCollator needs encode (one sample -> ids, labels) or collate (samples -> batch)")
 
     def __call__(self, samples: Sequence[Sample]) -> dict:
         samples = list(samples)
@@ -336,7 +355,10 @@ class RobustCollator:
             copies, sources = self.augmenter(samples)
             samples = self.augmenter.clean(samples) + copies
             ref_index += sources
-        batch = collate_samples(samples, self.encode, self.pad_token_id, self.image_transform)
+        if self.collate is not None:
+            batch = self.collate(samples)
+        else:
+            batch = collate_samples(samples, self.encode, self.pad_token_id, self.image_transform)
         batch["ref_index"] = torch.tensor(ref_index, dtype=torch.long)
         if self.return_tags:
             batch["tags"] = [s.tag for s in samples]

@@ -18,7 +18,7 @@ from modkern.apps.diagnose.items import (
 from modkern.apps.diagnose.metrics import attention_share, cohens_d, compare, item_metrics
 from modkern.apps.diagnose.models import Collator, ModelSpec, load_model
 from modkern.apps.diagnose.report import format_table, plot_report
-from modkern.apps.diagnose.run import diagnose
+from modkern.apps.diagnose.run import diagnose, diagnose_compare
 
 __all__ = [
     "CONDITIONS",
@@ -35,6 +35,7 @@ __all__ = [
     "cohens_d",
     "compare",
     "diagnose",
+    "diagnose_compare",
     "format_table",
     "image_task_items",
     "item_metrics",

@@ -13,6 +13,8 @@ import torch
 from modkern.apps.diagnose.items import VIDEO_CAPTION, DiagnoseError, donor, needs, other_class
 from modkern.apps.diagnose.models import ModelSpec
 from modkern.apps.synthetic_task import CAPTION, EVAL_OBJECTS, FACT, MISLEADING_NOTE, WORD_LIST
+from modkern.objective.augment import RELATED_TEMPLATES
+from modkern.objective.distractors import IRRELEVANT_SENTENCES
 
 # --- conditions ------------------------------------------------------------------------------------
 
@@ -77,6 +79,20 @@ def _mislead_note(items, i, ctx):
     return dataclasses.replace(
         it, context=MISLEADING_NOTE.format(label=other_class(it.target_class, ctx.classes, ctx.rng))
     )
+
+
+def _misleading_sentence(items, i, ctx):
+    """The paper's related-text copy, always wrong: its template naming another option of the item."""
+    it = items[i]
+    classes = [text for _, text in it.options] or ctx.classes
+    wrong = other_class(it.target_class, classes, ctx.rng)
+    return dataclasses.replace(it, context=RELATED_TEMPLATES[0].format(option=wrong))
+
+
+def _unrelated_paragraph(items, i, ctx, sentences: int = 10):
+    """The paper's unrelated-paragraph copy: 10 sentences drawn from the irrelevant pool."""
+    paragraph = " ".join(ctx.rng.choice(IRRELEVANT_SENTENCES) for _ in range(sentences))
+    return dataclasses.replace(items[i], context=paragraph)
 
 
 def _swap_image(items, i, ctx):
@@ -162,6 +178,20 @@ CONDITIONS = {
             _mislead_note,
         ),
         Condition(
+            "misleading_sentence",
+            ("image_heavy",),
+            ("image",),
+            "image-heavy items; 'This picture seems to depict a <another option>.' before the question (data files)",
+            _misleading_sentence,
+        ),
+        Condition(
+            "unrelated_paragraph",
+            ("image_heavy",),
+            ("image",),
+            "image-heavy items; a paragraph of 10 irrelevant sentences before the question (data files)",
+            _unrelated_paragraph,
+        ),
+        Condition(
             "swap_image", ("text_heavy",), ("image",), "text-heavy items; the image of another item", _swap_image
         ),
         Condition("black_image", ("text_heavy",), ("image",), "text-heavy items; a black image", _const_image(0.0)),
@@ -199,10 +229,24 @@ CONDITIONS = {
 }
 
 
-def resolve_conditions(names, spec: ModelSpec, kinds_present) -> tuple[list[Condition], dict]:
-    """The conditions to run and ``{name: reason}`` for those skipped (never silently)."""
+# The defaults: the built-in tasks' conditions (their texts are in the demo's word vocabulary), and the
+# paper's interferences for data files (any tokenizer).
+DATA_FILE_CONDITIONS = (
+    "misleading_sentence",
+    "unrelated_paragraph",
+    "swap_image",
+    "black_image",
+    "white_image",
+    "noise_image",
+)
+BUILTIN_CONDITIONS = tuple(n for n in CONDITIONS if n not in DATA_FILE_CONDITIONS[:2])
+
+
+def resolve_conditions(names, spec: ModelSpec, kinds_present, default=BUILTIN_CONDITIONS):
+    """The conditions to run and ``{name: reason}`` for those skipped (never silently); ``names``
+    None runs ``default``."""
     if names is None:
-        names = list(CONDITIONS)
+        names = list(default)
     elif isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not names:  # e.g. --conditions "" from an unset variable: not a run that measures nothing

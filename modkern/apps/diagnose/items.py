@@ -16,12 +16,13 @@ from modkern.apps.synthetic_task import InterferenceTask, TaskConfig, WordTokeni
 TOKENIZER_FILE = "modkern_tokenizer.json"  # the demo's word vocabulary next to its checkpoints
 
 # Item kinds and the prompt type each one is (the white-box comparison is between two prompt types).
-KINDS = ("image_heavy", "text_heavy", "av_visual", "av_audio")
+KINDS = ("image_heavy", "text_heavy", "av_visual", "av_audio", "vqa")
 PROMPT_TYPES = {
     "image_heavy": "image-focused",
     "text_heavy": "text-focused",
     "av_visual": "visual-focused",
     "av_audio": "audio-focused",
+    "vqa": "image-and-text",
 }
 PROMPT_PAIRS = (("image_heavy", "text_heavy"), ("av_visual", "av_audio"))
 
@@ -43,7 +44,9 @@ class Item:
 
     ``kind`` (one of :data:`KINDS`) says which modality carries the answer and which conditions
     apply; ``image`` is ``[3, S, S]`` in [0, 1], ``video`` ``[T, 3, S, S]`` in [0, 1], ``audio``
-    mel features ``[mel_bins, frames]``; ``label`` is the answer's class (for misleading text).
+    mel features ``[mel_bins, frames]``; ``label`` is the answer's class (for misleading text);
+    ``options`` the ``(letter, text)`` answer options of a multiple-choice item (scored by the
+    options' likelihood: see :mod:`modkern.apps.diagnose.metrics`).
     """
 
     question: str
@@ -54,6 +57,7 @@ class Item:
     video: Optional[Tensor] = None
     audio: Optional[Tensor] = None
     label: Optional[str] = None
+    options: tuple = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -148,6 +152,30 @@ def av_task_items(
             audio = av_tone(i % nc, nc, mel_bins, audio_frames, gen)
             out.append(Item(question, k, kind, video=video, audio=audio))
     return out
+
+
+def data_file_items(path, *, skip_bad: bool = False, log=print) -> list[Item]:
+    """The samples of a data file (:mod:`modkern.data`) as items: the image read, a text-heavy
+    sample without one given uniform noise (:func:`modkern.processing.to_sample`), the label the
+    answer option's text (so misleading text names another option) and the options."""
+    from modkern.data import DataFileError, read_samples
+    from modkern.processing import to_sample
+
+    try:
+        data = read_samples(path, skip_bad=skip_bad)
+    except DataFileError as exc:
+        raise DiagnoseError(str(exc)) from None
+    if data.skipped:
+        log(
+            f"{path}: skipped {len(data.skipped)} bad sample(s): "
+            + "; ".join(f"line {n}: {w}" for n, w in data.skipped)
+        )
+    items = []
+    for s in data.samples:
+        image = to_sample(s).image
+        label = s.options.get(s.answer.strip(), s.answer)
+        items.append(Item(s.question, s.answer, s.kind, image=image, label=label, options=tuple(s.options.items())))
+    return items
 
 
 def task_words() -> list[str]:

@@ -47,34 +47,64 @@ def forward_answer_rows(model, batch: dict, device, attentions: bool = False):
     return ans, rows, out
 
 
-def item_metrics(rows: AnswerRows, n_items: int) -> dict:
+def option_choice(rows: AnswerRows, option_ids: Tensor, position: Tensor) -> Tensor:
+    """``[n_items]``: the option whose token has the highest logit at the item's answer row
+    ``position`` (``option_ids [n_items, k]``, -1 padding; -1 for an item without options). The
+    options' answers are the same but for that token (a letter, the same end of turn after it), so
+    this is the option of highest likelihood: the tokens before it are shared, and the ones after
+    it are scored by the right answer's teacher-forced rows (the same end of turn)."""
+    n, device = option_ids.shape[0], rows.logits.device
+    positions = torch.arange(rows.item.numel(), device=device)
+    first = torch.full((n,), rows.item.numel(), device=device).scatter_reduce(0, rows.item, positions, "amin")
+    row = first + position.to(device)
+    has_row = row < rows.item.numel()
+    has_row[has_row.clone()] &= rows.item[row[has_row]] == torch.arange(n, device=device)[has_row]
+    ids = option_ids.to(device)
+    scores = rows.logits[row.clamp(max=max(rows.item.numel() - 1, 0))].gather(1, ids.clamp_min(0))
+    scores = scores.masked_fill(ids < 0, float("-inf"))
+    return torch.where((ids >= 0).any(1) & has_row, scores.argmax(1), torch.full_like(first, -1))
+
+
+def item_metrics(rows: AnswerRows, n_items: int, options=None) -> dict:
     """Per item (``[n_items]``): ``correct`` (bool), ``p_correct`` (probability of the whole answer,
-    teacher-forced), and per row ``pred`` (argmax)."""
+    teacher-forced), and per row ``pred`` (argmax). Free answers are correct when every answer
+    token is the argmax (greedy decoding reproduces the answer); with ``options`` (``(option_ids,
+    answer_option, position)`` of :meth:`ChatItemCollator.option_targets`), a multiple-choice item is correct
+    when :func:`option_choice` picks the right option (``choice``)."""
     logp = torch.log_softmax(rows.logits, dim=-1)
     tok_logp = logp.gather(1, rows.target[:, None])[:, 0]
     pred = rows.logits.argmax(-1)
     wrong = torch.zeros(n_items, device=pred.device).index_add_(0, rows.item, (pred != rows.target).float())
     logp_item = torch.zeros(n_items, device=pred.device).index_add_(0, rows.item, tok_logp)
-    return {"correct": wrong == 0, "p_correct": logp_item.exp(), "pred": pred}
+    out = {"correct": wrong == 0, "p_correct": logp_item.exp(), "pred": pred}
+    if options is not None:
+        choice = option_choice(rows, options[0], options[2])
+        answer = options[1].to(pred.device)
+        out["choice"] = choice
+        out["correct"] = torch.where(answer >= 0, choice == answer, out["correct"])
+    return out
 
 
-def compare(clean: AnswerRows, pert: AnswerRows, n_items: int, backend: str = "auto") -> dict:
-    """Per item metrics of a perturbed batch against its clean batch (rows paired in order)."""
+def compare(clean: AnswerRows, pert: AnswerRows, n_items: int, backend: str = "auto", options=None) -> dict:
+    """Per item metrics of a perturbed batch against its clean batch (rows paired in order); a
+    multiple-choice item (``options``) flips when the chosen option changes."""
     if clean.logits.shape != pert.logits.shape:
         raise RuntimeError(
             f"clean and perturbed items have different answer lengths ({clean.logits.shape[0]} vs "
             f"{pert.logits.shape[0]} answer tokens); a condition must keep the answer"
         )
-    mc, mp = item_metrics(clean, n_items), item_metrics(pert, n_items)
+    mc, mp = item_metrics(clean, n_items, options), item_metrics(pert, n_items, options)
     dev = clean.logits.device
-    flips = torch.zeros(n_items, device=dev).index_add_(0, pert.item, (mc["pred"] != mp["pred"]).float())
+    flips = torch.zeros(n_items, device=dev).index_add_(0, pert.item, (mc["pred"] != mp["pred"]).float()) > 0
+    if options is not None:
+        flips = torch.where(options[1].to(dev) >= 0, mc["choice"] != mp["choice"], flips)
     js_rows = fused_js(clean.logits, pert.logits, reduction="none", backend=backend).float()
     count = torch.zeros(n_items, device=dev).index_add_(0, pert.item, torch.ones_like(js_rows))
     js = torch.zeros(n_items, device=dev).index_add_(0, pert.item, js_rows) / count.clamp_min(1)
     return {
         "clean_correct": mc["correct"],
         "correct": mp["correct"],
-        "flip": flips > 0,
+        "flip": flips,
         "effect": mc["p_correct"] - mp["p_correct"],
         "js": js,
     }

@@ -199,12 +199,75 @@ class Collator:
         return batch
 
     def categories(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Per token: 0 text (every non-placeholder token, markers and BOS included), ``1 + i`` the
-        i-th of ``spec.modalities``, -1 padding."""
-        cat = torch.zeros_like(input_ids)
-        for i, name in enumerate(self.spec.modalities):
-            cat = cat.masked_fill(input_ids == self.spec.token_ids[name], i + 1)
-        return cat.masked_fill(attention_mask == 0, -1)
+        return token_categories(self.spec, input_ids, attention_mask)
+
+
+def token_categories(spec: ModelSpec, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Per token: 0 text (every non-placeholder token, markers and BOS included), ``1 + i`` the
+    i-th of ``spec.modalities``, -1 padding."""
+    cat = torch.zeros_like(input_ids)
+    for i, name in enumerate(spec.modalities):
+        cat = cat.masked_fill(input_ids == spec.token_ids[name], i + 1)
+    return cat.masked_fill(attention_mask == 0, -1)
+
+
+class ChatItemCollator:
+    """Items through the model's own processor and chat template (:class:`modkern.processing.ChatProcessor`):
+    the batches of a data-file diagnosis, the same prompts as the robust fine-tuning's."""
+
+    def __init__(self, spec: ModelSpec, processor):
+        from modkern.processing import ChatProcessor
+
+        self.spec = spec
+        self.chat = ChatProcessor(processor)
+
+    @staticmethod
+    def sample(item: Item, answer: Optional[str] = None):
+        from modkern.objective.augment import Sample
+
+        kind = item.kind if item.kind in ("image_heavy", "text_heavy", "vqa") else "vqa"
+        return Sample(item.question, item.answer if answer is None else answer, item.image, kind, context=item.context)
+
+    def __call__(self, items: Sequence[Item]) -> dict:
+        batch = self.chat([self.sample(it) for it in items])
+        batch.pop("sample_kind")
+        return batch
+
+    def option_targets(self, items: Sequence[Item]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(option_ids [n, max options], answer_option [n], position [n])`` of the multiple-choice
+        items: the options' answers (the assistant turns with each letter) differ at one token, at
+        answer position ``position``: each option's token there (-1 padding) and the index of the
+        right one. -1 rows for free answers and for options that differ at more than one token
+        (scored by exact match instead)."""
+        width = max([len(it.options) for it in items] + [1])
+        ids = torch.full((len(items), width), -1, dtype=torch.long)
+        answer = torch.full((len(items),), -1, dtype=torch.long)
+        position = torch.zeros(len(items), dtype=torch.long)
+        tok = self.chat.tokenizer
+        for r, it in enumerate(items):
+            letters = [letter for letter, _ in it.options]
+            if it.answer.strip() not in letters:
+                continue
+            encoded = [
+                tok(self.chat.answer_text(self.sample(it, letter)), add_special_tokens=False)["input_ids"]
+                for letter in letters
+            ]
+            differing = {
+                j for e in encoded for j, t in enumerate(e) if len(e) == len(encoded[0]) and t != encoded[0][j]
+            }
+            if any(len(e) != len(encoded[0]) for e in encoded) or len(differing) != 1:
+                continue
+            j = differing.pop()
+            tokens = [e[j] for e in encoded]
+            if len(set(tokens)) != len(tokens):
+                continue
+            ids[r, : len(tokens)] = torch.tensor(tokens)
+            answer[r] = letters.index(it.answer.strip())
+            position[r] = j
+        return ids, answer, position
+
+    def categories(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return token_categories(self.spec, input_ids, attention_mask)
 
 
 # --- loading ---------------------------------------------------------------------------------------

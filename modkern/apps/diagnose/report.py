@@ -97,3 +97,76 @@ def plot_report(report: dict, path: str) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# --- two checkpoints side by side ------------------------------------------------------------------
+
+COMPARED = (("accuracy", "acc. %"), ("flip_rate", "flip %"))
+
+
+def comparison(before: dict, after: dict) -> dict:
+    """Per condition of both reports: accuracy, flip rate, causal effect and JS of each and the
+    difference (after - before); clean accuracy per item kind likewise."""
+    rows = {}
+    for name in [n for n in before["conditions"] if n in after["conditions"]]:
+        b, a = before["conditions"][name], after["conditions"][name]
+        row = {}
+        for key in ("accuracy", "flip_rate"):
+            row[key] = {"before": b[key], "after": a[key], "change": a[key] - b[key]}
+        for key in ("causal_effect", "js"):
+            row[key] = {"before": b[key], "after": a[key], "change": a[key]["mean"] - b[key]["mean"]}
+        rows[name] = row
+    clean = {
+        k: {"before": before["clean"][k]["accuracy"], "after": after["clean"][k]["accuracy"]}
+        for k in before["clean"]
+        if k in after["clean"]
+    }
+    return {"before": before["model"], "after": after["model"], "clean": clean, "conditions": rows}
+
+
+def format_comparison(comp: dict) -> str:
+    """The console table of :func:`comparison` (before -> after, percent / points and 10^-3 nats)."""
+    lines = [
+        f"before: {comp['before']}",
+        f"after:  {comp['after']}",
+        f"{'condition':<24} {'acc. %':>17} {'flip %':>17} {'causal effect, pp':>19} {'JS, 10^-3 nats':>21}",
+    ]
+    for k, v in comp["clean"].items():
+        lines.append(f"{'clean ' + k:<24} {PERCENT * v['before']:>7.1f} -> {PERCENT * v['after']:<6.1f}")
+    for name, row in comp["conditions"].items():
+        cells = [f"{PERCENT * row[k]['before']:>7.1f} -> {PERCENT * row[k]['after']:<6.1f}" for k, _ in COMPARED]
+        ce, js = row["causal_effect"], row["js"]
+        cells.append(f"{PERCENT * ce['before']['mean']:>+8.2f} -> {PERCENT * ce['after']['mean']:<+8.2f}")
+        cells.append(f"{MILLINATS * js['before']['mean']:>9.3f} -> {MILLINATS * js['after']['mean']:<9.3f}")
+        lines.append(f"{name:<24} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_comparison(comp: dict, path: str) -> str:
+    """``comparison.png``: flip rate and JS per condition, the two checkpoints' bars side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(comp["conditions"])
+    xs = torch.arange(len(names)).float()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, key, title, scale in (
+        (axes[0], "flip_rate", "flip rate, %", PERCENT),
+        (axes[1], "js", "JS clean vs perturbed, 10^-3 nats (± sd over items)", MILLINATS),
+    ):
+        for shift, side, color in ((-0.2, "before", "tab:gray"), (0.2, "after", "tab:green")):
+            rows = [comp["conditions"][n][key][side] for n in names]
+            vals = [scale * (r["mean"] if isinstance(r, dict) else r) for r in rows]
+            err = [scale * r["std"] for r in rows] if key == "js" else None
+            ax.bar((xs + shift).tolist(), vals, width=0.4, yerr=err, capsize=3, color=color, label=comp[side])
+        ax.set_xticks(xs.tolist())
+        ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("modkern diagnose: before / after", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

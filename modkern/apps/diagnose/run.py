@@ -29,7 +29,11 @@ replaced by another perturbation.
 
 Data: without ``items``, the built-in synthetic tasks (the demo's colour task of
 :mod:`modkern.apps.synthetic_task`, and an audio-visual colour task for models with audio and video); or a list of
-:class:`Item`.
+:class:`Item`; or ``data``, a data file (:mod:`modkern.data`) fed through the checkpoint's own processor and chat
+template (:class:`modkern.apps.diagnose.models.ChatItemCollator`, the fine-tuning's prompts), with the paper's
+interferences (:data:`DATA_FILE_CONDITIONS`) by default. Multiple-choice items (options in the question, the
+answer a letter) are scored by the options' likelihood; free answers by exact match of the greedy answer
+(every answer token the argmax).
 
 Example::
 
@@ -50,7 +54,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from modkern.apps.diagnose.conditions import condition_context, resolve_conditions
+from modkern.apps.diagnose.conditions import (
+    BUILTIN_CONDITIONS,
+    DATA_FILE_CONDITIONS,
+    condition_context,
+    resolve_conditions,
+)
 from modkern.apps.diagnose.items import (
     KINDS,
     DiagnoseError,
@@ -58,6 +67,7 @@ from modkern.apps.diagnose.items import (
     NotBuilt,
     answer_classes,
     av_task_items,
+    data_file_items,
     image_task_items,
 )
 from modkern.apps.diagnose.metrics import (
@@ -68,8 +78,8 @@ from modkern.apps.diagnose.metrics import (
     item_metrics,
     mean_std,
 )
-from modkern.apps.diagnose.models import Collator, ModelSpec, load_model
-from modkern.apps.diagnose.report import format_table, plot_report
+from modkern.apps.diagnose.models import ChatItemCollator, Collator, ModelSpec, load_model
+from modkern.apps.diagnose.report import comparison, format_comparison, format_table, plot_comparison, plot_report
 from modkern.apps.progress import Progress
 from modkern.apps.synthetic_task import InterferenceTask
 from modkern.apps.train_loop import resolve_device
@@ -99,6 +109,9 @@ def diagnose(
     out: Optional[str] = None,
     tokenizer=None,
     items: Optional[Sequence[Item]] = None,
+    data: Optional[str] = None,
+    processor=None,
+    skip_bad: bool = False,
     conditions=None,
     max_items: int = 64,
     batch_size: int = 16,
@@ -118,6 +131,9 @@ def diagnose(
             checkpoint directory when ``model`` is a path).
         items: clean :class:`Item` s (default: the built-in tasks the model can take: the demo's
             image/text colour task, and an audio-visual one for models with audio and video).
+        data: a data file instead (JSON / JSONL samples, :mod:`modkern.data`), fed through ``processor``
+            (read from the checkpoint directory when ``model`` is a path); ``skip_bad`` leaves its
+            bad samples out (and says how many) instead of stopping at the first.
         conditions: names of :data:`CONDITIONS` (list or comma-separated string; default all).
         max_items: clean items per item kind (for the built-in tasks: generated; else the first ones).
         batch_size: items per forward.
@@ -139,26 +155,36 @@ def diagnose(
     log = log or (lambda *a, **k: None)
     start = time.perf_counter()
     _check_settings(max_items, batch_size, out)
-    source, model, tokenizer = _load(model, tokenizer)
+    if data is not None and items is not None:
+        raise DiagnoseError("give items or data, not both")
+    if data is not None:
+        source, model, processor = _load_with_processor(model, processor)
+    else:
+        source, model, tokenizer = _load(model, tokenizer)
     spec = ModelSpec.from_model(model)
     dev = _device(device)
     torch.manual_seed(seed)
-    builtin = items is None
+    builtin = items is None and data is None
+    if data is not None:
+        items = _first_items(data_file_items(data, skip_bad=skip_bad, log=log), max_items)
     items = _builtin_items(spec, max_items, seed) if builtin else _first_items(items, max_items)
     if not items:
         raise DiagnoseError("no items to diagnose")
     kinds_present = sorted({it.kind for it in items}, key=KINDS.index)
-    run, skipped = resolve_conditions(conditions, spec, kinds_present)
+    default = DATA_FILE_CONDITIONS if data is not None else BUILTIN_CONDITIONS
+    run, skipped = resolve_conditions(conditions, spec, kinds_present, default)
     classes = answer_classes(items)
     if builtin:  # the task's colours, also when max_items leaves some out
         classes = sorted(set(classes) | set(InterferenceTask().colours))
     perturbed, not_built = build_variants(run, items, classes, seed, skipped)
     run = [c for c in run if c.name in perturbed]
-    collate = Collator(spec, tokenizer)
+    collate = ChatItemCollator(spec, processor) if data is not None else Collator(spec, tokenizer)
     measured = _measure(model, items, perturbed, collate, spec, dev, batch_size, attention, progress, backend, log)
     report = _report(model, source, spec, items, kinds_present, run, skipped, not_built, *measured, attention)
     report.update(
-        settings=dict(max_items=max_items, batch_size=batch_size, device=str(dev), seed=seed, backend=backend),
+        settings=dict(
+            max_items=max_items, batch_size=batch_size, device=str(dev), seed=seed, backend=backend, data=data
+        ),
         seconds=time.perf_counter() - start,
     )
     log(format_table(report))
@@ -193,6 +219,23 @@ def _load(model, tokenizer):
     if tokenizer is None:
         raise DiagnoseError("tokenizer is required when model is a loaded model")
     return source, model, tokenizer
+
+
+def _load_with_processor(model, processor):
+    """``(source path or None, model, processor)`` for a data-file diagnosis."""
+    if isinstance(model, (str, os.PathLike)):
+        from modkern.apps.finetune import FinetuneError, load_model_and_processor
+
+        try:
+            loaded, loaded_processor = load_model_and_processor(os.fspath(model))
+        except FinetuneError as exc:
+            raise DiagnoseError(str(exc)) from None
+        return os.fspath(model), loaded, processor if processor is not None else loaded_processor
+    if not isinstance(model, nn.Module):
+        raise DiagnoseError(f"model must be a checkpoint directory or a Hugging Face model, got {type(model).__name__}")
+    if processor is None:
+        raise DiagnoseError("processor is required with data when model is a loaded model")
+    return None, model, processor
 
 
 def _device(device) -> torch.device:
@@ -278,13 +321,15 @@ def _measure(model, items, perturbed, collate, spec, dev, batch_size, attention,
         with torch.no_grad():
             for lo in range(0, n, batch_size):
                 chunk = list(range(lo, min(lo + batch_size, n)))
-                batch = collate([items[i] for i in chunk])
+                chunk_items = [items[i] for i in chunk]
+                batch = collate(chunk_items)
+                options = collate.option_targets(chunk_items) if hasattr(collate, "option_targets") else None
                 clean, rows, output = forward_answer_rows(model, batch, dev, attentions=attention)
-                clean_correct[lo : lo + len(chunk)] = item_metrics(clean, len(chunk))["correct"].cpu()
+                clean_correct[lo : lo + len(chunk)] = item_metrics(clean, len(chunk), options)["correct"].cpu()
                 if attention:
                     shares.append(_chunk_shares(model, output, collate, batch, rows, spec))
                 del output
-                _measure_variants(model, perturbed, collate, clean, lo, len(chunk), dev, backend, acc)
+                _measure_variants(model, perturbed, collate, clean, lo, len(chunk), dev, backend, acc, options)
                 bar.update(len(chunk))
     finally:
         bar.close()
@@ -305,7 +350,7 @@ def _chunk_shares(model, output, collate, batch, rows, spec):
     return attention_share(atts, rows, cats, 1 + len(spec.modalities)).cpu()
 
 
-def _measure_variants(model, perturbed, collate, clean, lo: int, size: int, dev, backend, acc):
+def _measure_variants(model, perturbed, collate, clean, lo: int, size: int, dev, backend, acc, options=None):
     """Each condition's variants of the chunk ``[lo, lo + size)``, compared with the clean rows."""
     for name, (idx, variants) in perturbed.items():
         local = [j for j, i in enumerate(idx) if lo <= i < lo + size]
@@ -314,7 +359,7 @@ def _measure_variants(model, perturbed, collate, clean, lo: int, size: int, dev,
         sub_items = torch.tensor([idx[j] - lo for j in local], device=clean.item.device)
         pert, _, _ = forward_answer_rows(model, collate([variants[j] for j in local]), dev)
         pert.item = sub_items[pert.item]
-        m = compare(clean.select(sub_items), pert, size, backend=backend)
+        m = compare(clean.select(sub_items), pert, size, backend=backend, options=options)
         a = acc[name]
         a["idx"].append(sub_items.cpu() + lo)
         for key in ("clean_correct", "correct", "flip", "effect", "js"):
@@ -360,3 +405,21 @@ def _write(report: dict, out: str, log):
     with open(report["files"]["json"], "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, allow_nan=False)
     log(f"wrote {report['files']['json']} and {report['files']['png']}")
+
+
+def diagnose_compare(before, after, *, out: Optional[str] = None, log=print, **kwargs) -> dict:
+    """:func:`diagnose` of two checkpoints on the same items and conditions (same seed), and the two
+    side by side (``before`` -> ``after``): ``out/diagnosis.json`` / ``.png`` are ``before``'s,
+    ``out/after/`` holds ``after``'s, ``out/comparison.json`` / ``.png`` the comparison."""
+    log = log or (lambda *a, **k: None)
+    first = diagnose(before, out=out, log=log, **kwargs)
+    second = diagnose(after, out=None if out is None else os.path.join(out, "after"), log=log, **kwargs)
+    comp = comparison(first, second)
+    log(format_comparison(comp))
+    if out is not None:
+        comp["files"] = {"json": os.path.join(out, "comparison.json"), "png": os.path.join(out, "comparison.png")}
+        plot_comparison(comp, comp["files"]["png"])
+        with open(comp["files"]["json"], "w", encoding="utf-8") as f:
+            json.dump(comp, f, indent=2, allow_nan=False)
+        log(f"wrote {comp['files']['json']} and {comp['files']['png']}")
+    return comp

@@ -1,0 +1,255 @@
+"""``modkern train --model DIR --data FILE --out DIR``: robust fine-tuning of a local checkpoint on a data file.
+
+The model and its processor come from the checkpoint (``from_pretrained``), the samples from the
+data file (:mod:`modkern.data`), the batches from the model's own processor with the paper's copies
+(:mod:`modkern.processing`) and the loss from :func:`modkern.integrations.hf.patch_trainer` on a
+plain Hugging Face ``Trainer`` (so ``--fsdp`` / ``--deepspeed`` and ``torchrun`` / ``accelerate
+launch`` work as for any Trainer run). Each training item is one batch of the sample mix
+(image-heavy : text-heavy : VQA, the official 2:2:4 scaled to ``batch_size``;
+:class:`modkern.data.KindMixSampler`), composed once per run from the seed; the Trainer shuffles
+their order every epoch and splits them over processes. Evaluation (``eval_data``) is the plain CE
+of the clean samples, without copies. The run ends with the model and its processor in ``out``
+(loadable with ``from_pretrained`` / ``AutoProcessor``), the Trainer's checkpoints in
+``out/checkpoints`` (resume with ``resume``) and ``out/finetune.json`` (settings, log history).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from modkern.data import OFFICIAL_MIX, KindMixSampler, read_samples
+from modkern.objective.augment import RobustCollator
+from modkern.objective.config import RobustConfig
+from modkern.processing import ChatProcessor, ProcessorError, processor_collator, to_sample
+
+
+class FinetuneError(ValueError):
+    """A problem with the inputs of :func:`run_finetune` (checkpoint, processor, data, settings)."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of :func:`run_finetune` (the ``modkern train --data`` options)."""
+
+    model: str
+    data: str
+    out: str
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    max_steps: int = -1  # > 0 overrides epochs
+    epochs: float = 1.0
+    lr: float = 2e-5  # the official LLaVA configs (1e-5 for Qwen)
+    batch_size: int = 8  # samples per batch before the copies
+    grad_accum: int = 1
+    mix: Optional[dict] = None  # kind -> count per batch (default: the official 2:2:4 scaled)
+    bf16: bool = False
+    eval_data: Optional[str] = None
+    skip_bad: bool = False
+    seed: int = 0
+    resume: Optional[str] = None  # a checkpoint directory, or "last" (the newest in out/checkpoints)
+    save_steps: int = 500
+    device: str = "auto"
+    fsdp: str = ""
+    deepspeed: Optional[str] = None
+    progress: bool = True
+
+
+def mix_for_batch(batch_size: int, kinds: set, ratio: Optional[dict] = None) -> dict:
+    """Samples of each kind per batch: ``ratio`` (default :data:`OFFICIAL_MIX`) over the kinds the
+    data has, scaled to ``batch_size`` as the official code does (``int(bs * share)`` of each kind,
+    the rest to the last one: 8 -> 2:2:4)."""
+    ratio = {k: n for k, n in (ratio or OFFICIAL_MIX).items() if k in kinds and n > 0}
+    if not ratio:
+        raise FinetuneError(f"the mix asks for none of the kinds the data has ({sorted(kinds)})")
+    total = sum(ratio.values())
+    mix = {k: int(batch_size * n / total) for k, n in ratio.items()}
+    last = list(ratio)[-1]
+    mix[last] += batch_size - sum(mix.values())
+    return mix
+
+
+def default_mix(samples: list, batch_size: int, log=print) -> dict:
+    """The official mix scaled to ``batch_size`` (:func:`mix_for_batch`); for data too small to make
+    one batch of it, the data's own proportions over ``min(batch_size, len(samples))`` (said)."""
+    counts = {k: sum(s.kind == k for s in samples) for k in OFFICIAL_MIX}
+    mix = mix_for_batch(batch_size, {k for k, n in counts.items() if n})
+    if all(counts[k] >= n for k, n in mix.items()):
+        return mix
+    size = min(batch_size, len(samples))
+    own = mix_for_batch(size, {k for k, n in counts.items() if n}, {k: n for k, n in counts.items() if n})
+    log(f"the data cannot fill one batch of the mix {mix} (it has {counts}): batches of {own} instead")
+    return own
+
+
+class MixBatches:
+    """A map-style dataset whose items are whole batches (lists of samples) of a fixed kind mix;
+    images are read when an item is taken."""
+
+    def __init__(self, samples: list, mix: dict, seed: int):
+        self.samples = samples
+        self.batches = list(KindMixSampler([s.kind for s in samples], mix, seed=seed))
+        if not self.batches:
+            raise FinetuneError(f"the data holds no complete batch of the mix {mix}")
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"samples": [to_sample(self.samples[j]) for j in self.batches[i]], "copies": True}
+
+
+class CleanSamples:
+    """A dataset of single clean samples (evaluation: no copies)."""
+
+    def __init__(self, samples: list):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"samples": [to_sample(self.samples[i])], "copies": False}
+
+
+@dataclass
+class GroupCollator:
+    """Flattens dataset items (``{"samples": [...], "copies": bool}``) into one batch: with the
+    paper's copies for training items, without for evaluation ones."""
+
+    train: RobustCollator
+    clean: RobustCollator
+
+    def __call__(self, items: list) -> dict:
+        samples = [s for item in items for s in item["samples"]]
+        return (self.train if all(item["copies"] for item in items) else self.clean)(samples)
+
+
+def load_model_and_processor(path: str):
+    """``(model, processor)`` of a local checkpoint (a :class:`FinetuneError` saying what is missing)."""
+    from transformers import AutoProcessor
+
+    from modkern.apps.train_loop import load_checkpoint
+    from modkern.processing import check_processor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any loader failure means: no usable processor there
+        raise FinetuneError(f"--model {path}: no processor could be loaded ({type(exc).__name__}: {exc})") from None
+    try:
+        check_processor(processor)
+    except ProcessorError as exc:
+        raise FinetuneError(f"--model {path}: {exc}") from None
+    try:
+        model = load_checkpoint(path)
+    except (OSError, ValueError) as exc:
+        raise FinetuneError(f"--model {path}: {exc}") from None
+    return model, processor
+
+
+def _training_args(cfg: FinetuneConfig, has_eval: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=os.path.join(cfg.out, "checkpoints"),
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lr,
+        per_device_train_batch_size=1,  # one item = one batch of the mix
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        bf16=cfg.bf16,
+        logging_steps=1,
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        eval_strategy="epoch" if has_eval else "no",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        seed=cfg.seed,
+        use_cpu=cfg.device == "cpu",
+        disable_tqdm=not cfg.progress,
+        fsdp=cfg.fsdp,
+        deepspeed=cfg.deepspeed,
+    )
+
+
+def _resume_path(cfg: FinetuneConfig):
+    if cfg.resume != "last":
+        return cfg.resume
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = os.path.join(cfg.out, "checkpoints")
+    last = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    if last is None:
+        raise FinetuneError(f"--resume last: no checkpoint in {folder}")
+    return last
+
+
+def _read(path: str, skip_bad: bool, log) -> list:
+    data = read_samples(path, skip_bad=skip_bad)
+    if data.skipped:
+        log(
+            f"{path}: skipped {len(data.skipped)} bad sample(s): "
+            + "; ".join(f"line {n}: {why}" for n, why in data.skipped)
+        )
+    return data.samples
+
+
+def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` with the robust objective; returns the summary written
+    to ``out/finetune.json`` (``final_loss``, ``steps``, ``log_history``, the settings)."""
+    from transformers import Trainer
+
+    from modkern.integrations.hf import patch_trainer
+
+    samples = _read(cfg.data, cfg.skip_bad, log)
+    eval_samples = _read(cfg.eval_data, cfg.skip_bad, log) if cfg.eval_data else None
+    mix = cfg.mix if cfg.mix is not None else default_mix(samples, cfg.batch_size, log)
+    missing = [k for k, n in mix.items() if n and k not in kinds]
+    if missing:
+        raise FinetuneError(f"--mix asks for {missing} samples but {cfg.data} has none")
+    model, processor = load_model_and_processor(cfg.model)
+    train = processor_collator(processor, seed=cfg.seed)
+    clean = RobustCollator(collate=ChatProcessor(processor))
+    trainer = Trainer(
+        model=model,
+        args=_training_args(cfg, eval_samples is not None),
+        train_dataset=MixBatches(samples, mix, cfg.seed),
+        eval_dataset=CleanSamples(eval_samples) if eval_samples else None,
+        data_collator=GroupCollator(train, clean),
+        processing_class=processor,
+    )
+    patch_trainer(trainer, cfg.robust)
+    log(f"robust fine-tuning of {cfg.model} on {len(samples)} samples of {cfg.data}: batches of {mix}")
+    result = trainer.train(resume_from_checkpoint=_resume_path(cfg))
+    trainer.save_model(cfg.out)
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    summary = {
+        "final_loss": losses[-1] if losses else None,
+        "train_loss": result.training_loss,
+        "steps": trainer.state.global_step,
+        "mix": mix,
+        "samples": len(samples),
+        "settings": {**{k: v for k, v in asdict(cfg).items() if k != "robust"}, "robust": asdict(cfg.robust)},
+        "log_history": history,
+    }
+    if trainer.is_world_process_zero():
+        with open(os.path.join(cfg.out, "finetune.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, default=str)
+        log(f"wrote the fine-tuned model and its processor to {cfg.out} (log: {cfg.out}/finetune.json)")
+    return summary
+
+
+__all__ = [
+    "CleanSamples",
+    "FinetuneConfig",
+    "FinetuneError",
+    "GroupCollator",
+    "MixBatches",
+    "load_model_and_processor",
+    "mix_for_batch",
+    "run_finetune",
+]

@@ -1,0 +1,229 @@
+"""Data-file samples through the model's own processor and chat template: batches for the robust loss.
+
+The path from a data file (:mod:`modkern.data`) to a batch of :func:`modkern.objective.robust.robust_loss`:
+
+1. :func:`to_sample` turns a checked :class:`modkern.data.Sample` into an augmentation sample
+   (:class:`modkern.objective.augment.Sample`): the image read from its file as ``[3, H, W]`` in
+   [0, 1], the question's options, the facts; a text-heavy sample without an image gets a
+   ``336 x 336`` uniform-noise one, as the official code gives it.
+2. The paper's heuristic copies are made *on the sample* (:class:`modkern.objective.augment.HeuristicAugmenter`:
+   text in front of the question, another / a black / a white image), so a copy is exactly what
+   the processor makes of the changed sample.
+3. :class:`ChatProcessor` renders each sample with the checkpoint's chat template (the official
+   system prompt for image- and text-heavy samples, none for VQA; the image placeholder before the
+   question), runs the processor on the prompts and images (its own image-token expansion and
+   pixel layout: ``pixel_values`` plus ``image_sizes`` / ``image_grid_thw`` where the family has
+   them), appends the tokens of the template's assistant turn (the answer and the end-of-turn
+   marker) and right-pads. ``labels`` are the assistant-turn tokens only.
+
+:func:`processor_collator` ties the three together: the collator a ``DataLoader`` or a Hugging
+Face ``Trainer`` takes, returning ``ref_index`` and ``sample_kind`` next to the model inputs.
+
+Supported processors (:data:`SUPPORTED_PROCESSORS`): LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL,
+the Qwen2.5-Omni thinker (image samples). Example::
+
+    from transformers import AutoProcessor
+    from modkern.data import read_samples
+    from modkern.processing import processor_collator, to_sample
+
+    processor = AutoProcessor.from_pretrained("llava-hf/llava-1.5-7b-hf")
+    samples = [to_sample(s) for s in read_samples("train.jsonl").samples]
+    collate = processor_collator(processor, seed=0)
+    batch = collate(samples[:8])  # input_ids, attention_mask, labels, pixel_values, ref_index, sample_kind
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from modkern.constants import IGNORE_INDEX
+from modkern.data import Sample as DataSample
+from modkern.objective.augment import AugmentConfig, HeuristicAugmenter, RobustCollator, Sample
+
+# The official system prompt of image- and text-heavy samples (VQA samples have none).
+OFFICIAL_SYSTEM_PROMPT = (
+    "You are an expert at question answering. Given the question and the context image of the question, "
+    "please output the answer. Please provide a concise answer, no explanation and further question."
+)
+SYSTEM_PROMPT_KINDS = ("image_heavy", "text_heavy")
+NOISE_IMAGE_SIZE = 336  # the official text-heavy sample's noise image is 336 x 336
+# Processor class -> the family's name (what modkern's processor path was tested with).
+SUPPORTED_PROCESSORS = {
+    "LlavaProcessor": "LLaVA-1.5",
+    "LlavaNextProcessor": "LLaVA-NeXT",
+    "Qwen2VLProcessor": "Qwen2-VL",
+    "Qwen2_5_VLProcessor": "Qwen2.5-VL",
+    "Qwen2_5OmniProcessor": "Qwen2.5-Omni thinker",
+}
+
+
+class ProcessorError(ValueError):
+    """A processor modkern cannot use (unsupported family, no chat template, a template it cannot split)."""
+
+
+def load_image(path: str) -> Tensor:
+    """The image file at ``path`` as ``[3, H, W]`` float32 in [0, 1] (RGB)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+        data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+        return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float().div_(255.0)
+
+
+def to_pil(image: Tensor):
+    """A ``[3, H, W]`` image in [0, 1] as an 8-bit RGB PIL image (what every image processor takes)."""
+    from PIL import Image
+
+    pixels = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+    return Image.frombytes("RGB", (pixels.shape[1], pixels.shape[0]), pixels.numpy().tobytes())
+
+
+def to_sample(sample: DataSample, *, noise_size: int = NOISE_IMAGE_SIZE, seed: int = 0) -> Sample:
+    """A data-file sample as an augmentation :class:`~modkern.objective.augment.Sample` (image read).
+
+    A text-heavy sample without an image gets uniform noise of ``noise_size`` squared (its clean
+    image is noise anyway, and the image copies need an image to replace)."""
+    if sample.image is not None:
+        image = load_image(sample.image)
+    elif sample.kind == "text_heavy":
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + sample.line)
+        image = torch.rand((3, noise_size, noise_size), generator=gen)
+    else:
+        image = None
+    return Sample(
+        text=sample.question,
+        answer=sample.answer,
+        image=image,
+        kind=sample.kind,
+        facts=tuple(sample.facts),
+        options=tuple(sample.options.values()),
+    )
+
+
+class ChatProcessor:
+    """Samples -> a right-padded batch through ``processor`` and its chat template (see the module).
+
+    Args:
+        processor: a Hugging Face processor of :data:`SUPPORTED_PROCESSORS` with a chat template.
+        system_prompt: the system turn of the samples of ``system_kinds`` (None: no system turn).
+        system_kinds: the kinds that get it (the official code: image- and text-heavy).
+    """
+
+    def __init__(
+        self,
+        processor,
+        *,
+        system_prompt: Optional[str] = OFFICIAL_SYSTEM_PROMPT,
+        system_kinds: Sequence[str] = SYSTEM_PROMPT_KINDS,
+    ):
+        check_processor(processor)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.system_prompt, self.system_kinds = system_prompt, tuple(system_kinds)
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    def messages(self, sample: Sample) -> list:
+        """The chat of ``sample`` up to the assistant turn."""
+        chat = []
+        if self.system_prompt and sample.kind in self.system_kinds:
+            chat.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        content = [{"type": "image"}] if sample.image is not None else []
+        chat.append({"role": "user", "content": [*content, {"type": "text", "text": sample.prompt}]})
+        return chat
+
+    def prompt_text(self, sample: Sample) -> str:
+        """The templated prompt, ending where the assistant's answer starts."""
+        return self.processor.apply_chat_template(self.messages(sample), tokenize=False, add_generation_prompt=True)
+
+    def answer_text(self, sample: Sample) -> str:
+        """The assistant turn after :meth:`prompt_text`: the answer and the template's end-of-turn
+        marker (trailing whitespace dropped)."""
+        answer = {"role": "assistant", "content": [{"type": "text", "text": sample.answer}]}
+        full = self.processor.apply_chat_template([*self.messages(sample), answer], tokenize=False)
+        prompt = self.prompt_text(sample)
+        if not full.startswith(prompt):
+            raise ProcessorError(
+                "the chat template renders the conversation with the answer differently from the prompt with "
+                "add_generation_prompt=True, so the answer tokens cannot be told apart; use a template whose "
+                "generation prompt is a prefix of the answered conversation"
+            )
+        return full[len(prompt) :].rstrip()
+
+    def __call__(self, samples: Sequence[Sample]) -> dict:
+        samples = list(samples)
+        if not samples:
+            raise ValueError("samples must not be empty")
+        images = [to_pil(s.image) for s in samples if s.image is not None]
+        enc = self.processor(
+            text=[self.prompt_text(s) for s in samples], images=images or None, return_tensors="pt", padding=True
+        )
+        answers = [self.tokenizer(self.answer_text(s), add_special_tokens=False)["input_ids"] for s in samples]
+        batch = _append_answers(dict(enc), answers, self.pad_token_id)
+        batch["sample_kind"] = [s.kind for s in samples]
+        return batch
+
+
+def _append_answers(enc: dict, answers: list, pad_token_id: int) -> dict:
+    """The processor's (padded) prompts with each row's answer ids appended, right-padded again;
+    ``labels`` on the answer ids. Per-token keys of the processor (``mm_token_type_ids``, ...) get 0
+    on the answer."""
+    ids, mask = enc["input_ids"], enc["attention_mask"].bool()
+    per_token = [k for k, v in enc.items() if isinstance(v, Tensor) and v.shape == ids.shape and k != "attention_mask"]
+    lengths = [int(m.sum()) + len(a) for m, a in zip(mask, answers)]
+    n, width = ids.shape[0], max(lengths)
+    out = {k: torch.zeros((n, width), dtype=enc[k].dtype) for k in per_token}
+    out["input_ids"].fill_(pad_token_id)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=enc["attention_mask"].dtype)
+    for r, answer in enumerate(answers):
+        p = int(mask[r].sum())
+        for k in per_token:
+            out[k][r, :p] = enc[k][r][mask[r]]
+        out["input_ids"][r, p : lengths[r]] = torch.tensor(answer, dtype=ids.dtype)
+        labels[r, p : lengths[r]] = torch.tensor(answer, dtype=torch.long)
+        attention[r, : lengths[r]] = 1
+    rest = {k: v for k, v in enc.items() if k not in per_token and k != "attention_mask"}
+    return {**out, "attention_mask": attention, "labels": labels, **rest}
+
+
+def check_processor(processor) -> str:
+    """The family name of ``processor`` (:data:`SUPPORTED_PROCESSORS`), or a :class:`ProcessorError`
+    naming what is missing."""
+    name = type(processor).__name__
+    if name not in SUPPORTED_PROCESSORS:
+        raise ProcessorError(
+            f"{name} is not a processor modkern supports; supported: "
+            + ", ".join(f"{family} ({cls})" for cls, family in SUPPORTED_PROCESSORS.items())
+        )
+    for attr in ("tokenizer", "image_processor"):
+        if getattr(processor, attr, None) is None:
+            raise ProcessorError(f"{name} has no {attr}; save the checkpoint with its full processor")
+    if not getattr(processor, "chat_template", None):
+        raise ProcessorError(
+            f"{name} has no chat_template: set processor.chat_template (the model's template) and save it "
+            "with the checkpoint"
+        )
+    return SUPPORTED_PROCESSORS[name]
+
+
+def processor_collator(
+    processor,
+    *,
+    augment: Optional[AugmentConfig] = None,
+    copies: bool = True,
+    seed: int = 0,
+    system_prompt: Optional[str] = OFFICIAL_SYSTEM_PROMPT,
+    return_tags: bool = False,
+) -> RobustCollator:
+    """The collator of the robust fine-tuning: clean samples, their heuristic copies (``augment``,
+    default the official ones; ``copies=False``: none) and ``ref_index``, through :class:`ChatProcessor`."""
+    augmenter = HeuristicAugmenter(augment or AugmentConfig(), seed=seed) if copies else None
+    return RobustCollator(
+        augmenter=augmenter, collate=ChatProcessor(processor, system_prompt=system_prompt), return_tags=return_tags
+    )
