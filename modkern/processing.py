@@ -195,8 +195,9 @@ def _append_answers(enc: dict, answers: list, pad_token_id: int) -> dict:
 def check_processor(processor) -> str:
     """The family name of ``processor`` (:data:`SUPPORTED_PROCESSORS`), or a :class:`ProcessorError`
     naming what is missing."""
-    name = type(processor).__name__
-    if name not in SUPPORTED_PROCESSORS:
+    name = next((c.__name__ for c in type(processor).__mro__ if c.__name__ in SUPPORTED_PROCESSORS), None)
+    if name is None:
+        name = type(processor).__name__
         raise ProcessorError(
             f"{name} is not a processor modkern supports; supported: "
             + ", ".join(f"{family} ({cls})" for cls, family in SUPPORTED_PROCESSORS.items())

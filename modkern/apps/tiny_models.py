@@ -42,7 +42,7 @@ def _finish(model, seed_state, dtype):
     return model
 
 
-def _text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions):
+def text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions):
     return dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -72,7 +72,7 @@ def _info(kind, vocab_size, hidden_size, text_token_range, token_ids, **extra):
     )
 
 
-def _mrope_text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions, vision):
+def mrope_text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions, vision):
     """The decoder config of the Qwen-VL family (M-RoPE), after checking the vision geometry."""
     if vision["image_size"] % (vision["patch_size"] * vision["spatial_merge_size"]):
         raise ValueError("image_size must be a multiple of patch_size * spatial_merge_size")
@@ -82,12 +82,12 @@ def _mrope_text_config(vocab_size, hidden_size, num_layers, num_heads, intermedi
     # M-RoPE splits head_dim / 2 frequencies over (temporal, height, width).
     half = head_dim // 2
     mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
-    text = _text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions)
+    text = text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions)
     text["rope_parameters"] = dict(rope_type="default", rope_theta=10000.0, mrope_section=mrope_section)
     return text
 
 
-def _qwen_vision(image_size, patch_size, temporal_patch_size, spatial_merge_size) -> dict:
+def qwen_vision(image_size, patch_size, temporal_patch_size, spatial_merge_size) -> dict:
     """The vision geometry of the Qwen-VL family, as ``info`` records it."""
     side = image_size // patch_size
     return dict(
@@ -138,7 +138,7 @@ def tiny_llava(
         ),
         text_config=dict(
             model_type="llama",
-            **_text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions),
+            **text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions),
         ),
         image_token_id=image_token_id,
         image_seq_length=num_image_tokens,
@@ -187,8 +187,8 @@ def tiny_qwen2_vl(
     """
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    vision = _qwen_vision(image_size, patch_size, temporal_patch_size, spatial_merge_size)
-    text = _mrope_text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions, vision)
+    vision = qwen_vision(image_size, patch_size, temporal_patch_size, spatial_merge_size)
+    text = mrope_text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions, vision)
     image_token_id, video_token_id = vocab_size - 1, vocab_size - 2
     vision_start, vision_end = vocab_size - 4, vocab_size - 3
     config = Qwen2VLConfig(
@@ -240,7 +240,7 @@ def tiny_llama(
     """A text-only ``LlamaForCausalLM`` with random weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    text = _text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions)
+    text = text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions)
     config = LlamaConfig(**text)
     state = _seeded(seed)
     model = _finish(LlamaForCausalLM(config), state, dtype)
@@ -297,8 +297,8 @@ def tiny_qwen2_5_omni(
     """
     from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
-    vision = _qwen_vision(image_size, patch_size, temporal_patch_size, spatial_merge_size)
-    text = _mrope_text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions, vision)
+    vision = qwen_vision(image_size, patch_size, temporal_patch_size, spatial_merge_size)
+    text = mrope_text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions, vision)
     text["tie_word_embeddings"] = False
     ids = dict(
         image_token_id=vocab_size - 1,

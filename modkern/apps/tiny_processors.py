@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from modkern.apps.tiny_models import tiny_llava
+from modkern.apps.tiny_models import mrope_text_config, qwen_vision, text_config, tiny_llava, tiny_qwen2_5_omni
 from modkern.processing import OFFICIAL_SYSTEM_PROMPT
 
 # The chat templates of the families (as their Hugging Face checkpoints ship them, trimmed to text
@@ -30,57 +30,102 @@ QWEN_TEMPLATE = (
     "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% else %}{{ content['text'] }}{% endif %}{% endfor %}"
     "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Qwen2.5-Omni's: the same turns, its own image markers.
+OMNI_TEMPLATE = QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_bos|><|IMAGE|><|vision_eos|>")
 BASE_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
-FAMILIES = ("llava",)
+QWEN_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>")
+# The Omni tokenizer's named special tokens (attribute -> token), as its processor reads them.
+OMNI_TOKENS = {
+    "image_token": "<|IMAGE|>",
+    "video_token": "<|VIDEO|>",
+    "audio_token": "<|AUDIO|>",
+    "vision_bos_token": "<|vision_bos|>",
+    "vision_eos_token": "<|vision_eos|>",
+    "audio_bos_token": "<|audio_bos|>",
+    "audio_eos_token": "<|audio_eos|>",
+}
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen2_5_omni")
 WORDS = (
     "Question:", "Option:", "What", "colour", "is", "the", "image", "object", "in", "this", "picture", "seems",
-    "to", "depict", "a", "red", "green", "blue", "yellow", "cat", "dog", "ASSISTANT:", "USER:",
+    "to", "depict", "a", "red", "green", "blue", "yellow", "cat", "dog", "ASSISTANT:", "USER:", "system",
+    "user", "assistant",
 )  # fmt: skip
 
 
-def build_tokenizer(words: Sequence[str] = (), *, image_token: str = "<image>", extra_specials: Sequence[str] = ()):
+def build_tokenizer(words: Sequence[str] = (), *, specials: Sequence[str] = (), named: dict | None = None):
     """A ``PreTrainedTokenizerFast``: byte-level BPE trained on ``words`` (+ :data:`WORDS` and the
-    official system prompt), pad/bos/eos/unk = ids 0..3, ``extra_specials`` next and ``image_token``
-    the last id (``len(tokenizer) - 1``)."""
+    official system prompt), pad/bos/eos/unk = ids 0..3, then ``specials`` and the values of
+    ``named`` (attribute -> token, e.g. ``{"image_token": "<image>"}``: ``tokenizer.image_token``
+    and ``tokenizer.image_token_id``), all special."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = [*BASE_SPECIALS, *extra_specials]
+    named = dict(named or {})
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=512,
-        special_tokens=specials,
+        special_tokens=[*BASE_SPECIALS, *specials, *named.values()],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     corpus = [" ".join(WORDS), OFFICIAL_SYSTEM_PROMPT, " ".join(words)]
     tok.train_from_iterator(corpus * 4, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens=named,
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
-    return tokenizer
+
+
+def tiny_model_and_processor(family: str, *, words: Sequence[str] = (), seed: int = 0, image_size: int = 16):
+    """``(model, processor)``: a tiny random ``family`` model (:data:`FAMILIES`) and its processor,
+    the placeholder ids of the model's config those of the processor's tokenizer.
+
+    The Qwen families' processors include a video processor, which transformers 5 builds only with
+    torchvision; without it, the processor is an image-only subclass of the family's class
+    (:func:`image_only`), which cannot be saved and loaded back."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return _BUILDERS[family](words, seed, image_size)
 
 
 def save_tiny_checkpoint(family: str, path, *, words: Sequence[str] = (), seed: int = 0, image_size: int = 16) -> str:
-    """Write a tiny random ``family`` checkpoint (:data:`FAMILIES`) and its processor to ``path``."""
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    """Write a tiny random ``family`` checkpoint and its processor to ``path`` (LLaVA and LLaVA-NeXT
+    anywhere; the Qwen families where torchvision is installed, see :func:`tiny_model_and_processor`)."""
+    model, processor = tiny_model_and_processor(family, words=words, seed=seed, image_size=image_size)
+    if getattr(processor, "image_only", False):
+        raise RuntimeError(f"{family}: its processor needs torchvision (its video processor) to be saved")
     path = os.fspath(path)
-    model, processor = _tiny_llava(words, seed, image_size)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
 
 
+def _clip_vision(image_size: int, patch_size: int) -> dict:
+    return dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=3,
+        attention_dropout=0.0,
+    )
+
+
 def _tiny_llava(words, seed: int, image_size: int, patch_size: int = 4):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    tokenizer = build_tokenizer(words)
+    tokenizer = build_tokenizer(words, named={"image_token": "<image>"})
     model, _ = tiny_llava(len(tokenizer), image_size=image_size, patch_size=patch_size, max_positions=2048, seed=seed)
-    model.config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    model.config.image_token_id = tokenizer.image_token_id
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
@@ -91,6 +136,170 @@ def _tiny_llava(words, seed: int, image_size: int, patch_size: int = 4):
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
         chat_template=LLAVA_TEMPLATE,
-        image_token="<image>",
     )
     return model, processor
+
+
+def _tiny_llava_next(words, seed: int, image_size: int, patch_size: int = 4):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor
+    from transformers import LlavaNextProcessor
+
+    tokenizer = build_tokenizer(words, named={"image_token": "<image>"})
+    pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
+    config = LlavaNextConfig(
+        vision_config=_clip_vision(image_size, patch_size),
+        text_config=dict(model_type="llama", **text_config(len(tokenizer), 32, 1, 2, None, 2048)),
+        image_token_id=tokenizer.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        pad_token_id=0,
+    )
+    model = _build(LlavaNextForConditionalGeneration, config, seed)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    )
+    return model, processor
+
+
+def _build(cls, config, seed: int):
+    import torch
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = cls(config)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.train()
+
+
+def _qwen_image_processor(image_size: int, patch_size: int = 4, merge: int = 2):
+    from transformers import Qwen2VLImageProcessor
+
+    pixels = image_size * image_size
+    return Qwen2VLImageProcessor(
+        min_pixels=pixels, max_pixels=pixels, patch_size=patch_size, merge_size=merge, temporal_patch_size=2
+    )
+
+
+def _tiny_qwen_vl(family: str):
+    def build(words, seed: int, image_size: int):
+        import transformers
+
+        tokenizer = build_tokenizer(words, specials=QWEN_SPECIALS)
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+        vision_common = dict(patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        if family == "qwen2_vl":
+            vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, **vision_common)
+            config_cls, model_cls, proc_cls = "Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"
+        else:
+            vision = dict(
+                depth=1,
+                hidden_size=16,
+                intermediate_size=32,
+                num_heads=2,
+                window_size=image_size,
+                out_hidden_size=32,
+                fullatt_block_indexes=[0],
+                **vision_common,
+            )
+            config_cls, model_cls = "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"
+            proc_cls = "Qwen2_5_VLProcessor"
+        text = mrope_text_config(len(tokenizer), 32, 1, 2, None, 2048, qwen_vision(image_size, 4, 2, 2))
+        config = getattr(transformers, config_cls)(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+        model = _build(getattr(transformers, model_cls), config, seed)
+        processor = _processor(getattr(transformers, proc_cls), _qwen_image_processor(image_size), tokenizer)
+        return model, processor
+
+    return build
+
+
+def _tiny_omni(words, seed: int, image_size: int):
+    import transformers
+
+    tokenizer = build_tokenizer(words, specials=QWEN_SPECIALS[:2], named=OMNI_TOKENS)
+    model, _ = tiny_qwen2_5_omni(len(tokenizer), image_size=image_size, max_positions=2048, seed=seed)
+    tid = {name: getattr(tokenizer, name + "_id") for name in OMNI_TOKENS}
+    config = model.config
+    config.image_token_id, config.video_token_id, config.audio_token_id = (
+        tid["image_token"],
+        tid["video_token"],
+        tid["audio_token"],
+    )
+    config.vision_start_token_id, config.vision_end_token_id = tid["vision_bos_token"], tid["vision_eos_token"]
+    config.audio_start_token_id, config.audio_end_token_id = tid["audio_bos_token"], tid["audio_eos_token"]
+    processor = _processor(
+        transformers.Qwen2_5OmniProcessor,
+        _qwen_image_processor(image_size),
+        tokenizer,
+        feature_extractor=transformers.WhisperFeatureExtractor(feature_size=8),
+        template=OMNI_TEMPLATE,
+    )
+    return model, processor
+
+
+def _processor(cls, image_processor, tokenizer, template=QWEN_TEMPLATE, **others):
+    """``cls`` with ``image_processor``, ``tokenizer`` (+ ``others``), the Qwen chat template and a
+    video processor (with torchvision), else :func:`image_only` ``(cls)`` without one."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        from transformers import Qwen2VLVideoProcessor
+
+        video = Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
+        return cls(image_processor=image_processor, video_processor=video, tokenizer=tokenizer, chat_template=template, **others)
+    return image_only(cls)(image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **others)
+
+
+def image_only(cls):
+    """A subclass of the processor class ``cls`` without its video processor (images, text and
+    audio only): what transformers 5 allows without torchvision. Not saved or loaded back."""
+
+    attributes = [a for a in cls.get_attributes() if a != "video_processor"]
+
+    def __init__(self, chat_template=None, **parts):
+        from transformers.processing_utils import ProcessorMixin
+
+        ProcessorMixin.__init__(self, chat_template=chat_template, **parts)
+        tok = self.tokenizer
+        for name in ("image", "video", "audio"):
+            token = getattr(tok, f"{name}_token", None) or {"image": "<|image_pad|>", "video": "<|video_pad|>"}.get(name)
+            if token is not None:
+                setattr(self, f"{name}_token", token)
+                setattr(self, f"{name}_token_id", tok.convert_tokens_to_ids(token))
+        for name in ("vision_bos_token", "vision_eos_token", "audio_bos_token", "audio_eos_token"):
+            if getattr(tok, name, None) is not None:
+                setattr(self, name, getattr(tok, name))
+
+    return type(
+        cls.__name__,
+        (cls,),
+        {"__init__": __init__, "get_attributes": classmethod(lambda c: list(attributes)), "image_only": True},
+    )
+
+
+_BUILDERS = {
+    "llava": _tiny_llava,
+    "llava_next": _tiny_llava_next,
+    "qwen2_vl": _tiny_qwen_vl("qwen2_vl"),
+    "qwen2_5_vl": _tiny_qwen_vl("qwen2_5_vl"),
+    "qwen2_5_omni": _tiny_omni,
+}
