@@ -9,7 +9,11 @@ placeholders, or Qwen2-VL's ``<vision_start> placeholders <vision_end>`` (with `
 
 from __future__ import annotations
 
+import json
+import socket
+
 import torch
+from PIL import Image
 
 from modkern.apps.tiny_models import qwen2_vl_pixel_values
 from modkern.objective.robust import SAMPLE_KINDS as KINDS  # noqa: F401 (re-exported for the tests)
@@ -176,3 +180,46 @@ def training_args(output_dir, **kw):
     )
     base.update(kw)
     return TrainingArguments(**base)
+
+
+# --- data files (the processor path) ---------------------------------------------------------------
+
+OPTIONS = "Option:\nA: red\nB: green\nC: blue"
+COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
+
+
+def write_data(folder, n_per_kind: int = 2) -> str:
+    """A JSONL data file of ``n_per_kind`` image-heavy, text-heavy (one without an image) and VQA
+    samples, with PNG and JPEG images of different sizes; returns its path."""
+    (folder / "img").mkdir(exist_ok=True)
+    rows = []
+    names = list(COLOURS)
+    for i in range(n_per_kind):
+        colour = names[i % 3]
+        ext = "png" if i % 2 == 0 else "jpg"
+        Image.new("RGB", (20 + 3 * i, 18), COLOURS[colour]).save(folder / "img" / f"{colour}{i}.{ext}")
+        letter = "ABC"[i % 3]
+        image = f"img/{colour}{i}.{ext}"
+        rows.append(
+            dict(
+                type="image_heavy",
+                image=image,
+                question=f"Question:\nWhat colour is the image?\n{OPTIONS}",
+                answer=letter,
+            )
+        )
+        note = dict(
+            type="text_heavy", question=f"The object is {colour}. Question:\nWhat colour is the object?\n{OPTIONS}"
+        )
+        rows.append({**note, "answer": letter, **({"image": image} if i else {})})
+        rows.append(dict(type="VQA", image=image, question=f"Question:\nWhich colour?\n{OPTIONS}", answer=letter))
+    path = folder / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a torchrun rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -207,6 +207,7 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     samples = _read(cfg.data, cfg.skip_bad, log)
     eval_samples = _read(cfg.eval_data, cfg.skip_bad, log) if cfg.eval_data else None
     mix = cfg.mix if cfg.mix is not None else default_mix(samples, cfg.batch_size, log)
+    kinds = {s.kind for s in samples}
     missing = [k for k, n in mix.items() if n and k not in kinds]
     if missing:
         raise FinetuneError(f"--mix asks for {missing} samples but {cfg.data} has none")
@@ -222,7 +223,8 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         processing_class=processor,
     )
     patch_trainer(trainer, cfg.robust)
-    log(f"robust fine-tuning of {cfg.model} on {len(samples)} samples of {cfg.data}: batches of {mix}")
+    if trainer.is_world_process_zero():
+        log(f"robust fine-tuning of {cfg.model} on {len(samples)} samples of {cfg.data}: batches of {mix}")
     result = trainer.train(resume_from_checkpoint=_resume_path(cfg))
     trainer.save_model(cfg.out)
     history = trainer.state.log_history
@@ -233,6 +235,7 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         "steps": trainer.state.global_step,
         "mix": mix,
         "samples": len(samples),
+        "world_size": trainer.args.world_size,
         "settings": {**{k: v for k, v in asdict(cfg).items() if k != "robust"}, "robust": asdict(cfg.robust)},
         "log_history": history,
     }

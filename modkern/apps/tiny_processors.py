@@ -31,7 +31,9 @@ QWEN_TEMPLATE = (
     "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 # Qwen2.5-Omni's: the same turns, its own image markers.
-OMNI_TEMPLATE = QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_bos|><|IMAGE|><|vision_eos|>")
+OMNI_TEMPLATE = QWEN_TEMPLATE.replace(
+    "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_bos|><|IMAGE|><|vision_eos|>"
+)
 BASE_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 QWEN_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>")
 # The Omni tokenizer's named special tokens (attribute -> token), as its processor reads them.
@@ -265,7 +267,13 @@ def _processor(cls, image_processor, tokenizer, template=QWEN_TEMPLATE, **others
         from transformers import Qwen2VLVideoProcessor
 
         video = Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
-        return cls(image_processor=image_processor, video_processor=video, tokenizer=tokenizer, chat_template=template, **others)
+        return cls(
+            image_processor=image_processor,
+            video_processor=video,
+            tokenizer=tokenizer,
+            chat_template=template,
+            **others,
+        )
     return image_only(cls)(image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **others)
 
 
@@ -281,7 +289,9 @@ def image_only(cls):
         ProcessorMixin.__init__(self, chat_template=chat_template, **parts)
         tok = self.tokenizer
         for name in ("image", "video", "audio"):
-            token = getattr(tok, f"{name}_token", None) or {"image": "<|image_pad|>", "video": "<|video_pad|>"}.get(name)
+            token = getattr(tok, f"{name}_token", None) or {"image": "<|image_pad|>", "video": "<|video_pad|>"}.get(
+                name
+            )
             if token is not None:
                 setattr(self, f"{name}_token", token)
                 setattr(self, f"{name}_token_id", tok.convert_tokens_to_ids(token))
