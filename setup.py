@@ -103,7 +103,8 @@ setup(
             # ZeRO-3 test on CPU (DeepSpeed's CPU accelerator, gloo); the test skips when it is not importable
             "deepspeed; platform_system == 'Linux'",
         ],
-        "hf": ["transformers>=5,<6", "accelerate"],
+        # the Trainer path: `modkern train --model DIR --data FILE`, `modkern diagnose --data` (its picture)
+        "hf": ["transformers>=5,<6", "accelerate", "pillow", "matplotlib"],
         "trl": ["trl", "transformers>=5,<6", "accelerate"],
         "demo": ["transformers>=5,<6", "matplotlib"],
         "liger": ["liger-kernel"],

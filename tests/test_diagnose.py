@@ -24,6 +24,7 @@ from modkern.apps.diagnose import (
     plot_report,
     task_words,
 )
+from modkern.apps.diagnose.conditions import BUILTIN_CONDITIONS
 from modkern.apps.diagnose.metrics import MIN_POOLED_SD
 from modkern.apps.synthetic_task import WordTokenizer
 from modkern.apps.tiny_models import tiny_llava
@@ -176,8 +177,10 @@ def test_conditions_are_named_and_unsupported_ones_skipped_with_a_reason(llava):
     assert any("mislead" in n for n in CONDITIONS)
     lines = []
     report = diagnose(llava, tokenizer=TOK, max_items=2, progress=True, log=lines.append)
-    image_conditions = [n for n, c in CONDITIONS.items() if c.requires == ("image",)]
+    # the built-in tasks' default: every image condition but the two data-file texts
+    image_conditions = [n for n, c in CONDITIONS.items() if c.requires == ("image",) and n in BUILTIN_CONDITIONS]
     assert list(report["conditions"]) == image_conditions
+    assert {"misleading_sentence", "unrelated_paragraph"}.isdisjoint(BUILTIN_CONDITIONS)
     for name in ("misaligned_audio_video", "removed_audio", "zeroed_frames"):
         assert "audio" in report["skipped"][name]
     text = "\n".join(lines)
@@ -264,7 +267,9 @@ def test_qwen2_vl_takes_the_image_conditions():
     model, _ = tiny_qwen2_vl(len(TOK) + 4, seed=0)
     report = diagnose(model, tokenizer=TOK, max_items=2, progress=False, log=None)
     assert report["family"] == "qwen_vl" and report["attention"]["modalities"] == ["text", "image"]
-    assert list(report["conditions"]) == [n for n, c in CONDITIONS.items() if c.requires == ("image",)]
+    assert list(report["conditions"]) == [
+        n for n, c in CONDITIONS.items() if c.requires == ("image",) and n in BUILTIN_CONDITIONS
+    ]
     assert all("audio" in reason for reason in report["skipped"].values())
 
 

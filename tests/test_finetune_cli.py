@@ -5,6 +5,7 @@ after comparison, resuming, bad data lines, option mistakes, and the same run in
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -44,6 +45,8 @@ def test_train_writes_a_loadable_checkpoint(trained):
     parts = [h for h in summary["log_history"] if "ce_adv" in h]
     assert len(parts) == 3 and all(h["consistency"] > 0 for h in parts)  # copies compared with their clean samples
     assert all("attack_grad_norm" in h for h in parts)
+    evals = [h["eval_loss"] for h in summary["log_history"] if "eval_loss" in h]
+    assert len(evals) == 3 and all(math.isfinite(e) for e in evals)  # --eval: clean CE after each epoch
     model = LlavaForConditionalGeneration.from_pretrained(trained)
     processor = AutoProcessor.from_pretrained(trained)
     assert type(processor).__name__ == "LlavaProcessor" and processor.chat_template
@@ -152,7 +155,17 @@ def test_two_processes(llava_dir, data_file, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     cmd += ["-m", "modkern.apps.cli", "train", "--model", llava_dir, "--data", data_file, "--out", str(out)]
     cmd += ["--max-steps", "2", "--device", "cpu", "--no-progress"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    # its own process group: a hang is killed with the workers, not left behind
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    run = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.load(open(out / "finetune.json"))
     assert summary["world_size"] == 2 and summary["steps"] == 2 and math.isfinite(summary["final_loss"])

@@ -213,6 +213,7 @@ def _add_finetune_options(g):
     g.add_argument("--resume", default=None, help="resume from a Trainer checkpoint directory, or 'last'")
     g.add_argument("--save-steps", type=positive_int, default=500, help="a Trainer checkpoint every N steps")
     g.add_argument("--fsdp", default="", help="the Trainer's fsdp option, e.g. 'full_shard auto_wrap'")
+    g.add_argument("--fsdp-config", default=None, help="the Trainer's fsdp_config: a JSON file (e.g. version 2)")
     g.add_argument("--deepspeed", default=None, help="a DeepSpeed config file (e.g. ZeRO-3)")
 
 
@@ -224,7 +225,7 @@ def cmd_train(args) -> int:
     if args.data is not None:
         return _finetune(args)
     given = [name for name in FINETUNE_ONLY if getattr(args, name) not in (None, "")]
-    if given or args.bf16 or args.skip_bad or args.fsdp or args.deepspeed:
+    if given or args.bf16 or args.skip_bad or args.fsdp or args.fsdp_config or args.deepspeed:
         names = ", ".join("--" + n.replace("_", "-").replace("eval-data", "eval") for n in given) or "these options"
         raise CliError(f"{names} need --data FILE (and --model DIR): the demo takes none of them")
     kwargs = dict(
@@ -286,6 +287,7 @@ def _finetune(args) -> int:
         save_steps=args.save_steps,
         device=args.device,
         fsdp=args.fsdp,
+        fsdp_config=args.fsdp_config,
         deepspeed=args.deepspeed,
         progress=not args.no_progress,
     )

@@ -52,6 +52,7 @@ class FinetuneConfig:
     save_steps: int = 500
     device: str = "auto"
     fsdp: str = ""
+    fsdp_config: Optional[str] = None
     deepspeed: Optional[str] = None
     progress: bool = True
 
@@ -171,6 +172,7 @@ def _training_args(cfg: FinetuneConfig, has_eval: bool):
         use_cpu=cfg.device == "cpu",
         disable_tqdm=not cfg.progress,
         fsdp=cfg.fsdp,
+        fsdp_config=cfg.fsdp_config,
         deepspeed=cfg.deepspeed,
     )
 

@@ -143,8 +143,12 @@ def _tiny_llava(words, seed: int, image_size: int, patch_size: int = 4):
 
 
 def _tiny_llava_next(words, seed: int, image_size: int, patch_size: int = 4):
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor
-    from transformers import LlavaNextProcessor
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
 
     tokenizer = build_tokenizer(words, named={"image_token": "<image>"})
     pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
