@@ -67,6 +67,13 @@ class DataFile:
     samples: list
     skipped: list
 
+    def skipped_note(self) -> str:
+        """``"FILE: skipped N bad sample(s): line L: why; ..."`` (empty when none was skipped)."""
+        if not self.skipped:
+            return ""
+        lines = "; ".join(f"line {n}: {why}" for n, why in self.skipped)
+        return f"{self.path}: skipped {len(self.skipped)} bad sample(s): {lines}"
+
 
 def read_samples(path, *, skip_bad: bool = False) -> DataFile:
     """Read and check the samples of a JSON / JSONL data file (see the module docstring)."""

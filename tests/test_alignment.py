@@ -95,3 +95,20 @@ def test_collated_batch_and_robust_loss_perturb_the_other_stream():
     assert math.isfinite(float(out.loss.detach())) and float(out.consistency) > 0
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_av_demo_cli_prints_its_table(tmp_path, capsys):
+    from modkern.apps.cli import main
+
+    out = tmp_path / "av"
+    assert main(["train", "--av", "--steps", "2", "--seeds", "0,1", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "mean ± sd over 2 seeds" in text and "alignment tuning + robust objective" in text
+    import json
+
+    res = json.load(open(out / "av_results.json"))
+    assert res["seeds"] == [0, 1] and set(res["summary"]) == {"sft", "align", "align_robust"}
+    for method in res["summary"].values():
+        assert set(method) == {"clean", "misaligned", "removed_audio", "zeroed_frames", "caption_held_out"}
+        assert all(0 <= cell["mean"] <= 1 and cell["sd"] >= 0 for cell in method.values())
+    assert main(["train", "--av", "--quick"]) == 2

@@ -29,9 +29,8 @@ def llava_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(llava_dir, data_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
-    code = main(
-        ["train", "--model", llava_dir, "--data", data_file, "--out", str(out), "--max-steps", "3", "--no-progress"]
-    )
+    args = ["train", "--model", llava_dir, "--data", data_file, "--out", str(out), "--max-steps", "3"]
+    code = main([*args, "--eval", data_file, "--no-progress"])
     assert code == 0
     return str(out)
 

@@ -20,10 +20,14 @@ has: a caption naming a wrong colour for the queried stream. Mean ± sd over the
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -47,17 +51,19 @@ class AVDemoConfig:
     """Settings of :func:`run_av_demo`: ``steps`` optimizer steps of ``batch_size`` clean clips (plus
     copies) per method and seed; ``eval_size`` clips per question kind and evaluation set."""
 
-    steps: int = 60
+    steps: int = 200
     batch_size: int = 8
     lr: float = 3e-3
+    num_layers: int = 1
     seeds: tuple = (0, 1, 2)
     frames: int = 2
     mel_bins: int = 8
     audio_frames: int = 16
-    eval_size: int = 48
+    eval_size: int = 32
     out: str = "runs/av_demo"
     device: str = "cpu"
     progress: bool = True
+    workers: Optional[int] = None  # seeds trained in parallel processes (None: one per CPU core, at most one per seed)
     robust: RobustConfig = field(default_factory=lambda: RobustConfig(policy=ALIGNMENT_POLICY, epsilon=0.05, lam=0.1))
 
 
@@ -144,7 +150,7 @@ def accuracy(model, samples, collate, device, batch_size: int = 64) -> float:
 def run_seed(cfg: AVDemoConfig, seed: int, log=print) -> dict:
     """Every method from the same initial weights on the same clean batches; accuracy per eval set."""
     tok = tokenizer()
-    model, _ = tiny_qwen2_5_omni(len(tok) + 7, num_layers=2, num_mel_bins=cfg.mel_bins, seed=seed)
+    model, _ = tiny_qwen2_5_omni(len(tok) + 7, num_layers=cfg.num_layers, num_mel_bins=cfg.mel_bins, seed=seed)
     spec = ModelSpec.from_model(model)
     collate = ClipCollator(spec, tok)
     task = AVTask(cfg, seed)
@@ -192,14 +198,49 @@ def format_table(summary: dict, seeds: int) -> str:
     return "\n".join(lines)
 
 
+def _seed_worker(cfg: AVDemoConfig, seed: int) -> tuple:
+    torch.set_num_threads(1)  # tiny tensors: one thread per process, the seeds spread over the cores
+    lines = []
+    return run_seed(cfg, seed, lines.append), lines
+
+
+def _run_seeds(cfg: AVDemoConfig, log) -> list:
+    """Every seed: in this process with ``workers == 1``, else in parallel processes (each seed's lines
+    printed when it ends)."""
+    workers = cfg.workers or min(len(cfg.seeds), os.cpu_count() or 1)
+    if workers <= 1:
+        return [run_seed(cfg, seed, log) for seed in cfg.seeds]
+    quiet = dataclasses.replace(cfg, progress=False)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_seed_worker, quiet, seed) for seed in cfg.seeds]
+        runs = []
+        for future in futures:
+            result, lines = future.result()
+            for line in lines:
+                log(line)
+            runs.append(result)
+    return runs
+
+
 def run_av_demo(cfg: AVDemoConfig = None, log=print) -> dict:
     """All seeds and methods; prints the table and writes ``out/av_results.json``."""
     cfg = cfg or AVDemoConfig()
     start = time.perf_counter()
-    runs = [run_seed(cfg, seed, log) for seed in cfg.seeds]
+    log(
+        f"three-modality demo: tiny Qwen2.5-Omni thinker, {cfg.steps} steps x {cfg.batch_size} clips per method, "
+        f"seeds {list(cfg.seeds)}"
+    )
+    runs = _run_seeds(cfg, log)
     summary = summarize(runs)
     log(format_table(summary, len(cfg.seeds)))
-    out = {"summary": summary, "runs": runs, "seeds": list(cfg.seeds), "seconds": time.perf_counter() - start}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "robust"}
+    out = {
+        "summary": summary,
+        "runs": runs,
+        "seeds": list(cfg.seeds),
+        "settings": {**settings, "robust": dataclasses.asdict(cfg.robust)},
+        "seconds": time.perf_counter() - start,
+    }
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "av_results.json"), "w", encoding="utf-8") as f:
         json.dump(out, f, indent=2)

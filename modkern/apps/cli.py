@@ -23,7 +23,7 @@ import torch
 
 import modkern
 from modkern import reference
-from modkern.apps import demo
+from modkern.apps import av_demo, demo
 from modkern.apps.diagnose import DiagnoseError, diagnose, diagnose_compare
 from modkern.apps.finetune import FinetuneConfig, FinetuneError, run_finetune
 from modkern.data import DataFileError, parse_mix
@@ -188,6 +188,12 @@ def _add_train(sub):
         help="demo: CPU threads (default: torch's, less the cores that other processes keep busy)",
     )
     p.add_argument("--quick", action="store_true", help="demo: a reduced smoke run (seconds; for tests)")
+    p.add_argument(
+        "--av",
+        action="store_true",
+        help="the three-modality demo instead: MMA-Bench's alignment tuning on a tiny Qwen2.5-Omni thinker and a "
+        "synthetic audio-video task (SFT vs alignment tuning vs + the robust objective)",
+    )
     _add_finetune_options(p.add_argument_group("with --data (robust fine-tuning of --model)"))
     _add_no_progress(p)
     _add_debug(p)
@@ -223,11 +229,15 @@ DEMO_ONLY = ("seeds", "threads")
 
 def cmd_train(args) -> int:
     if args.data is not None:
+        if args.av:
+            raise CliError("--av runs the built-in audio-video demo; leave out --data (or --av)")
         return _finetune(args)
     given = [name for name in FINETUNE_ONLY if getattr(args, name) not in (None, "")]
     if given or args.bf16 or args.skip_bad or args.fsdp or args.fsdp_config or args.deepspeed:
         names = ", ".join("--" + n.replace("_", "-").replace("eval-data", "eval") for n in given) or "these options"
         raise CliError(f"{names} need --data FILE (and --model DIR): the demo takes none of them")
+    if args.av:
+        return _av_demo(args)
     kwargs = dict(
         out=args.out or "runs/demo", device=args.device, model=args.model, quick=args.quick, threads=args.threads
     )
@@ -237,6 +247,20 @@ def cmd_train(args) -> int:
         kwargs["seeds"] = args.seeds if args.seeds is not None else (args.seed,)
     kwargs["progress"] = not args.no_progress
     demo.run_demo(demo.DemoConfig(**kwargs))
+    return 0
+
+
+def _av_demo(args) -> int:
+    if args.model is not None or args.quick or args.threads is not None:
+        raise CliError("--av trains its own tiny Omni thinker: it takes --seeds / --seed, --steps, --out, --device")
+    cfg = av_demo.AVDemoConfig(out=args.out or "runs/av_demo", progress=not args.no_progress)
+    if args.device != "auto":
+        cfg.device = args.device
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.seeds is not None or args.seed is not None:
+        cfg.seeds = args.seeds if args.seeds is not None else (args.seed,)
+    av_demo.run_av_demo(cfg)
     return 0
 
 

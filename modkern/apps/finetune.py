@@ -192,10 +192,7 @@ def _resume_path(cfg: FinetuneConfig):
 def _read(path: str, skip_bad: bool, log) -> list:
     data = read_samples(path, skip_bad=skip_bad)
     if data.skipped:
-        log(
-            f"{path}: skipped {len(data.skipped)} bad sample(s): "
-            + "; ".join(f"line {n}: {why}" for n, why in data.skipped)
-        )
+        log(data.skipped_note())
     return data.samples
 
 

@@ -166,10 +166,7 @@ def data_file_items(path, *, skip_bad: bool = False, log=print) -> list[Item]:
     except DataFileError as exc:
         raise DiagnoseError(str(exc)) from None
     if data.skipped:
-        log(
-            f"{path}: skipped {len(data.skipped)} bad sample(s): "
-            + "; ".join(f"line {n}: {w}" for n, w in data.skipped)
-        )
+        log(data.skipped_note())
     items = []
     for s in data.samples:
         image = to_sample(s).image
