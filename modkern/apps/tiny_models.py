@@ -99,6 +99,21 @@ def qwen_vision(image_size, patch_size, temporal_patch_size, spatial_merge_size)
     )
 
 
+def clip_vision_config(image_size: int, patch_size: int, hidden_size: int = 32) -> dict:
+    """A one-layer CLIP vision tower's config (the LLaVA families' vision tower)."""
+    return dict(
+        model_type="clip_vision_model",
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=3,
+        attention_dropout=0.0,
+    )
+
+
 def tiny_llava(
     vocab_size: int = 128,
     *,
@@ -125,17 +140,7 @@ def tiny_llava(
     image_token_id = vocab_size - 1
     num_image_tokens = (image_size // patch_size) ** 2
     config = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=vision_hidden_size,
-            intermediate_size=2 * vision_hidden_size,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch_size,
-            num_channels=3,
-            attention_dropout=0.0,
-        ),
+        vision_config=clip_vision_config(image_size, patch_size, vision_hidden_size),
         text_config=dict(
             model_type="llama",
             **text_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_positions),

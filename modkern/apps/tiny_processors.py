@@ -13,7 +13,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from modkern.apps.tiny_models import mrope_text_config, qwen_vision, text_config, tiny_llava, tiny_qwen2_5_omni
+from modkern.apps.tiny_models import (
+    clip_vision_config,
+    mrope_text_config,
+    qwen_vision,
+    text_config,
+    tiny_llava,
+    tiny_qwen2_5_omni,
+)
 from modkern.processing import OFFICIAL_SYSTEM_PROMPT
 
 # The chat templates of the families (as their Hugging Face checkpoints ship them, trimmed to text
@@ -108,20 +115,6 @@ def save_tiny_checkpoint(family: str, path, *, words: Sequence[str] = (), seed: 
     return path
 
 
-def _clip_vision(image_size: int, patch_size: int) -> dict:
-    return dict(
-        model_type="clip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-        num_channels=3,
-        attention_dropout=0.0,
-    )
-
-
 def _tiny_llava(words, seed: int, image_size: int, patch_size: int = 4):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
@@ -153,7 +146,7 @@ def _tiny_llava_next(words, seed: int, image_size: int, patch_size: int = 4):
     tokenizer = build_tokenizer(words, named={"image_token": "<image>"})
     pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
     config = LlavaNextConfig(
-        vision_config=_clip_vision(image_size, patch_size),
+        vision_config=clip_vision_config(image_size, patch_size),
         text_config=dict(model_type="llama", **text_config(len(tokenizer), 32, 1, 2, None, 2048)),
         image_token_id=tokenizer.image_token_id,
         image_grid_pinpoints=pinpoints,
