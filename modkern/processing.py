@@ -13,8 +13,9 @@ The path from a data file (:mod:`modkern.data`) to a batch of :func:`modkern.obj
    system prompt for image- and text-heavy samples, none for VQA; the image placeholder before the
    question), runs the processor on the prompts and images (its own image-token expansion and
    pixel layout: ``pixel_values`` plus ``image_sizes`` / ``image_grid_thw`` where the family has
-   them), appends the tokens of the template's assistant turn (the answer and the end-of-turn
-   marker) and right-pads. ``labels`` are the assistant-turn tokens only.
+   them) on the whole conversation, prompt and the template's assistant turn (the answer and the
+   end-of-turn marker), and right-pads. ``labels`` are the assistant turn's tokens only, as the
+   tokenizer makes them after the prompt.
 
 :func:`processor_collator` ties the three together: the collator a ``DataLoader`` or a Hugging
 Face ``Trainer`` takes, returning ``ref_index`` and ``sample_kind`` next to the model inputs.
@@ -155,39 +156,52 @@ class ChatProcessor:
             )
         return full[len(prompt) :].rstrip()
 
+    def answer_ids(self, sample: Sample, prompt: Optional[str] = None) -> list:
+        """The ids of :meth:`answer_text` as the tokenizer makes them *after the prompt* (a
+        SentencePiece tokenizer encodes " A" alone differently from " A" after "ASSISTANT:"): the
+        tail of the templated conversation's ids. A :class:`ProcessorError` when the prompt's ids
+        are not a prefix of the conversation's (the answer would change the prompt's tokens)."""
+        prompt = self.prompt_text(sample) if prompt is None else prompt
+        head = self.tokenizer(prompt)["input_ids"]
+        full = self.tokenizer(prompt + self.answer_text(sample))["input_ids"]
+        if full[: len(head)] != head:
+            raise ProcessorError(
+                "the tokenizer encodes the prompt differently when the answer follows it, so the answer tokens "
+                "cannot be told apart; end the template's generation prompt at a token boundary"
+            )
+        return full[len(head) :]
+
     def __call__(self, samples: Sequence[Sample]) -> dict:
         samples = list(samples)
         if not samples:
             raise ValueError("samples must not be empty")
+        prompts = [self.prompt_text(s) for s in samples]
+        answers = [self.answer_ids(s, p) for s, p in zip(samples, prompts)]
+        conversations = [p + self.answer_text(s) for p, s in zip(prompts, samples)]
         images = [to_pil(s.image) for s in samples if s.image is not None]
-        enc = self.processor(
-            text=[self.prompt_text(s) for s in samples], images=images or None, return_tensors="pt", padding=True
-        )
-        answers = [self.tokenizer(self.answer_text(s), add_special_tokens=False)["input_ids"] for s in samples]
-        batch = _append_answers(dict(enc), answers, self.pad_token_id)
+        enc = self.processor(text=conversations, images=images or None, return_tensors="pt", padding=True)
+        batch = _right_padded(dict(enc), [len(a) for a in answers], self.pad_token_id)
         batch["sample_kind"] = [s.kind for s in samples]
         return batch
 
 
-def _append_answers(enc: dict, answers: list, pad_token_id: int) -> dict:
-    """The processor's (padded) prompts with each row's answer ids appended, right-padded again;
-    ``labels`` on the answer ids. Per-token keys of the processor (``mm_token_type_ids``, ...) get 0
-    on the answer."""
+def _right_padded(enc: dict, answer_lengths: list, pad_token_id: int) -> dict:
+    """The processor's (padded) conversations right-padded, ``labels`` on each row's last
+    ``answer_lengths[r]`` tokens (the assistant turn). Per-token keys of the processor
+    (``mm_token_type_ids``, ...) follow their tokens."""
     ids, mask = enc["input_ids"], enc["attention_mask"].bool()
     per_token = [k for k, v in enc.items() if isinstance(v, Tensor) and v.shape == ids.shape and k != "attention_mask"]
-    lengths = [int(m.sum()) + len(a) for m, a in zip(mask, answers)]
+    lengths = [int(m.sum()) for m in mask]
     n, width = ids.shape[0], max(lengths)
     out = {k: torch.zeros((n, width), dtype=enc[k].dtype) for k in per_token}
     out["input_ids"].fill_(pad_token_id)
     labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((n, width), dtype=enc["attention_mask"].dtype)
-    for r, answer in enumerate(answers):
-        p = int(mask[r].sum())
+    for r, (length, answer) in enumerate(zip(lengths, answer_lengths)):
         for k in per_token:
-            out[k][r, :p] = enc[k][r][mask[r]]
-        out["input_ids"][r, p : lengths[r]] = torch.tensor(answer, dtype=ids.dtype)
-        labels[r, p : lengths[r]] = torch.tensor(answer, dtype=torch.long)
-        attention[r, : lengths[r]] = 1
+            out[k][r, :length] = enc[k][r][mask[r]]
+        labels[r, length - answer : length] = out["input_ids"][r, length - answer : length]
+        attention[r, :length] = 1
     rest = {k: v for k, v in enc.items() if k not in per_token and k != "attention_mask"}
     return {**out, "attention_mask": attention, "labels": labels, **rest}
 

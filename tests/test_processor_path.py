@@ -190,3 +190,42 @@ def test_option_likelihood_scoring(samples):
     flipped[0, option_ids[0]] = torch.tensor([1.0, 4.0, 5.0])  # now C: the choice changes
     c = compare(rows, AnswerRows(flipped, target, item), 2, options=(option_ids, answer, position))
     assert c["flip"].tolist() == [True, False]
+
+
+def test_answer_tokens_are_the_ones_after_the_prompt(samples):
+    """A SentencePiece-style tokenizer (Metaspace: "▁" before the first word of a text) encodes the
+    answer "A" alone as "▁A" and after "assistant\n" as "A": the labels are the latter, the tokens
+    the model sees and generates."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    from modkern.apps.tiny_processors import QWEN_TEMPLATE, WORDS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    special = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "<image>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special, show_progress=False)
+    tok.train_from_iterator([" ".join(WORDS) + " A B C " + OFFICIAL_SYSTEM_PROMPT] * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )  # fmt: skip
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+        tokenizer=fast,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>"),
+    )
+    chat = ChatProcessor(processor)
+    s = samples[0]
+    alone = fast(chat.answer_text(s), add_special_tokens=False)["input_ids"]
+    in_context = chat.answer_ids(s)
+    assert fast.convert_ids_to_tokens(alone)[0] == "▁A" and fast.convert_ids_to_tokens(in_context)[0] == "A"
+    batch = chat([s])
+    ids, labels = _row(batch, 0)
+    assert labels[labels != IGNORE_INDEX].tolist() == in_context
+    whole = processor(text=[chat.prompt_text(s) + chat.answer_text(s)], images=[_pil(s.image)], return_tensors="pt")
+    assert torch.equal(ids, whole["input_ids"][0])  # exactly the processor's encoding of the conversation

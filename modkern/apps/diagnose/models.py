@@ -243,15 +243,11 @@ class ChatItemCollator:
         ids = torch.full((len(items), width), -1, dtype=torch.long)
         answer = torch.full((len(items),), -1, dtype=torch.long)
         position = torch.zeros(len(items), dtype=torch.long)
-        tok = self.chat.tokenizer
         for r, it in enumerate(items):
             letters = [letter for letter, _ in it.options]
             if it.answer.strip() not in letters:
                 continue
-            encoded = [
-                tok(self.chat.answer_text(self.sample(it, letter)), add_special_tokens=False)["input_ids"]
-                for letter in letters
-            ]
+            encoded = [self.chat.answer_ids(self.sample(it, letter)) for letter in letters]
             differing = {
                 j for e in encoded for j, t in enumerate(e) if len(e) == len(encoded[0]) and t != encoded[0][j]
             }
