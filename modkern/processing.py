@@ -142,28 +142,34 @@ class ChatProcessor:
         """The templated prompt, ending where the assistant's answer starts."""
         return self.processor.apply_chat_template(self.messages(sample), tokenize=False, add_generation_prompt=True)
 
-    def answer_text(self, sample: Sample) -> str:
-        """The assistant turn after :meth:`prompt_text`: the answer and the template's end-of-turn
-        marker (trailing whitespace dropped)."""
+    def turns(self, sample: Sample) -> tuple[str, str]:
+        """``(prompt, assistant turn)``: :meth:`prompt_text`, and what the answered conversation
+        adds to it (the answer and the template's end-of-turn marker, trailing whitespace dropped)."""
+        messages = self.messages(sample)
+        prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         answer = {"role": "assistant", "content": [{"type": "text", "text": sample.answer}]}
-        full = self.processor.apply_chat_template([*self.messages(sample), answer], tokenize=False)
-        prompt = self.prompt_text(sample)
+        full = self.processor.apply_chat_template([*messages, answer], tokenize=False)
         if not full.startswith(prompt):
             raise ProcessorError(
                 "the chat template renders the conversation with the answer differently from the prompt with "
                 "add_generation_prompt=True, so the answer tokens cannot be told apart; use a template whose "
                 "generation prompt is a prefix of the answered conversation"
             )
-        return full[len(prompt) :].rstrip()
+        return prompt, full[len(prompt) :].rstrip()
 
-    def answer_ids(self, sample: Sample, prompt: Optional[str] = None) -> list:
+    def answer_text(self, sample: Sample) -> str:
+        """The assistant turn after :meth:`prompt_text` (see :meth:`turns`)."""
+        return self.turns(sample)[1]
+
+    def answer_ids(self, sample: Sample, turns: Optional[tuple[str, str]] = None) -> list:
         """The ids of :meth:`answer_text` as the tokenizer makes them *after the prompt* (a
         SentencePiece tokenizer encodes " A" alone differently from " A" after "ASSISTANT:"): the
         tail of the templated conversation's ids. A :class:`ProcessorError` when the prompt's ids
-        are not a prefix of the conversation's (the answer would change the prompt's tokens)."""
-        prompt = self.prompt_text(sample) if prompt is None else prompt
+        are not a prefix of the conversation's (the answer would change the prompt's tokens).
+        ``turns``: :meth:`turns` of ``sample``, when already rendered."""
+        prompt, answer = self.turns(sample) if turns is None else turns
         head = self.tokenizer(prompt)["input_ids"]
-        full = self.tokenizer(prompt + self.answer_text(sample))["input_ids"]
+        full = self.tokenizer(prompt + answer)["input_ids"]
         if full[: len(head)] != head:
             raise ProcessorError(
                 "the tokenizer encodes the prompt differently when the answer follows it, so the answer tokens "
@@ -175,9 +181,9 @@ class ChatProcessor:
         samples = list(samples)
         if not samples:
             raise ValueError("samples must not be empty")
-        prompts = [self.prompt_text(s) for s in samples]
-        answers = [self.answer_ids(s, p) for s, p in zip(samples, prompts)]
-        conversations = [p + self.answer_text(s) for p, s in zip(prompts, samples)]
+        turns = [self.turns(s) for s in samples]
+        answers = [self.answer_ids(s, t) for s, t in zip(samples, turns)]
+        conversations = [prompt + answer for prompt, answer in turns]
         images = [to_pil(s.image) for s in samples if s.image is not None]
         enc = self.processor(text=conversations, images=images or None, return_tensors="pt", padding=True)
         batch = _right_padded(dict(enc), [len(a) for a in answers], self.pad_token_id)

@@ -95,22 +95,14 @@ class AVTask:
             self.clip(("av_visual", "av_audio")[i % 2], (i // 2) % nc, (i // 2 + 1 + i % (nc - 1)) % nc)
             for i in range(2 * n)
         ]
-        removed = [
-            AVSample(s.question, s.kind, s.video, None, s.visual_label, s.audio_label)
-            for s in clean
-            if s.kind == "av_visual"
-        ]
-        zeroed = [
-            AVSample(s.question, s.kind, torch.zeros_like(s.video), s.audio, s.visual_label, s.audio_label)
-            for s in clean
-            if s.kind == "av_audio"
-        ]
+        removed = [dataclasses.replace(s, audio=None) for s in clean if s.kind == "av_visual"]
+        zeroed = [dataclasses.replace(s, video=torch.zeros_like(s.video)) for s in clean if s.kind == "av_audio"]
         caption = []
         for i, s in enumerate(clean):
             wrong = self.colours[(self.colours.index(s.answer) + 1 + i % (nc - 1)) % nc]
             stream = "video" if s.kind == "av_visual" else "sound"
             text = HELD_OUT_CAPTION.format(stream=stream, label=wrong)
-            caption.append(AVSample(s.question, s.kind, s.video, s.audio, s.visual_label, s.audio_label, context=text))
+            caption.append(dataclasses.replace(s, context=text))
         return dict(zip(EVAL_SETS, (clean, misaligned, removed, zeroed, caption)))
 
 

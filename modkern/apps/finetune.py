@@ -90,9 +90,10 @@ class MixBatches:
 
     def __init__(self, samples: list, mix: dict, seed: int):
         self.samples = samples
-        self.batches = list(KindMixSampler([s.kind for s in samples], mix, seed=seed))
-        if not self.batches:
-            raise FinetuneError(f"the data holds no complete batch of the mix {mix}")
+        try:  # the sampler checks that the data has enough samples of every kind the mix asks for
+            self.batches = list(KindMixSampler([s.kind for s in samples], mix, seed=seed))
+        except ValueError as exc:
+            raise FinetuneError(f"--mix: {exc}") from None
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -206,10 +207,6 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     samples = _read(cfg.data, cfg.skip_bad, log)
     eval_samples = _read(cfg.eval_data, cfg.skip_bad, log) if cfg.eval_data else None
     mix = cfg.mix if cfg.mix is not None else default_mix(samples, cfg.batch_size, log)
-    kinds = {s.kind for s in samples}
-    missing = [k for k, n in mix.items() if n and k not in kinds]
-    if missing:
-        raise FinetuneError(f"--mix asks for {missing} samples but {cfg.data} has none")
     model, processor = load_model_and_processor(cfg.model)
     train = processor_collator(processor, seed=cfg.seed)
     clean = RobustCollator(collate=ChatProcessor(processor))

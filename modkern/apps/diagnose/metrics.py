@@ -53,16 +53,20 @@ def option_choice(rows: AnswerRows, option_ids: Tensor, position: Tensor) -> Ten
     options' answers are the same but for that token (a letter, the same end of turn after it), so
     this is the option of highest likelihood: the tokens before it are shared, and the ones after
     it are scored by the right answer's teacher-forced rows (the same end of turn)."""
-    n, device = option_ids.shape[0], rows.logits.device
-    positions = torch.arange(rows.item.numel(), device=device)
-    first = torch.full((n,), rows.item.numel(), device=device).scatter_reduce(0, rows.item, positions, "amin")
-    row = first + position.to(device)
-    has_row = row < rows.item.numel()
-    has_row[has_row.clone()] &= rows.item[row[has_row]] == torch.arange(n, device=device)[has_row]
+    n, device, count = option_ids.shape[0], rows.logits.device, rows.item.numel()
     ids = option_ids.to(device)
-    scores = rows.logits[row.clamp(max=max(rows.item.numel() - 1, 0))].gather(1, ids.clamp_min(0))
-    scores = scores.masked_fill(ids < 0, float("-inf"))
-    return torch.where((ids >= 0).any(1) & has_row, scores.argmax(1), torch.full_like(first, -1))
+    none = torch.full((n,), -1, dtype=torch.long, device=device)
+    if count == 0:
+        return none
+    first = torch.full((n,), count, device=device).scatter_reduce(
+        0, rows.item, torch.arange(count, device=device), "amin"
+    )
+    target = first + position.to(device)
+    row = target.clamp(max=count - 1)
+    # the row exists and is this item's (an answer shorter than ``position`` has none)
+    valid = (target < count) & (rows.item[row] == torch.arange(n, device=device)) & (ids >= 0).any(1)
+    scores = rows.logits[row].gather(1, ids.clamp_min(0)).masked_fill(ids < 0, float("-inf"))
+    return torch.where(valid, scores.argmax(1), none)
 
 
 def item_metrics(rows: AnswerRows, n_items: int, options=None) -> dict:

@@ -17,6 +17,7 @@ from modkern.apps.tiny_models import omni_audio_tokens, qwen2_vl_pixel_values, q
 from modkern.apps.train_loop import load_checkpoint
 from modkern.constants import IGNORE_INDEX
 from modkern.objective.augment import right_pad
+from modkern.objective.config import SAMPLE_KINDS
 from modkern.objective.model_hooks import infer_token_ids
 
 # --- models: what they take and how to feed them ---------------------------------------------------
@@ -225,7 +226,7 @@ class ChatItemCollator:
     def sample(item: Item, answer: Optional[str] = None):
         from modkern.objective.augment import Sample
 
-        kind = item.kind if item.kind in ("image_heavy", "text_heavy", "vqa") else "vqa"
+        kind = item.kind if item.kind in SAMPLE_KINDS else "vqa"
         return Sample(item.question, item.answer if answer is None else answer, item.image, kind, context=item.context)
 
     def __call__(self, items: Sequence[Item]) -> dict:

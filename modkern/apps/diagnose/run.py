@@ -166,7 +166,7 @@ def diagnose(
     torch.manual_seed(seed)
     builtin = items is None and data is None
     if data is not None:
-        items = _first_items(data_file_items(data, skip_bad=skip_bad, log=log), max_items)
+        items = data_file_items(data, skip_bad=skip_bad, log=log)
     items = _builtin_items(spec, max_items, seed) if builtin else _first_items(items, max_items)
     if not items:
         raise DiagnoseError("no items to diagnose")
