@@ -12,6 +12,18 @@ first non-blank character is not ``[``). A sample is an object with
 * optionally ``facts``: text about the image naming a wrong option (an object of option -> text,
   a list of texts, or one text; the first is the related text of the image-heavy copy).
 
+An **audio-video** sample (MMA-Bench's alignment tuning, :mod:`modkern.objective.alignment`) has
+``type`` ``audio_video`` and
+
+* ``video``: a folder of frame images or a multi-frame image file (animated GIF / WebP / PNG,
+  multi-page TIFF; :data:`modkern.media.VIDEO_FORMATS`), relative to the data file;
+* ``audio``: a WAV file (integer PCM; optional: a clip without sound has none);
+* ``modality``: what the question asks about, ``audio``, ``visual`` or ``both`` (the sample's kind
+  is ``av_audio``, ``av_visual`` or ``av_both``);
+* ``question`` and ``answer`` as above; optionally ``audio_label`` / ``visual_label``: what the sound
+  and the frames show (an option's text or a free answer). They let a copy whose queried stream
+  comes from another clip know its new answer; without them such copies are not made.
+
 :func:`read_samples` checks every sample and names the file and line of the first bad one
 (:class:`DataFileError`); with ``skip_bad=True`` it leaves the bad ones out and lists them.
 :class:`KindMixSampler` makes batches of a fixed mix of the three kinds, as the official configs do.
@@ -36,6 +48,10 @@ except ImportError:  # pragma: no cover - without Pillow the images are checked 
 
 SAMPLE_TYPES = {"image_heavy": "image_heavy", "text_heavy": "text_heavy", "vqa": "vqa"}
 NEEDS_IMAGE = ("image_heavy", "vqa")
+AV_TYPE = "audio_video"
+# The modality an audio-video question asks about -> the sample's kind.
+AV_MODALITIES = {"audio": "av_audio", "visual": "av_visual", "both": "av_both"}
+AV_SAMPLE_KINDS = tuple(AV_MODALITIES.values())
 # One option per line: "A: cat" (the official question format); the letter and the text.
 OPTION_LINE = re.compile(r"^\s*([A-Z])\s*:\s*(.+?)\s*$", re.MULTILINE)
 
@@ -46,9 +62,11 @@ class DataFileError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One checked sample. ``kind``: ``"image_heavy"``, ``"text_heavy"`` or ``"vqa"``; ``image``: an
-    absolute path or None; ``options``: letter -> text, parsed from the question; ``line``: where
-    the sample starts in its file."""
+    """One checked sample. ``kind``: ``"image_heavy"``, ``"text_heavy"``, ``"vqa"`` or, for an
+    audio-video sample, one of :data:`AV_SAMPLE_KINDS`; ``image`` / ``video`` / ``audio``: absolute
+    paths or None; ``options``: letter -> text, parsed from the question; ``labels``: ``"audio"`` /
+    ``"visual"`` -> what that stream shows (audio-video samples); ``line``: where the sample starts
+    in its file."""
 
     kind: str
     question: str
@@ -57,6 +75,13 @@ class Sample:
     facts: tuple = ()
     options: dict = field(default_factory=dict)
     line: int = 0
+    video: Optional[str] = None
+    audio: Optional[str] = None
+    labels: dict = field(default_factory=dict)
+
+    @property
+    def is_av(self) -> bool:
+        return self.kind in AV_SAMPLE_KINDS
 
 
 @dataclass
@@ -142,16 +167,65 @@ def check_sample(raw, base_dir: str, line: int = 0) -> Sample:
     if not isinstance(raw, dict):
         raise TypeError(f"a sample must be a JSON object, got {type(raw).__name__}")
     kind = raw.get("type")
-    if not isinstance(kind, str) or kind.lower() not in SAMPLE_TYPES:
-        raise ValueError(f"unknown type {kind!r} (expected image_heavy, text_heavy or VQA)")
-    kind = SAMPLE_TYPES[kind.lower()]
+    if not isinstance(kind, str) or (kind.lower() not in SAMPLE_TYPES and kind.lower() != AV_TYPE):
+        raise ValueError(f"unknown type {kind!r} (expected image_heavy, text_heavy, VQA or {AV_TYPE})")
     question = _text(raw, "question")
     answer = raw.get("answer")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     answer = _text({"answer": answer}, "answer")
+    options = dict(OPTION_LINE.findall(question))
+    if kind.lower() == AV_TYPE:
+        return _av_sample(raw, base_dir, line, question, answer, options)
+    kind = SAMPLE_TYPES[kind.lower()]
     image = _image_path(raw.get("image"), base_dir, required=kind in NEEDS_IMAGE, kind=kind)
-    return Sample(kind, question, answer, image, _facts(raw.get("facts")), dict(OPTION_LINE.findall(question)), line)
+    return Sample(kind, question, answer, image, _facts(raw.get("facts")), options, line)
+
+
+def _av_sample(raw: dict, base_dir: str, line: int, question: str, answer: str, options: dict) -> Sample:
+    from modkern.media import COMPRESSED_VIDEO, VIDEO_FORMATS
+
+    modality = raw.get("modality")
+    if modality not in AV_MODALITIES:
+        raise ValueError(f"'modality' must be one of {list(AV_MODALITIES)} (what the question asks), got {modality!r}")
+    if raw.get("image") is not None:
+        raise ValueError(f"an {AV_TYPE} sample takes 'video' and 'audio', not 'image'")
+    video = _media_path(raw.get("video"), base_dir, "video", allow_dir=True)
+    if video is None:
+        raise ValueError(f"an {AV_TYPE} sample needs a 'video' ({VIDEO_FORMATS})")
+    if video.lower().endswith(COMPRESSED_VIDEO):
+        raise ValueError(f"video {raw['video']!r}: compressed clips need a video decoder; give {VIDEO_FORMATS}")
+    audio = _media_path(raw.get("audio"), base_dir, "audio", allow_dir=False)
+    if audio is not None:
+        _check_wav(raw["audio"], audio)
+    labels = {}
+    for stream in ("audio", "visual"):
+        value = raw.get(f"{stream}_label")
+        if value is not None:
+            labels[stream] = _text({f"{stream}_label": value}, f"{stream}_label")
+    return Sample(AV_MODALITIES[modality], question, answer, None, (), options, line, video, audio, labels)
+
+
+def _media_path(value, base_dir: str, key: str, *, allow_dir: bool) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"'{key}' must be a path, got {value!r}")
+    path = os.path.normpath(os.path.join(base_dir, value))
+    if not (os.path.isfile(path) or (allow_dir and os.path.isdir(path))):
+        raise ValueError(f"{key} {value!r} not found ({path})")
+    return path
+
+
+def _check_wav(value: str, path: str) -> None:
+    import wave
+
+    try:
+        with wave.open(path, "rb") as f:
+            if f.getnframes() == 0:
+                raise ValueError(f"audio {value!r} has no samples")
+    except (wave.Error, EOFError) as exc:
+        raise ValueError(f"audio {value!r} is not a readable PCM WAV file ({exc})") from None
 
 
 def _text(raw: dict, key: str) -> str:

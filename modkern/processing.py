@@ -43,6 +43,8 @@ from torch import Tensor
 
 from modkern.constants import IGNORE_INDEX
 from modkern.data import Sample as DataSample
+from modkern.media import load_image, load_video, load_wav, to_pil, to_uint8
+from modkern.objective.alignment import AlignmentAugmenter, AlignmentConfig, AVSample
 from modkern.objective.augment import AugmentConfig, HeuristicAugmenter, RobustCollator, Sample
 
 # The official system prompt of image- and text-heavy samples (VQA samples have none).
@@ -52,6 +54,7 @@ OFFICIAL_SYSTEM_PROMPT = (
 )
 SYSTEM_PROMPT_KINDS = ("image_heavy", "text_heavy")
 NOISE_IMAGE_SIZE = 336  # the official text-heavy sample's noise image is 336 x 336
+SAMPLING_RATE = 16000  # Whisper's feature extractor (Qwen2.5-Omni's audio): 16 kHz
 # Processor class -> the family's name (what modkern's processor path was tested with).
 SUPPORTED_PROCESSORS = {
     "LlavaProcessor": "LLaVA-1.5",
@@ -66,29 +69,17 @@ class ProcessorError(ValueError):
     """A processor modkern cannot use (unsupported family, no chat template, a template it cannot split)."""
 
 
-def load_image(path: str) -> Tensor:
-    """The image file at ``path`` as ``[3, H, W]`` float32 in [0, 1] (RGB)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        rgb = img.convert("RGB")
-        data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-        return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float().div_(255.0)
-
-
-def to_pil(image: Tensor):
-    """A ``[3, H, W]`` image in [0, 1] as an 8-bit RGB PIL image (what every image processor takes)."""
-    from PIL import Image
-
-    pixels = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
-    return Image.frombytes("RGB", (pixels.shape[1], pixels.shape[0]), pixels.numpy().tobytes())
-
-
-def to_sample(sample: DataSample, *, noise_size: int = NOISE_IMAGE_SIZE, seed: int = 0) -> Sample:
-    """A data-file sample as an augmentation :class:`~modkern.objective.augment.Sample` (image read).
+def to_sample(
+    sample: DataSample, *, noise_size: int = NOISE_IMAGE_SIZE, seed: int = 0, sampling_rate: int = SAMPLING_RATE
+):
+    """A data-file sample as an augmentation :class:`~modkern.objective.augment.Sample` (image read),
+    or an audio-video one as an :class:`~modkern.objective.alignment.AVSample` (frames and the WAV
+    read, the audio resampled to ``sampling_rate``: the feature extractor's).
 
     A text-heavy sample without an image gets uniform noise of ``noise_size`` squared (its clean
     image is noise anyway, and the image copies need an image to replace)."""
+    if sample.is_av:
+        return _to_av_sample(sample, sampling_rate)
     if sample.image is not None:
         image = load_image(sample.image)
     elif sample.kind == "text_heavy":
@@ -103,6 +94,24 @@ def to_sample(sample: DataSample, *, noise_size: int = NOISE_IMAGE_SIZE, seed: i
         kind=sample.kind,
         facts=tuple(sample.facts),
         options=tuple(sample.options.values()),
+    )
+
+
+def _to_av_sample(sample: DataSample, sampling_rate: int) -> AVSample:
+    try:
+        video = load_video(sample.video)
+        audio = load_wav(sample.audio, sampling_rate) if sample.audio is not None else None
+    except ValueError as exc:
+        raise ValueError(f"line {sample.line}: {exc}") from None
+    return AVSample(
+        sample.question,
+        sample.kind,
+        video,
+        audio,
+        sample.answer,
+        visual_label=sample.labels.get("visual"),
+        audio_label=sample.labels.get("audio"),
+        options=dict(sample.options),
     )
 
 
@@ -134,7 +143,7 @@ class ChatProcessor:
         chat = []
         if self.system_prompt and sample.kind in self.system_kinds:
             chat.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-        content = [{"type": "image"}] if sample.image is not None else []
+        content = [{"type": name} for name, media in _media(sample) if media is not None]
         chat.append({"role": "user", "content": [*content, {"type": "text", "text": sample.prompt}]})
         return chat
 
@@ -184,11 +193,35 @@ class ChatProcessor:
         turns = [self.turns(s) for s in samples]
         answers = [self.answer_ids(s, t) for s, t in zip(samples, turns)]
         conversations = [prompt + answer for prompt, answer in turns]
-        images = [to_pil(s.image) for s in samples if s.image is not None]
-        enc = self.processor(text=conversations, images=images or None, return_tensors="pt", padding=True)
+        media = {"image": [], "video": [], "audio": []}
+        for s in samples:
+            for name, value in _media(s):
+                if value is not None:
+                    media[name].append(value)
+        if (media["video"] or media["audio"]) and getattr(self.processor, "feature_extractor", None) is None:
+            raise ProcessorError(
+                f"{type(self.processor).__name__} takes no audio or video: audio-video samples need the processor "
+                "of an audio-video model (Qwen2.5-Omni thinker)"
+            )
+        enc = self.processor(
+            text=conversations,
+            images=[to_pil(x) for x in media["image"]] or None,
+            videos=[to_uint8(v) for v in media["video"]] or None,
+            audio=[a.numpy() for a in media["audio"]] or None,
+            return_tensors="pt",
+            padding=True,
+        )
         batch = _right_padded(dict(enc), [len(a) for a in answers], self.pad_token_id)
         batch["sample_kind"] = [s.kind for s in samples]
         return batch
+
+
+def _media(sample) -> tuple:
+    """``(name, value)`` of each input a sample can carry, in the prompt's order (the frames, then
+    the sound, before the question; the image before the question)."""
+    if isinstance(sample, AVSample):
+        return (("video", sample.video), ("audio", sample.audio))
+    return (("image", sample.image),)
 
 
 def _right_padded(enc: dict, answer_lengths: list, pad_token_id: int) -> dict:
@@ -236,15 +269,22 @@ def check_processor(processor) -> str:
 def processor_collator(
     processor,
     *,
-    augment: Optional[AugmentConfig] = None,
+    augment=None,
     copies: bool = True,
     seed: int = 0,
     system_prompt: Optional[str] = OFFICIAL_SYSTEM_PROMPT,
     return_tags: bool = False,
 ) -> RobustCollator:
     """The collator of the robust fine-tuning: clean samples, their heuristic copies (``augment``,
-    default the official ones; ``copies=False``: none) and ``ref_index``, through :class:`ChatProcessor`."""
-    augmenter = HeuristicAugmenter(augment or AugmentConfig(), seed=seed) if copies else None
+    default the official ones; ``copies=False``: none) and ``ref_index``, through :class:`ChatProcessor`.
+    With an :class:`~modkern.objective.alignment.AlignmentConfig` as ``augment``, the samples are
+    audio-video ones and the copies MMA-Bench's alignment copies."""
+    if not copies:
+        augmenter = None
+    elif isinstance(augment, AlignmentConfig):
+        augmenter = AlignmentAugmenter(augment, seed=seed)
+    else:
+        augmenter = HeuristicAugmenter(augment or AugmentConfig(), seed=seed)
     return RobustCollator(
         augmenter=augmenter, collate=ChatProcessor(processor, system_prompt=system_prompt), return_tags=return_tags
     )

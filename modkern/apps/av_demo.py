@@ -81,7 +81,9 @@ class AVTask:
         video = torch.stack([self.images.image(self.colours[visual], self.gen) for _ in range(cfg.frames)])
         tone = av_tone(audio, nc, cfg.mel_bins, cfg.audio_frames, self.gen)
         question = VIDEO_QUESTION if kind == "av_visual" else AUDIO_QUESTION
-        return AVSample(question, kind, video, tone, self.colours[visual], self.colours[audio])
+        vis, aud = self.colours[visual], self.colours[audio]
+        answer = vis if kind == "av_visual" else aud
+        return AVSample(question, kind, video, tone, answer, visual_label=vis, audio_label=aud)
 
     def aligned(self, n: int) -> list:
         """``n`` aligned clips, question kinds and colours alternating."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from modkern.apps.frames_video import FramesVideoProcessor, without_torchvision
 from modkern.apps.tiny_models import (
     clip_vision_config,
     mrope_text_config,
@@ -37,10 +38,15 @@ QWEN_TEMPLATE = (
     "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% else %}{{ content['text'] }}{% endif %}{% endfor %}"
     "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-# Qwen2.5-Omni's: the same turns, its own image markers.
+# Qwen2.5-Omni's: the same turns, its own image, video and audio markers.
 OMNI_TEMPLATE = QWEN_TEMPLATE.replace(
-    "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}",
+    "{% if content['type'] == 'image' %}{{ '<|vision_bos|><|IMAGE|><|vision_eos|>' }}"
+    "{% elif content['type'] == 'video' %}{{ '<|vision_bos|><|VIDEO|><|vision_eos|>' }}"
+    "{% elif content['type'] == 'audio' %}{{ '<|audio_bos|><|AUDIO|><|audio_eos|>' }}",
 )
+OMNI_PATCH_SIZE = 14  # Qwen2.5-Omni's: its processor sizes video frames for 28-pixel merged patches
+AUDIO_SECONDS = 2  # the tiny feature extractor's window (Whisper's is 30 s)
 BASE_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 QWEN_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>")
 # The Omni tokenizer's named special tokens (attribute -> token), as its processor reads them.
@@ -96,19 +102,19 @@ def tiny_model_and_processor(family: str, *, words: Sequence[str] = (), seed: in
     the placeholder ids of the model's config those of the processor's tokenizer.
 
     The Qwen families' processors include a video processor, which transformers 5 builds only with
-    torchvision; without it, the processor is an image-only subclass of the family's class
-    (:func:`image_only`), which cannot be saved and loaded back."""
+    torchvision; without it, the processor is the family's class with a torch-only one
+    (:mod:`modkern.apps.frames_video`), saved and loaded back the same way. The Qwen2.5-Omni thinker
+    has Qwen2.5-Omni's patch size (14: its processor's video frame sizes assume it), images of 28²
+    pixels and a feature extractor of 8 mel bins over at most :data:`AUDIO_SECONDS` seconds."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     return _BUILDERS[family](words, seed, image_size)
 
 
 def save_tiny_checkpoint(family: str, path, *, words: Sequence[str] = (), seed: int = 0, image_size: int = 16) -> str:
-    """Write a tiny random ``family`` checkpoint and its processor to ``path`` (LLaVA and LLaVA-NeXT
-    anywhere; the Qwen families where torchvision is installed, see :func:`tiny_model_and_processor`)."""
+    """Write a tiny random ``family`` checkpoint and its processor to ``path`` (loaded back by
+    :func:`modkern.apps.frames_video.load_processor`, or ``AutoProcessor`` where torchvision is installed)."""
     model, processor = tiny_model_and_processor(family, words=words, seed=seed, image_size=image_size)
-    if getattr(processor, "image_only", False):
-        raise RuntimeError(f"{family}: its processor needs torchvision (its video processor) to be saved")
     path = os.fspath(path)
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -235,7 +241,10 @@ def _tiny_omni(words, seed: int, image_size: int):
     import transformers
 
     tokenizer = build_tokenizer(words, specials=QWEN_SPECIALS[:2], named=OMNI_TOKENS)
-    model, _ = tiny_qwen2_5_omni(len(tokenizer), image_size=image_size, max_positions=2048, seed=seed)
+    image_size = max(image_size, 2 * OMNI_PATCH_SIZE)
+    model, _ = tiny_qwen2_5_omni(
+        len(tokenizer), image_size=image_size, patch_size=OMNI_PATCH_SIZE, max_positions=2048, seed=seed
+    )
     tid = {name: getattr(tokenizer, name + "_id") for name in OMNI_TOKENS}
     config = model.config
     config.image_token_id, config.video_token_id, config.audio_token_id = (
@@ -247,23 +256,25 @@ def _tiny_omni(words, seed: int, image_size: int):
     config.audio_start_token_id, config.audio_end_token_id = tid["audio_bos_token"], tid["audio_eos_token"]
     processor = _processor(
         transformers.Qwen2_5OmniProcessor,
-        _qwen_image_processor(image_size),
+        _qwen_image_processor(image_size, OMNI_PATCH_SIZE),
         tokenizer,
-        feature_extractor=transformers.WhisperFeatureExtractor(feature_size=8),
+        feature_extractor=transformers.WhisperFeatureExtractor(feature_size=8, chunk_length=AUDIO_SECONDS),
         template=OMNI_TEMPLATE,
+        patch_size=OMNI_PATCH_SIZE,
     )
     return model, processor
 
 
-def _processor(cls, image_processor, tokenizer, template=QWEN_TEMPLATE, **others):
+def _processor(cls, image_processor, tokenizer, template=QWEN_TEMPLATE, patch_size: int = 4, **others):
     """``cls`` with ``image_processor``, ``tokenizer`` (+ ``others``), the Qwen chat template and a
-    video processor (with torchvision), else :func:`image_only` ``(cls)`` without one."""
+    video processor: transformers' (with torchvision), else a :class:`FramesVideoProcessor` in
+    :func:`without_torchvision` ``(cls)``."""
     import importlib.util
 
     if importlib.util.find_spec("torchvision") is not None:
         from transformers import Qwen2VLVideoProcessor
 
-        video = Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
+        video = Qwen2VLVideoProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2)
         return cls(
             image_processor=image_processor,
             video_processor=video,
@@ -271,35 +282,9 @@ def _processor(cls, image_processor, tokenizer, template=QWEN_TEMPLATE, **others
             chat_template=template,
             **others,
         )
-    return image_only(cls)(image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **others)
-
-
-def image_only(cls):
-    """A subclass of the processor class ``cls`` without its video processor (images, text and
-    audio only): what transformers 5 allows without torchvision. Not saved or loaded back."""
-
-    attributes = [a for a in cls.get_attributes() if a != "video_processor"]
-
-    def __init__(self, chat_template=None, **parts):
-        from transformers.processing_utils import ProcessorMixin
-
-        ProcessorMixin.__init__(self, chat_template=chat_template, **parts)
-        tok = self.tokenizer
-        for name in ("image", "video", "audio"):
-            token = getattr(tok, f"{name}_token", None) or {"image": "<|image_pad|>", "video": "<|video_pad|>"}.get(
-                name
-            )
-            if token is not None:
-                setattr(self, f"{name}_token", token)
-                setattr(self, f"{name}_token_id", tok.convert_tokens_to_ids(token))
-        for name in ("vision_bos_token", "vision_eos_token", "audio_bos_token", "audio_eos_token"):
-            if getattr(tok, name, None) is not None:
-                setattr(self, name, getattr(tok, name))
-
-    return type(
-        cls.__name__,
-        (cls,),
-        {"__init__": __init__, "get_attributes": classmethod(lambda c: list(attributes)), "image_only": True},
+    video = FramesVideoProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2)
+    return without_torchvision(cls)(
+        image_processor=image_processor, video_processor=video, tokenizer=tokenizer, chat_template=template, **others
     )
 
 

@@ -17,6 +17,11 @@ copies (:data:`ALIGNMENT_COPIES`, made on the sample, before any processing) are
 * ``misleading_caption``: a caption before the question naming, as the queried stream's content,
   a label other than the answer; the answer is unchanged (the text must be ignored).
 
+A question about both streams (``"av_both"``) gets only the caption copy: a change of either stream
+may change its answer. Where a sample names what each stream shows (``visual_label`` /
+``audio_label``) and its options, a copy whose queried stream changed gets the option that names
+the new content (no such option: no copy).
+
 A copy whose answer is its clean sample's pairs with it in ``ref_index`` (the consistency term
 compares their answer distributions); a copy whose answer changed is a sample of its own
 (``ref_index`` -1). The modality mask of the robust objective perturbs the stream the question
@@ -28,33 +33,47 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-AV_KINDS = ("av_visual", "av_audio")
-# The stream each kind's question asks about, and the one the attack perturbs (the other one).
+AV_KINDS = ("av_visual", "av_audio", "av_both")
+# The stream each kind's question asks about, and the one the attack perturbs (the other one; a
+# question about both streams leaves both clean: every perturbation of them could change its answer).
 QUERIED = {"av_visual": "video", "av_audio": "audio"}
-ALIGNMENT_POLICY = {"av_visual": "audio", "av_audio": "video"}
+ALIGNMENT_POLICY = {"av_visual": "audio", "av_audio": "video", "av_both": "none"}
 ALIGNMENT_COPIES = ("misaligned_audio", "misaligned_video", "removed_audio", "zeroed_frames", "misleading_caption")
 DEFAULT_COPIES = ALIGNMENT_COPIES[:4]
 CAPTION_TEMPLATE = "caption : the {stream} is {label} ."
+CAPTION_STREAM = {"av_visual": "video", "av_audio": "sound", "av_both": "clip"}
+# The copy -> (the stream it changes, the kind whose answer follows that stream).
+STREAM_COPIES = {
+    "misaligned_audio": ("audio", "av_audio"),
+    "misaligned_video": ("video", "av_visual"),
+    "removed_audio": ("audio", "av_audio"),
+    "zeroed_frames": ("video", "av_visual"),
+}
+LABEL_OF = {"audio": "audio_label", "video": "visual_label"}
 
 
 @dataclass(frozen=True)
 class AVSample:
-    """An audio-video sample: ``video`` ``[T, 3, H, W]`` in [0, 1], ``audio`` features (or None when
-    removed), the label of each stream, and the question about one of them (``kind``). The answer
-    is the queried stream's label."""
+    """An audio-video sample: ``video`` ``[T, 3, H, W]`` in [0, 1] (None: no frames), ``audio`` what
+    the collator takes (a waveform through a processor, mel features in the demo; None: removed),
+    the question (``kind``: :data:`AV_KINDS`, what it asks about) and its ``answer``; optionally what
+    each stream shows (``visual_label`` / ``audio_label``) and the question's ``options`` (letter ->
+    text), which let a copy whose queried stream changed know its new answer (:meth:`answer_for`)."""
 
     question: str
     kind: str
     video: Optional[Tensor]
     audio: Optional[Tensor]
-    visual_label: str
-    audio_label: str
+    answer: str
+    visual_label: Optional[str] = None
+    audio_label: Optional[str] = None
+    options: dict = field(default_factory=dict)
     context: str = ""
     tag: str = "clean"
 
@@ -63,19 +82,29 @@ class AVSample:
             raise ValueError(f"kind must be one of {AV_KINDS}, got {self.kind!r}")
 
     @property
-    def answer(self) -> str:
-        return self.visual_label if self.kind == "av_visual" else self.audio_label
-
-    @property
     def prompt(self) -> str:
         return f"{self.context} {self.question}" if self.context else self.question
+
+    def answer_for(self, label: Optional[str]) -> Optional[str]:
+        """The answer when the queried stream shows ``label``: the letter of the option whose text it
+        is (None when no option is), or ``label`` itself for a free answer; None for no label."""
+        if label is None or not self.options:
+            return label
+        key = label.strip().casefold()
+        return next((letter for letter, text in self.options.items() if text.strip().casefold() == key), None)
+
+    @property
+    def answer_text(self) -> str:
+        """The answer as content: the answer option's text, or the free answer."""
+        return self.options.get(self.answer.strip(), self.answer)
 
 
 @dataclass
 class AlignmentConfig:
     """Which alignment copies to make (:data:`ALIGNMENT_COPIES`; default the four stream copies),
     the targets of questions about a removed stream (None: no such copy), the caption template
-    (``{stream}``: "video" / "sound", ``{label}``) and the labels a caption may name."""
+    (``{stream}``: "video" / "sound" / "clip", ``{label}``) and the labels a caption may name when
+    the sample has no options of its own."""
 
     copies: tuple = DEFAULT_COPIES
     no_audio_answer: Optional[str] = None
@@ -88,8 +117,6 @@ class AlignmentConfig:
         unknown = [c for c in self.copies if c not in ALIGNMENT_COPIES]
         if unknown:
             raise ValueError(f"copies: unknown alignment copies {unknown}; choose from {ALIGNMENT_COPIES}")
-        if "misleading_caption" in self.copies and len(self.classes) < 2:
-            raise ValueError("classes: misleading_caption needs at least two labels to name a wrong one")
 
 
 class AlignmentAugmenter:
@@ -115,30 +142,44 @@ class AlignmentAugmenter:
         return copies, sources
 
     def make(self, name: str, samples: Sequence[AVSample], i: int) -> Optional[AVSample]:
-        """Copy ``name`` of ``samples[i]``, or None when it cannot be made (no donor of another
-        label in the batch, no target for a question about a removed stream)."""
-        s, cfg = samples[i], self.config
+        """Copy ``name`` of ``samples[i]``, or None when it cannot be made: no donor clip (of another
+        label, where labels are known), a question about both streams (any stream change may change
+        its answer), an unknown new answer (a queried stream from a clip without a label, or a label
+        no option names), no target for a question about a removed stream, no wrong label to name."""
+        s = samples[i]
+        if name == "misleading_caption":
+            return self._caption(s)
+        if name not in STREAM_COPIES:
+            raise ValueError(f"unknown alignment copy {name!r}; choose from {ALIGNMENT_COPIES}")
+        stream, follows = STREAM_COPIES[name]
+        if s.kind == "av_both" or getattr(s, stream) is None:
+            return None
+        label = LABEL_OF[stream]
         if name in ("misaligned_audio", "misaligned_video"):
-            stream, label = ("audio", "audio_label") if name == "misaligned_audio" else ("video", "visual_label")
             donors = [o for j, o in enumerate(samples) if j != i and getattr(o, stream) is not None]
-            donors = [o for o in donors if getattr(o, label) != getattr(s, label)]
-            if getattr(s, stream) is None or not donors:
+            if getattr(s, label) is not None:
+                donors = [o for o in donors if getattr(o, label) != getattr(s, label)]
+            if s.kind == follows:
+                donors = [o for o in donors if s.answer_for(getattr(o, label)) is not None]
+            if not donors:
                 return None
             d = self.rng.choice(donors)
-            return dataclasses.replace(s, **{stream: getattr(d, stream), label: getattr(d, label)}, tag=name)
-        if name == "removed_audio":
-            if s.kind == "av_audio" and cfg.no_audio_answer is None:
+            value, new_label = getattr(d, stream), getattr(d, label)
+            answer = s.answer_for(new_label) if s.kind == follows else s.answer
+        else:  # removed_audio / zeroed_frames: the stream carries nothing
+            value = None if stream == "audio" else torch.zeros_like(s.video)
+            target = self.config.no_audio_answer if stream == "audio" else self.config.no_video_answer
+            if s.kind == follows and target is None:
                 return None
-            target = cfg.no_audio_answer if s.kind == "av_audio" else s.audio_label
-            return dataclasses.replace(s, audio=None, audio_label=target, tag=name)
-        if name == "zeroed_frames":
-            if s.video is None or (s.kind == "av_visual" and cfg.no_video_answer is None):
+            new_label = target if s.kind == follows else getattr(s, label)
+            answer = s.answer_for(target) if s.kind == follows else s.answer
+            if answer is None:
                 return None
-            target = cfg.no_video_answer if s.kind == "av_visual" else s.visual_label
-            return dataclasses.replace(s, video=torch.zeros_like(s.video), visual_label=target, tag=name)
-        if name == "misleading_caption":
-            wrong = self.rng.choice([c for c in cfg.classes if c != s.answer])
-            stream = "video" if s.kind == "av_visual" else "sound"
-            caption = cfg.caption_template.format(stream=stream, label=wrong)
-            return dataclasses.replace(s, context=f"{s.context} {caption}".strip(), tag=name)
-        raise ValueError(f"unknown alignment copy {name!r}; choose from {ALIGNMENT_COPIES}")
+        return dataclasses.replace(s, **{stream: value, label: new_label}, answer=answer, tag=name)
+
+    def _caption(self, s: AVSample) -> Optional[AVSample]:
+        wrong = [t for t in (s.options.values() if s.options else self.config.classes) if t != s.answer_text]
+        if not wrong:
+            return None
+        caption = self.config.caption_template.format(stream=CAPTION_STREAM[s.kind], label=self.rng.choice(wrong))
+        return dataclasses.replace(s, context=f"{s.context} {caption}".strip(), tag="misleading_caption")
