@@ -130,13 +130,12 @@ class GroupCollator:
 
 def load_model_and_processor(path: str):
     """``(model, processor)`` of a local checkpoint (a :class:`FinetuneError` saying what is missing)."""
-    from transformers import AutoProcessor
-
+    from modkern.apps.frames_video import load_processor
     from modkern.apps.train_loop import load_checkpoint
     from modkern.processing import check_processor
 
     try:
-        processor = AutoProcessor.from_pretrained(path)
+        processor = load_processor(path)
     except Exception as exc:  # noqa: BLE001 - any loader failure means: no usable processor there
         raise FinetuneError(f"--model {path}: no processor could be loaded ({type(exc).__name__}: {exc})") from None
     try:
