@@ -183,7 +183,7 @@ def check_sample(raw, base_dir: str, line: int = 0) -> Sample:
 
 
 def _av_sample(raw: dict, base_dir: str, line: int, question: str, answer: str, options: dict) -> Sample:
-    from modkern.media import COMPRESSED_VIDEO, VIDEO_FORMATS
+    from modkern.media import VIDEO_FORMATS, check_video_format
 
     modality = raw.get("modality")
     if modality not in AV_MODALITIES:
@@ -193,8 +193,7 @@ def _av_sample(raw: dict, base_dir: str, line: int, question: str, answer: str, 
     video = _media_path(raw.get("video"), base_dir, "video", allow_dir=True)
     if video is None:
         raise ValueError(f"an {AV_TYPE} sample needs a 'video' ({VIDEO_FORMATS})")
-    if video.lower().endswith(COMPRESSED_VIDEO):
-        raise ValueError(f"video {raw['video']!r}: compressed clips need a video decoder; give {VIDEO_FORMATS}")
+    check_video_format(video, raw["video"])
     audio = _media_path(raw.get("audio"), base_dir, "audio", allow_dir=False)
     if audio is not None:
         _check_wav(raw["audio"], audio)

@@ -59,15 +59,20 @@ def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+def check_video_format(path: str, name: str = "") -> None:
+    """A ValueError for a compressed clip (``name``: how the data file writes ``path``)."""
+    if path.lower().endswith(COMPRESSED_VIDEO):
+        raise ValueError(
+            f"video {name or path!r}: compressed clips need a video decoder modkern does not install; give "
+            f"{VIDEO_FORMATS} (e.g. ffmpeg -i clip.mp4 -vf fps=2 clip/%04d.png)"
+        )
+
+
 def load_video(path: str) -> Tensor:
     """The video at ``path`` (:data:`VIDEO_FORMATS`) as ``[T, 3, H, W]`` float32 in [0, 1]."""
     from PIL import Image, ImageSequence, UnidentifiedImageError
 
-    if path.lower().endswith(COMPRESSED_VIDEO):
-        raise ValueError(
-            f"video {path!r}: compressed clips need a video decoder modkern does not install; give {VIDEO_FORMATS} "
-            "(e.g. ffmpeg -i clip.mp4 -vf fps=2 clip/%04d.png)"
-        )
+    check_video_format(path)
     try:
         if os.path.isdir(path):
             names = sorted((n for n in os.listdir(path) if not n.startswith(".")), key=_natural_key)

@@ -48,12 +48,12 @@ ALIGNMENT_COPIES = ("misaligned_audio", "misaligned_video", "removed_audio", "ze
 DEFAULT_COPIES = ALIGNMENT_COPIES[:4]
 CAPTION_TEMPLATE = "caption : the {stream} is {label} ."
 CAPTION_STREAM = {"av_visual": "video", "av_audio": "sound", "av_both": "clip"}
-# The copy -> (the stream it changes, the kind whose answer follows that stream).
+# The copy -> the stream it changes (the answer follows it where the question asks about it: QUERIED).
 STREAM_COPIES = {
-    "misaligned_audio": ("audio", "av_audio"),
-    "misaligned_video": ("video", "av_visual"),
-    "removed_audio": ("audio", "av_audio"),
-    "zeroed_frames": ("video", "av_visual"),
+    "misaligned_audio": "audio",
+    "misaligned_video": "video",
+    "removed_audio": "audio",
+    "zeroed_frames": "video",
 }
 LABEL_OF = {"audio": "audio_label", "video": "visual_label"}
 
@@ -151,7 +151,8 @@ class AlignmentAugmenter:
             return self._caption(s)
         if name not in STREAM_COPIES:
             raise ValueError(f"unknown alignment copy {name!r}; choose from {ALIGNMENT_COPIES}")
-        stream, follows = STREAM_COPIES[name]
+        stream = STREAM_COPIES[name]
+        asked = QUERIED.get(s.kind) == stream
         if s.kind == "av_both" or getattr(s, stream) is None:
             return None
         label = LABEL_OF[stream]
@@ -159,20 +160,20 @@ class AlignmentAugmenter:
             donors = [o for j, o in enumerate(samples) if j != i and getattr(o, stream) is not None]
             if getattr(s, label) is not None:
                 donors = [o for o in donors if getattr(o, label) != getattr(s, label)]
-            if s.kind == follows:
+            if asked:
                 donors = [o for o in donors if s.answer_for(getattr(o, label)) is not None]
             if not donors:
                 return None
             d = self.rng.choice(donors)
             value, new_label = getattr(d, stream), getattr(d, label)
-            answer = s.answer_for(new_label) if s.kind == follows else s.answer
+            answer = s.answer_for(new_label) if asked else s.answer
         else:  # removed_audio / zeroed_frames: the stream carries nothing
             value = None if stream == "audio" else torch.zeros_like(s.video)
             target = self.config.no_audio_answer if stream == "audio" else self.config.no_video_answer
-            if s.kind == follows and target is None:
+            if asked and target is None:
                 return None
-            new_label = target if s.kind == follows else getattr(s, label)
-            answer = s.answer_for(target) if s.kind == follows else s.answer
+            new_label = target if asked else getattr(s, label)
+            answer = s.answer_for(target) if asked else s.answer
             if answer is None:
                 return None
         return dataclasses.replace(s, **{stream: value, label: new_label}, answer=answer, tag=name)
