@@ -21,7 +21,7 @@ The path from a data file (:mod:`modkern.data`) to a batch of :func:`modkern.obj
 Face ``Trainer`` takes, returning ``ref_index`` and ``sample_kind`` next to the model inputs.
 
 Supported processors (:data:`SUPPORTED_PROCESSORS`): LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL,
-the Qwen2.5-Omni thinker (image samples). Example::
+the Qwen2.5-Omni thinker (image and audio-video samples). Example::
 
     from transformers import AutoProcessor
     from modkern.data import read_samples
@@ -95,6 +95,12 @@ def to_sample(
         facts=tuple(sample.facts),
         options=tuple(sample.options.values()),
     )
+
+
+def sampling_rate_of(processor) -> int:
+    """The audio sampling rate ``processor``'s feature extractor takes (:data:`SAMPLING_RATE` when
+    it has none)."""
+    return int(getattr(getattr(processor, "feature_extractor", None), "sampling_rate", None) or SAMPLING_RATE)
 
 
 def _to_av_sample(sample: DataSample, sampling_rate: int) -> AVSample:

@@ -6,39 +6,22 @@ import json
 import math
 
 import pytest
-import torch
-from PIL import Image
+from tiny_models import write_clip
 
 from modkern.apps.frames_video import load_processor
 from modkern.apps.tiny_processors import save_tiny_checkpoint, tiny_model_and_processor
 from modkern.data import DataFileError, read_samples
-from modkern.media import load_video, load_wav, write_wav
+from modkern.media import load_video, load_wav
 from modkern.objective.alignment import AlignmentConfig
 from modkern.processing import processor_collator, to_sample
 
 WORDS = ["What", "colour", "is", "the", "sound", "video", "red", "green", "caption"]
 
 
-def _write_clip(tmp_path, name, colour, hz, gif: bool):
-    frames = [Image.new("RGB", (20, 24), colour) for _ in range(2)]
-    frames[1].putpixel((0, 0), (128, 128, 128))  # distinct frames (a GIF writer merges equal ones)
-    if gif:
-        video = tmp_path / f"{name}.gif"
-        frames[0].save(video, save_all=True, append_images=frames[1:], duration=100)
-    else:
-        video = tmp_path / name
-        video.mkdir()
-        for k, f in enumerate(frames):
-            f.save(video / f"frame_{k}.png")
-    t = torch.arange(4000) / 8000.0  # 0.5 s at 8 kHz: resampled to 16 kHz when read
-    write_wav(tmp_path / f"{name}.wav", 0.5 * torch.sin(2 * math.pi * hz * t), 8000)
-    return video.name, f"{name}.wav"
-
-
 def _data_file(tmp_path):
     rows = []
-    for k, (colour, rgb, hz) in enumerate((("red", (255, 0, 0), 440), ("green", (0, 255, 0), 880))):
-        video, audio = _write_clip(tmp_path, f"clip{k}", rgb, hz, gif=k == 0)
+    for k, (colour, rgb) in enumerate((("red", (255, 0, 0)), ("green", (0, 255, 0)))):
+        video, audio = write_clip(tmp_path, f"clip{k}", rgb, colour, gif=k == 0)
         for modality, question in (("visual", "What colour is the video?"), ("audio", "What colour is the sound?")):
             rows.append(
                 dict(type="audio_video", modality=modality, video=video, audio=audio, question=question,
@@ -50,7 +33,7 @@ def _data_file(tmp_path):
 
 
 def test_media_readers(tmp_path):
-    video, audio = _write_clip(tmp_path, "c", (0, 0, 255), 440, gif=True)
+    video, audio = write_clip(tmp_path, "c", (0, 0, 255), "red", gif=True)
     frames = load_video(str(tmp_path / video))
     assert frames.shape == (2, 3, 24, 20) and float(frames[0, 2].min()) == 1.0 and float(frames[0, 0].max()) == 0.0
     wav = load_wav(str(tmp_path / audio), 16000)

@@ -10,12 +10,14 @@ placeholders, or Qwen2-VL's ``<vision_start> placeholders <vision_end>`` (with `
 from __future__ import annotations
 
 import json
+import math
 import socket
 
 import torch
 from PIL import Image
 
 from modkern.apps.tiny_models import qwen2_vl_pixel_values
+from modkern.media import write_wav
 from modkern.objective.robust import SAMPLE_KINDS as KINDS  # noqa: F401 (re-exported for the tests)
 
 
@@ -214,6 +216,50 @@ def write_data(folder, n_per_kind: int = 2) -> str:
         rows.append({**note, "answer": letter, **({"image": image} if i else {})})
         rows.append(dict(type="VQA", image=image, question=f"Question:\nWhich colour?\n{OPTIONS}", answer=letter))
     path = folder / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+AV_WORDS = ["What", "colour", "is", "the", "sound", "video", "Do", "and", "show", "same", "yes", "no", "caption"]
+AV_WORDS += ["red", "green", "blue", "Question", "Option", "A", "B", "C"]
+TONES = {"red": 440, "green": 880, "blue": 660}  # Hz
+
+
+def write_clip(folder, name: str, colour, sound: str, gif: bool) -> tuple:
+    """A 2-frame clip of ``colour`` (an animated GIF, or a folder of PNG frames) and a 0.5 s WAV at
+    8 kHz of ``sound``'s tone; returns their paths relative to ``folder``."""
+    frames = [Image.new("RGB", (20, 24), colour) for _ in range(2)]
+    frames[1].putpixel((0, 0), (128, 128, 128))  # distinct frames (a GIF writer merges equal ones)
+    if gif:
+        video = folder / f"{name}.gif"
+        frames[0].save(video, save_all=True, append_images=frames[1:], duration=100)
+    else:
+        video = folder / name
+        video.mkdir()
+        for k, f in enumerate(frames):
+            f.save(video / f"frame_{k}.png")
+    t = torch.arange(4000) / 8000.0
+    write_wav(folder / f"{name}.wav", 0.5 * torch.sin(2 * math.pi * TONES[sound] * t), 8000)
+    return video.name, f"{name}.wav"
+
+
+def write_av_data(folder) -> str:
+    """A JSONL data file of 3 clips (frames of one colour, the tone of the next one), each with a
+    visual and a sound question (options A-C, the answer a letter), and one question about both
+    streams; returns its path."""
+    rows = []
+    names = list(COLOURS)
+    for k, colour in enumerate(names):
+        sound = names[(k + 1) % 3]
+        video, audio = write_clip(folder, f"clip{k}", COLOURS[colour], sound, gif=k % 2 == 0)
+        clip = dict(type="audio_video", video=video, audio=audio, audio_label=sound, visual_label=colour)
+        for modality, label in (("visual", colour), ("audio", sound)):
+            stream = "video" if modality == "visual" else "sound"
+            question = f"Question:\nWhat colour is the {stream}?\n{OPTIONS}"
+            rows.append({**clip, "modality": modality, "question": question, "answer": "ABC"[names.index(label)]})
+    both = "Question:\nDo the video and the sound show the same colour?\nOption:\nA: yes\nB: no"
+    rows.append({**clip, "modality": "both", "question": both, "answer": "B"})
+    path = folder / "av.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
 

@@ -7,7 +7,13 @@ plain Hugging Face ``Trainer`` (so ``--fsdp`` / ``--deepspeed`` and ``torchrun``
 launch`` work as for any Trainer run). Each training item is one batch of the sample mix
 (image-heavy : text-heavy : VQA, the official 2:2:4 scaled to ``batch_size``;
 :class:`modkern.data.KindMixSampler`), composed once per run from the seed; the Trainer shuffles
-their order every epoch and splits them over processes. Evaluation (``eval_data``) is the plain CE
+their order every epoch and splits them over processes. An audio-video data file (MMA-Bench's
+alignment tuning) is cut into batches of ``batch_size`` samples in a seeded shuffle (no mix: the
+paper prescribes none), its copies are the alignment copies
+(:class:`modkern.objective.alignment.AlignmentConfig`, ``FinetuneConfig.alignment``) and the attack
+perturbs the stream the question does not ask about (:data:`~modkern.objective.alignment.ALIGNMENT_POLICY`,
+added to ``robust.policy`` for the kinds it does not name); a file mixing audio-video and image
+samples is refused. Evaluation (``eval_data``) is the plain CE
 of the clean samples, without copies. The run ends with the model and its processor in ``out``
 (loadable with ``from_pretrained`` / ``AutoProcessor``), the Trainer's checkpoints in
 ``out/checkpoints`` (resume with ``resume``) and ``out/finetune.json`` (settings, log history).
@@ -15,15 +21,20 @@ of the clean samples, without copies. The run ends with the model and its proces
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+import torch
+
 from modkern.data import OFFICIAL_MIX, KindMixSampler, read_samples
+from modkern.objective.alignment import ALIGNMENT_POLICY, AlignmentConfig
 from modkern.objective.augment import RobustCollator
 from modkern.objective.config import RobustConfig
-from modkern.processing import ChatProcessor, ProcessorError, processor_collator, to_sample
+from modkern.processing import ChatProcessor, ProcessorError, processor_collator, sampling_rate_of, to_sample
 
 
 class FinetuneError(ValueError):
@@ -38,12 +49,13 @@ class FinetuneConfig:
     data: str
     out: str
     robust: RobustConfig = field(default_factory=RobustConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)  # the copies of audio-video data
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
     lr: float = 2e-5  # the official LLaVA configs (1e-5 for Qwen)
     batch_size: int = 8  # samples per batch before the copies
     grad_accum: int = 1
-    mix: Optional[dict] = None  # kind -> count per batch (default: the official 2:2:4 scaled)
+    mix: Optional[dict] = None  # kind -> count per batch (default: the official 2:2:4 scaled; image data only)
     bf16: bool = False
     eval_data: Optional[str] = None
     skip_bad: bool = False
@@ -84,35 +96,60 @@ def default_mix(samples: list, batch_size: int, log=print) -> dict:
     return own
 
 
-class MixBatches:
-    """A map-style dataset whose items are whole batches (lists of samples) of a fixed kind mix;
-    images are read when an item is taken."""
+def is_av_data(samples: list, what: str) -> bool:
+    """Whether ``samples`` are audio-video ones (a :class:`FinetuneError` when they mix the two:
+    their copies, batches and attack targets differ)."""
+    av = [s for s in samples if s.is_av]
+    other = [s for s in samples if not s.is_av]
+    if av and other:
+        raise FinetuneError(
+            f"{what} mixes audio-video samples (line {av[0].line}) with image or text samples (line "
+            f"{other[0].line}): fine-tune on them in separate runs"
+        )
+    return bool(av)
 
-    def __init__(self, samples: list, mix: dict, seed: int):
-        self.samples = samples
-        try:  # the sampler checks that the data has enough samples of every kind the mix asks for
-            self.batches = list(KindMixSampler([s.kind for s in samples], mix, seed=seed))
-        except ValueError as exc:
-            raise FinetuneError(f"--mix: {exc}") from None
+
+def mix_batches(samples: list, mix: dict, seed: int) -> list:
+    """The index batches of a fixed kind mix (:class:`modkern.data.KindMixSampler`), composed once."""
+    try:  # the sampler checks that the data has enough samples of every kind the mix asks for
+        return list(KindMixSampler([s.kind for s in samples], mix, seed=seed))
+    except ValueError as exc:
+        raise FinetuneError(f"--mix: {exc}") from None
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int) -> list:
+    """``n`` sample indices in a seeded shuffle, cut into batches of ``batch_size`` (the last one
+    may be smaller): the batches of audio-video data."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+class SampleBatches:
+    """A map-style dataset whose items are whole batches (lists of samples, :func:`mix_batches` or
+    :func:`shuffled_batches`); the media are read (``read``: a data-file sample -> a sample) when an
+    item is taken."""
+
+    def __init__(self, samples: list, batches: list, read=to_sample):
+        self.samples, self.batches, self.read = samples, batches, read
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> dict:
-        return {"samples": [to_sample(self.samples[j]) for j in self.batches[i]], "copies": True}
+        return {"samples": [self.read(self.samples[j]) for j in self.batches[i]], "copies": True}
 
 
 class CleanSamples:
     """A dataset of single clean samples (evaluation: no copies)."""
 
-    def __init__(self, samples: list):
-        self.samples = samples
+    def __init__(self, samples: list, read=to_sample):
+        self.samples, self.read = samples, read
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
-        return {"samples": [to_sample(self.samples[i])], "copies": False}
+        return {"samples": [self.read(self.samples[i])], "copies": False}
 
 
 @dataclass
@@ -168,6 +205,7 @@ def _training_args(cfg: FinetuneConfig, has_eval: bool):
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=cfg.device != "cpu" and torch.cuda.is_available(),
         seed=cfg.seed,
         use_cpu=cfg.device == "cpu",
         disable_tqdm=not cfg.progress,
@@ -205,21 +243,28 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
 
     samples = _read(cfg.data, cfg.skip_bad, log)
     eval_samples = _read(cfg.eval_data, cfg.skip_bad, log) if cfg.eval_data else None
-    mix = cfg.mix if cfg.mix is not None else default_mix(samples, cfg.batch_size, log)
+    av = is_av_data(samples + (eval_samples or []), "--data" + (" with --eval" if eval_samples else ""))
+    if av and cfg.mix is not None:
+        raise FinetuneError("--mix applies to image data; audio-video batches are a shuffle of the data")
+    mix = None if av else cfg.mix if cfg.mix is not None else default_mix(samples, cfg.batch_size, log)
+    batches = shuffled_batches(len(samples), cfg.batch_size, cfg.seed) if av else mix_batches(samples, mix, cfg.seed)
+    robust = dataclasses.replace(cfg.robust, policy={**ALIGNMENT_POLICY, **cfg.robust.policy}) if av else cfg.robust
     model, processor = load_model_and_processor(cfg.model)
-    train = processor_collator(processor, seed=cfg.seed)
+    read = functools.partial(to_sample, sampling_rate=sampling_rate_of(processor))
+    train = processor_collator(processor, augment=cfg.alignment if av else None, seed=cfg.seed)
     clean = RobustCollator(collate=ChatProcessor(processor))
     trainer = Trainer(
         model=model,
         args=_training_args(cfg, eval_samples is not None),
-        train_dataset=MixBatches(samples, mix, cfg.seed),
-        eval_dataset=CleanSamples(eval_samples) if eval_samples else None,
+        train_dataset=SampleBatches(samples, batches, read),
+        eval_dataset=CleanSamples(eval_samples, read) if eval_samples else None,
         data_collator=GroupCollator(train, clean),
         processing_class=processor,
     )
-    patch_trainer(trainer, cfg.robust)
+    patch_trainer(trainer, robust)
     if trainer.is_world_process_zero():
-        log(f"robust fine-tuning of {cfg.model} on {len(samples)} samples of {cfg.data}: batches of {mix}")
+        shape = f"shuffled batches of {cfg.batch_size} with alignment copies" if av else f"batches of {mix}"
+        log(f"robust fine-tuning of {cfg.model} on {len(samples)} samples of {cfg.data}: {shape}")
     result = trainer.train(resume_from_checkpoint=_resume_path(cfg))
     trainer.save_model(cfg.out)
     history = trainer.state.log_history
@@ -231,7 +276,7 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         "mix": mix,
         "samples": len(samples),
         "world_size": trainer.args.world_size,
-        "settings": {**{k: v for k, v in asdict(cfg).items() if k != "robust"}, "robust": asdict(cfg.robust)},
+        "settings": {**{k: v for k, v in asdict(cfg).items() if k != "robust"}, "robust": asdict(robust)},
         "log_history": history,
     }
     if trainer.is_world_process_zero():
@@ -246,8 +291,11 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneError",
     "GroupCollator",
-    "MixBatches",
+    "SampleBatches",
+    "is_av_data",
     "load_model_and_processor",
+    "mix_batches",
     "mix_for_batch",
     "run_finetune",
+    "shuffled_batches",
 ]

@@ -13,6 +13,7 @@ import torch
 from modkern.apps.diagnose.items import VIDEO_CAPTION, DiagnoseError, donor, needs, other_class
 from modkern.apps.diagnose.models import ModelSpec
 from modkern.apps.synthetic_task import CAPTION, EVAL_OBJECTS, FACT, MISLEADING_NOTE, WORD_LIST
+from modkern.objective.alignment import CAPTION_STREAM, CAPTION_TEMPLATE
 from modkern.objective.augment import RELATED_TEMPLATES
 from modkern.objective.distractors import IRRELEVANT_SENTENCES
 
@@ -93,6 +94,15 @@ def _unrelated_paragraph(items, i, ctx, sentences: int = 10):
     """The paper's unrelated-paragraph copy: 10 sentences drawn from the irrelevant pool."""
     paragraph = " ".join(ctx.rng.choice(IRRELEVANT_SENTENCES) for _ in range(sentences))
     return dataclasses.replace(items[i], context=paragraph)
+
+
+def _misleading_caption(items, i, ctx):
+    """MMA-Bench's misleading text on a data-file item: the alignment copies' caption naming another
+    option (or class) as the queried stream's content."""
+    it = items[i]
+    classes = [text for _, text in it.options] or ctx.classes
+    wrong = other_class(it.target_class, classes, ctx.rng)
+    return dataclasses.replace(it, context=CAPTION_TEMPLATE.format(stream=CAPTION_STREAM[it.kind], label=wrong))
 
 
 def _swap_image(items, i, ctx):
@@ -186,9 +196,10 @@ CONDITIONS = {
         ),
         Condition(
             "unrelated_paragraph",
-            ("image_heavy",),
-            ("image",),
-            "image-heavy items; a paragraph of 10 irrelevant sentences before the question (data files)",
+            ("image_heavy", "av_visual", "av_audio", "av_both"),
+            (),
+            "image-heavy and audio-video items; a paragraph of 10 irrelevant sentences before the question "
+            "(data files)",
             _unrelated_paragraph,
         ),
         Condition(
@@ -201,7 +212,8 @@ CONDITIONS = {
             "misaligned_audio_video",
             ("av_visual", "av_audio"),
             ("audio", "video"),
-            "audio-visual items; the stream the question does not ask about comes from another class",
+            "audio-visual items; the stream the question does not ask about comes from another clip showing "
+            "something else",
             _misaligned,
         ),
         Condition(
@@ -225,12 +237,20 @@ CONDITIONS = {
             "audio-visual items; a caption names another colour for both streams",
             _mislead_caption,
         ),
+        Condition(
+            "misleading_caption",
+            ("av_visual", "av_audio"),
+            ("audio", "video"),
+            "audio-visual items; a caption names another option as the queried stream's content (data files)",
+            _misleading_caption,
+        ),
     )
 }
 
 
 # The defaults: the built-in tasks' conditions (their texts are in the demo's word vocabulary), and the
 # paper's interferences for data files (any tokenizer).
+DATA_FILE_ONLY = ("misleading_sentence", "unrelated_paragraph", "misleading_caption")
 DATA_FILE_CONDITIONS = (
     "misleading_sentence",
     "unrelated_paragraph",
@@ -238,8 +258,20 @@ DATA_FILE_CONDITIONS = (
     "black_image",
     "white_image",
     "noise_image",
+    "misaligned_audio_video",
+    "removed_audio",
+    "zeroed_frames",
+    "misleading_caption",
 )
-BUILTIN_CONDITIONS = tuple(n for n in CONDITIONS if n not in DATA_FILE_CONDITIONS[:2])
+BUILTIN_CONDITIONS = tuple(n for n in CONDITIONS if n not in DATA_FILE_ONLY)
+
+
+def data_file_conditions(kinds_present) -> tuple:
+    """The default conditions of a data file: those of :data:`DATA_FILE_CONDITIONS` that apply to
+    its item kinds (an image file is not told that the audio conditions were skipped); all of them
+    (each skipped with its reason) when none applies."""
+    applicable = tuple(n for n in DATA_FILE_CONDITIONS if any(k in kinds_present for k in CONDITIONS[n].kinds))
+    return applicable or DATA_FILE_CONDITIONS
 
 
 def resolve_conditions(names, spec: ModelSpec, kinds_present, default=BUILTIN_CONDITIONS):

@@ -16,13 +16,14 @@ from modkern.apps.synthetic_task import InterferenceTask, TaskConfig, WordTokeni
 TOKENIZER_FILE = "modkern_tokenizer.json"  # the demo's word vocabulary next to its checkpoints
 
 # Item kinds and the prompt type each one is (the white-box comparison is between two prompt types).
-KINDS = ("image_heavy", "text_heavy", "av_visual", "av_audio", "vqa")
+KINDS = ("image_heavy", "text_heavy", "av_visual", "av_audio", "vqa", "av_both")
 PROMPT_TYPES = {
     "image_heavy": "image-focused",
     "text_heavy": "text-focused",
     "av_visual": "visual-focused",
     "av_audio": "audio-focused",
     "vqa": "image-and-text",
+    "av_both": "audio-and-visual",
 }
 PROMPT_PAIRS = (("image_heavy", "text_heavy"), ("av_visual", "av_audio"))
 
@@ -43,10 +44,13 @@ class Item:
     """One diagnosis item: ``context + " " + question`` then ``answer``, with optional media.
 
     ``kind`` (one of :data:`KINDS`) says which modality carries the answer and which conditions
-    apply; ``image`` is ``[3, S, S]`` in [0, 1], ``video`` ``[T, 3, S, S]`` in [0, 1], ``audio``
-    mel features ``[mel_bins, frames]``; ``label`` is the answer's class (for misleading text);
+    apply; ``image`` is ``[3, S, S]`` in [0, 1], ``video`` ``[T, 3, H, W]`` in [0, 1], ``audio``
+    mel features ``[mel_bins, frames]`` (the built-in task) or a waveform ``[samples]`` (a data
+    file, fed through the processor); ``label`` is the answer's class (for misleading text);
     ``options`` the ``(letter, text)`` answer options of a multiple-choice item (scored by the
-    options' likelihood: see :mod:`modkern.apps.diagnose.metrics`).
+    options' likelihood: see :mod:`modkern.apps.diagnose.metrics`); ``stream_labels`` the
+    ``(stream, label)`` pairs of what an audio-video item's ``"audio"`` / ``"video"`` show, where
+    known (a misaligned pair takes a stream of another label).
     """
 
     question: str
@@ -58,6 +62,7 @@ class Item:
     audio: Optional[Tensor] = None
     label: Optional[str] = None
     options: tuple = ()
+    stream_labels: tuple = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -70,6 +75,10 @@ class Item:
     @property
     def target_class(self) -> str:
         return self.answer if self.label is None else self.label
+
+    def stream_label(self, stream: str) -> Optional[str]:
+        """What ``stream`` (``"audio"`` / ``"video"``) shows, when the item says."""
+        return dict(self.stream_labels).get(stream)
 
 
 def answer_classes(items: Sequence[Item]) -> list[str]:
@@ -95,15 +104,20 @@ def needs(item: Item, attr: str, what: str) -> Tensor:
 
 
 def donor(items: Sequence[Item], i: int, attr: str, rng: random.Random) -> Tensor:
-    """``attr`` (image / audio / video) of another item of the same kind with another class."""
+    """``attr`` (image / audio / video) of another item with another content: where the item names
+    what its ``attr`` shows (:attr:`Item.stream_labels`), of any item whose ``attr`` shows something
+    else; otherwise of an item of the same kind with another class."""
     me = items[i]
-    different = [
-        j
-        for j, o in enumerate(items)
-        if j != i and o.kind == me.kind and getattr(o, attr) is not None and o.target_class != me.target_class
-    ]
+    mine = me.stream_label(attr)
+    if mine is not None:
+        different = [j for j, o in enumerate(items) if o.stream_label(attr) not in (None, mine)]
+        what = f"{attr} showing something other than {mine!r}"
+    else:
+        different = [j for j, o in enumerate(items) if o.kind == me.kind and o.target_class != me.target_class]
+        what = f"{me.kind} item with {'an ' if attr == 'image' else ''}{attr} of another class"
+    different = [j for j in different if j != i and getattr(items[j], attr) is not None]
     if not different:  # never an item of the same class, nor another perturbation, in its place
-        raise NotBuilt(f"no other {me.kind} item with {'an ' if attr == 'image' else ''}{attr} of another class")
+        raise NotBuilt(f"no other {what}")
     return getattr(items[rng.choice(different)], attr)
 
 
@@ -154,12 +168,14 @@ def av_task_items(
     return out
 
 
-def data_file_items(path, *, skip_bad: bool = False, log=print) -> list[Item]:
+def data_file_items(path, *, skip_bad: bool = False, sampling_rate: Optional[int] = None, log=print) -> list[Item]:
     """The samples of a data file (:mod:`modkern.data`) as items: the image read, a text-heavy
     sample without one given uniform noise (:func:`modkern.processing.to_sample`), the label the
-    answer option's text (so misleading text names another option) and the options."""
+    answer option's text (so misleading text names another option) and the options; an audio-video
+    sample's frames and waveform (resampled to ``sampling_rate``, default
+    :data:`modkern.processing.SAMPLING_RATE`) and what each stream shows."""
     from modkern.data import DataFileError, read_samples
-    from modkern.processing import to_sample
+    from modkern.processing import SAMPLING_RATE, to_sample
 
     try:
         data = read_samples(path, skip_bad=skip_bad)
@@ -167,12 +183,17 @@ def data_file_items(path, *, skip_bad: bool = False, log=print) -> list[Item]:
         raise DiagnoseError(str(exc)) from None
     if data.skipped:
         log(data.skipped_note())
-    items = []
-    for s in data.samples:
-        image = to_sample(s).image
-        label = s.options.get(s.answer.strip(), s.answer)
-        items.append(Item(s.question, s.answer, s.kind, image=image, label=label, options=tuple(s.options.items())))
-    return items
+    return [_data_file_item(s, to_sample(s, sampling_rate=sampling_rate or SAMPLING_RATE)) for s in data.samples]
+
+
+def _data_file_item(s, read) -> Item:
+    """The item of data-file sample ``s``, whose media ``read`` holds (:func:`modkern.processing.to_sample`)."""
+    common = dict(label=s.options.get(s.answer.strip(), s.answer), options=tuple(s.options.items()))
+    if not s.is_av:
+        return Item(s.question, s.answer, s.kind, image=read.image, **common)
+    labels = (("audio", read.audio_label), ("video", read.visual_label))
+    labels = tuple((stream, label) for stream, label in labels if label is not None)
+    return Item(s.question, s.answer, s.kind, video=read.video, audio=read.audio, stream_labels=labels, **common)
 
 
 def task_words() -> list[str]:

@@ -16,6 +16,7 @@ from modkern.apps.synthetic_task import WordTokenizer, hf_text_encoder
 from modkern.apps.tiny_models import omni_audio_tokens, qwen2_vl_pixel_values, qwen_video_pixel_values
 from modkern.apps.train_loop import load_checkpoint
 from modkern.constants import IGNORE_INDEX
+from modkern.objective.alignment import AV_KINDS, AVSample
 from modkern.objective.augment import right_pad
 from modkern.objective.config import SAMPLE_KINDS
 from modkern.objective.model_hooks import infer_token_ids
@@ -224,10 +225,15 @@ class ChatItemCollator:
 
     @staticmethod
     def sample(item: Item, answer: Optional[str] = None):
+        """The sample :class:`~modkern.processing.ChatProcessor` takes: an audio-video one
+        (:class:`~modkern.objective.alignment.AVSample`) for an item of :data:`AV_KINDS`."""
         from modkern.objective.augment import Sample
 
+        answer = item.answer if answer is None else answer
+        if item.kind in AV_KINDS:
+            return AVSample(item.question, item.kind, item.video, item.audio, answer, context=item.context)
         kind = item.kind if item.kind in SAMPLE_KINDS else "vqa"
-        return Sample(item.question, item.answer if answer is None else answer, item.image, kind, context=item.context)
+        return Sample(item.question, answer, item.image, kind, context=item.context)
 
     def __call__(self, items: Sequence[Item]) -> dict:
         batch = self.chat([self.sample(it) for it in items])

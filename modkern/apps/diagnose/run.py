@@ -21,7 +21,8 @@ unrelated fact, a long irrelevant context, a list of unrelated words and a misle
 forms the demo's augmentation never uses: its held-out interferences); text-heavy items (the text
 decides) with a swapped,
 black, white or noise image; audio-visual items (the question asks about the video or about the
-sound) with misaligned audio-video pairs, removed audio, zeroed frames and a misleading caption.
+sound, or about both) with misaligned audio-video pairs, removed audio, zeroed frames, a misleading
+caption and (data files) a paragraph of irrelevant text: MMA-Bench's conditions.
 A condition that the model cannot take (audio on LLaVA) is skipped with the reason in the report;
 so is one that can build no variant (no image of another class to swap in, items without the
 input it changes), and an item a condition cannot build is left out of it and counted, never
@@ -56,8 +57,8 @@ from torch import nn
 
 from modkern.apps.diagnose.conditions import (
     BUILTIN_CONDITIONS,
-    DATA_FILE_CONDITIONS,
     condition_context,
+    data_file_conditions,
     resolve_conditions,
 )
 from modkern.apps.diagnose.items import (
@@ -166,12 +167,14 @@ def diagnose(
     torch.manual_seed(seed)
     builtin = items is None and data is None
     if data is not None:
-        items = data_file_items(data, skip_bad=skip_bad, log=log)
+        from modkern.processing import sampling_rate_of
+
+        items = data_file_items(data, skip_bad=skip_bad, sampling_rate=sampling_rate_of(processor), log=log)
     items = _builtin_items(spec, max_items, seed) if builtin else _first_items(items, max_items)
     if not items:
         raise DiagnoseError("no items to diagnose")
     kinds_present = sorted({it.kind for it in items}, key=KINDS.index)
-    default = DATA_FILE_CONDITIONS if data is not None else BUILTIN_CONDITIONS
+    default = data_file_conditions(kinds_present) if data is not None else BUILTIN_CONDITIONS
     run, skipped = resolve_conditions(conditions, spec, kinds_present, default)
     classes = answer_classes(items)
     if builtin:  # the task's colours, also when max_items leaves some out
