@@ -21,7 +21,8 @@ The path from a data file (:mod:`modkern.data`) to a batch of :func:`modkern.obj
 Face ``Trainer`` takes, returning ``ref_index`` and ``sample_kind`` next to the model inputs.
 
 Supported processors (:data:`SUPPORTED_PROCESSORS`): LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL,
-the Qwen2.5-Omni thinker (image and audio-video samples). Example::
+the Qwen2.5-Omni thinker (image and audio-video samples), the Qwen3-Omni thinker (audio-video samples).
+Example::
 
     from transformers import AutoProcessor
     from modkern.data import read_samples
@@ -54,7 +55,7 @@ OFFICIAL_SYSTEM_PROMPT = (
 )
 SYSTEM_PROMPT_KINDS = ("image_heavy", "text_heavy")
 NOISE_IMAGE_SIZE = 336  # the official text-heavy sample's noise image is 336 x 336
-SAMPLING_RATE = 16000  # Whisper's feature extractor (Qwen2.5-Omni's audio): 16 kHz
+SAMPLING_RATE = 16000  # Whisper's feature extractor (the Omni thinkers' audio): 16 kHz
 # Processor class -> the family's name (what modkern's processor path was tested with).
 SUPPORTED_PROCESSORS = {
     "LlavaProcessor": "LLaVA-1.5",
@@ -62,6 +63,7 @@ SUPPORTED_PROCESSORS = {
     "Qwen2VLProcessor": "Qwen2-VL",
     "Qwen2_5_VLProcessor": "Qwen2.5-VL",
     "Qwen2_5OmniProcessor": "Qwen2.5-Omni thinker",
+    "Qwen3OmniMoeProcessor": "Qwen3-Omni thinker",
 }
 
 
@@ -207,7 +209,7 @@ class ChatProcessor:
         if (media["video"] or media["audio"]) and getattr(self.processor, "feature_extractor", None) is None:
             raise ProcessorError(
                 f"{type(self.processor).__name__} takes no audio or video: audio-video samples need the processor "
-                "of an audio-video model (Qwen2.5-Omni thinker)"
+                "of an audio-video model (the Qwen2.5-Omni or Qwen3-Omni thinker)"
             )
         enc = self.processor(
             text=conversations,

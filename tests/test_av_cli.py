@@ -1,5 +1,5 @@
-"""`modkern train --data` and `modkern diagnose --data` on an audio-video data file (issue 24): a tiny
-Qwen2.5-Omni thinker checkpoint saved with its locally built processor, WAV and frame files written
+"""`modkern train --data` and `modkern diagnose --data` on an audio-video data file (issue 24): tiny
+Qwen2.5-Omni and Qwen3-Omni thinker checkpoints saved with their locally built processors, WAV and frame files written
 here; the MMA-Bench conditions built on data-file items; the mistakes a user can make."""
 
 import json
@@ -22,6 +22,7 @@ from modkern.processing import ChatProcessor, to_sample
 
 AV_CONDITIONS = ["unrelated_paragraph", "misaligned_audio_video", "removed_audio", "zeroed_frames"]
 AV_CONDITIONS += ["misleading_caption"]
+OMNI_FAMILIES = {"qwen2_5_omni": "Qwen2_5OmniProcessor", "qwen3_omni": "Qwen3OmniMoeProcessor"}
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,14 @@ def av_file(tmp_path_factory):
     return write_av_data(tmp_path_factory.mktemp("av"))  # 3 clips x (visual, sound) + 1 question about both
 
 
+@pytest.fixture(scope="module", params=OMNI_FAMILIES)
+def family(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def omni_dir(tmp_path_factory):
-    return str(save_tiny_checkpoint("qwen2_5_omni", tmp_path_factory.mktemp("omni") / "ckpt", words=AV_WORDS))
+def omni_dir(family, tmp_path_factory):
+    return str(save_tiny_checkpoint(family, tmp_path_factory.mktemp("omni") / "ckpt", words=AV_WORDS))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +48,7 @@ def trained(omni_dir, av_file, tmp_path_factory):
     return str(out)
 
 
-def test_train_on_an_audio_video_file(trained):
+def test_train_on_an_audio_video_file(trained, family):
     summary = json.load(open(f"{trained}/finetune.json"))
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"]) and summary["mix"] is None
     policy = summary["settings"]["robust"]["policy"]
@@ -53,14 +59,15 @@ def test_train_on_an_audio_video_file(trained):
         "removed_audio",
         "zeroed_frames",
     ]
-    assert type(load_processor(trained)).__name__ == "Qwen2_5OmniProcessor"
+    assert type(load_processor(trained)).__name__ == OMNI_FAMILIES[family]
 
 
-def test_diagnose_and_compare_audio_video_checkpoints(omni_dir, trained, av_file, tmp_path, capsys):
+def test_diagnose_and_compare_audio_video_checkpoints(family, omni_dir, trained, av_file, tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["diagnose", "--model", omni_dir, "--compare", trained, "--data", av_file, "--out", str(out)]
     assert main([*args, "--no-progress"]) == 0
     report = json.load(open(out / "diagnosis.json"))
+    assert report["family"] == family
     assert report["items"] == {"av_visual": 3, "av_audio": 3, "av_both": 1}
     assert list(report["conditions"]) == AV_CONDITIONS and report["skipped"] == {}
     counts = {name: c["items"] for name, c in report["conditions"].items()}
@@ -105,8 +112,8 @@ def test_data_file_conditions_change_only_what_they_say(av_file):
         assert wrong != it.label and v.question == it.question and v.video is it.video
 
 
-def test_a_diagnosis_variant_is_the_changed_sample_processed_directly(av_file):
-    model, processor = tiny_model_and_processor("qwen2_5_omni", words=AV_WORDS)
+def test_a_diagnosis_variant_is_the_changed_sample_processed_directly(av_file, family):
+    model, processor = tiny_model_and_processor(family, words=AV_WORDS)
     items = data_file_items(av_file)
     collate = ChatItemCollator(ModelSpec.from_model(model), processor)
     ctx = condition_context(0, "zeroed_frames", ["a", "b"])
@@ -129,3 +136,11 @@ def test_audio_video_mistakes_are_one_line_errors(omni_dir, av_file, tmp_path, c
     assert "mixes audio-video samples (line 1) with image or text samples (line 8)" in err and "\n" not in err
     assert main([*args, "--data", av_file, "--mix", "1:1:2", "--batch-size", "4"]) == 2
     assert "--mix applies to image data" in capsys.readouterr().err
+
+
+def test_qwen3_omni_is_diagnosed_on_data_files(tmp_path, capsys):
+    ckpt = save_tiny_checkpoint("qwen3_omni", tmp_path / "ckpt", words=AV_WORDS)
+    capsys.readouterr()
+    assert main(["diagnose", "--model", ckpt, "--out", str(tmp_path / "d"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Qwen3-Omni thinker is diagnosed on a data file (--data)" in err and "\n" not in err

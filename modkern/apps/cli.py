@@ -151,8 +151,8 @@ def _add_train(sub):
         "fine-tuning of your checkpoint on your data file",
         description="Without --data: train five models per seed on the synthetic modality-interference task and "
         "compare them (mean ± sd over the seeds). With --model DIR --data FILE --out DIR: robust fine-tuning of a "
-        "local checkpoint (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni thinker) through its own "
-        "processor and a Hugging Face Trainer, with the paper's copies and objective.",
+        "local checkpoint (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, the Qwen2.5-Omni / Qwen3-Omni thinkers) "
+        "through its own processor and a Hugging Face Trainer, with the paper's copies and objective.",
     )
     p.add_argument(
         "--model",
@@ -469,7 +469,8 @@ def _add_diagnose(sub):
         type=checkpoint_dir(
             "give a local Hugging Face checkpoint directory, e.g. runs/demo/checkpoints/sft after `modkern train`"
         ),
-        help="local checkpoint directory: a `modkern train` checkpoint, LLaVA, Qwen2-VL or the Qwen2.5-Omni thinker",
+        help="local checkpoint directory: a `modkern train` checkpoint, LLaVA, Qwen2-VL or a Qwen2.5-Omni / Qwen3-Omni "
+        "thinker (Qwen3-Omni: with --data)",
     )
     p.add_argument(
         "--data",

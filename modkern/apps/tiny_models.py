@@ -362,6 +362,87 @@ def tiny_qwen2_5_omni(
     return model, info
 
 
+def tiny_qwen3_omni(
+    vocab_size: int,
+    token_ids: dict,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 1,
+    num_heads: int = 2,
+    num_experts: int = 4,
+    patch_size: int = 16,
+    num_mel_bins: int = 8,
+    max_positions: int = 2048,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """A ``Qwen3OmniMoeThinkerForConditionalGeneration`` (image, video and audio) with random weights.
+
+    The thinker of Qwen3-Omni: a Qwen3-VL vision encoder (2x2 merged ``patch_size`` patches, 2 frames
+    a temporal patch, its first block's features added to the first decoder layer: "deepstack"), an
+    audio encoder (13 placeholders per 100 mel frames: windows of ``n_window`` = 50, Qwen3-Omni's)
+    and a mixture-of-experts decoder (``num_experts``, 2 routed per token) with interleaved M-RoPE.
+    ``token_ids``: the ids of its tokenizer's placeholders and markers (``image_token_id``,
+    ``video_token_id``, ``audio_token_id``, ``vision_start_token_id``, ``vision_end_token_id``,
+    ``audio_start_token_id``, ``audio_end_token_id``, ``user_token_id``): the model reads them
+    to place its 3-D positions. Fed through ``Qwen3OmniMoeProcessor`` (:mod:`modkern.apps.tiny_processors`).
+    """
+    from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    head_dim = hidden_size // num_heads
+    half = head_dim // 2  # M-RoPE splits head_dim / 2 frequencies over (temporal, height, width)
+    text = text_config(vocab_size, hidden_size, num_layers, num_heads, None, max_positions)
+    text.update(
+        head_dim=head_dim,
+        rope_parameters=dict(
+            rope_type="default",
+            rope_theta=10000.0,
+            mrope_section=[half - 2 * (half // 4), half // 4, half // 4],
+            mrope_interleaved=True,
+        ),
+        num_experts=num_experts,
+        num_experts_per_tok=2,
+        moe_intermediate_size=hidden_size // 2,
+        decoder_sparse_step=1,
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+    )
+    config = Qwen3OmniMoeThinkerConfig(
+        text_config=text,
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            in_channels=3,
+            patch_size=patch_size,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=hidden_size,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+        ),
+        audio_config=dict(
+            num_mel_bins=num_mel_bins,
+            encoder_layers=1,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            d_model=16,
+            output_dim=hidden_size,
+            max_source_positions=64,
+            n_window=50,
+            n_window_infer=800,
+            conv_chunksize=500,
+            downsample_hidden_size=8,
+        ),
+        position_id_per_seconds=13,
+        tie_word_embeddings=False,
+        **token_ids,
+    )
+    state = _seeded(seed)
+    return _finish(Qwen3OmniMoeThinkerForConditionalGeneration(config), state, dtype)
+
+
 def qwen_video_pixel_values(videos: torch.Tensor, info: dict):
     """Turn videos ``[N, T, 3, S, S]`` into Qwen-VL's ``(pixel_values_videos, video_grid_thw)``.
 

@@ -21,6 +21,7 @@ from modkern.apps.tiny_models import (
     text_config,
     tiny_llava,
     tiny_qwen2_5_omni,
+    tiny_qwen3_omni,
 )
 from modkern.processing import OFFICIAL_SYSTEM_PROMPT
 
@@ -45,6 +46,14 @@ OMNI_TEMPLATE = QWEN_TEMPLATE.replace(
     "{% elif content['type'] == 'video' %}{{ '<|vision_bos|><|VIDEO|><|vision_eos|>' }}"
     "{% elif content['type'] == 'audio' %}{{ '<|audio_bos|><|AUDIO|><|audio_eos|>' }}",
 )
+# Qwen3-Omni's: Qwen-VL's image and video markers, its own audio ones.
+QWEN3_OMNI_TEMPLATE = QWEN_TEMPLATE.replace(
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}",
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'audio' %}{{ '<|audio_start|><|audio_pad|><|audio_end|>' }}",
+)
+QWEN3_OMNI_PATCH_SIZE = 16  # Qwen3-VL's, Qwen3-Omni's vision encoder
 OMNI_PATCH_SIZE = 14  # Qwen2.5-Omni's: its processor sizes video frames for 28-pixel merged patches
 AUDIO_SECONDS = 2  # the tiny feature extractor's window (Whisper's is 30 s)
 BASE_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -59,7 +68,17 @@ OMNI_TOKENS = {
     "audio_bos_token": "<|audio_bos|>",
     "audio_eos_token": "<|audio_eos|>",
 }
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen2_5_omni")
+# Qwen3-Omni's tokenizer: the same attributes, other tokens.
+QWEN3_OMNI_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "audio_token": "<|audio_pad|>",
+    "vision_bos_token": "<|vision_start|>",
+    "vision_eos_token": "<|vision_end|>",
+    "audio_bos_token": "<|audio_start|>",
+    "audio_eos_token": "<|audio_end|>",
+}
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen2_5_omni", "qwen3_omni")
 WORDS = (
     "Question:", "Option:", "What", "colour", "is", "the", "image", "object", "in", "this", "picture", "seems",
     "to", "depict", "a", "red", "green", "blue", "yellow", "cat", "dog", "ASSISTANT:", "USER:", "system",
@@ -105,7 +124,9 @@ def tiny_model_and_processor(family: str, *, words: Sequence[str] = (), seed: in
     torchvision; without it, the processor is the family's class with a torch-only one
     (:mod:`modkern.apps.frames_video`), saved and loaded back the same way. The Qwen2.5-Omni thinker
     has Qwen2.5-Omni's patch size (14: its processor's video frame sizes assume it), images of 28²
-    pixels and a feature extractor of 8 mel bins over at most :data:`AUDIO_SECONDS` seconds."""
+    pixels and a feature extractor of 8 mel bins over at most :data:`AUDIO_SECONDS` seconds; the
+    Qwen3-Omni thinker Qwen3-Omni's patch size (16) and windows of audio (13 placeholders a second);
+    its processor sizes video frames to at least 128 x 32² pixels, whatever the frames' size."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     return _BUILDERS[family](words, seed, image_size)
@@ -265,6 +286,34 @@ def _tiny_omni(words, seed: int, image_size: int):
     return model, processor
 
 
+def _tiny_qwen3_omni(words, seed: int, image_size: int):
+    import transformers
+
+    tokenizer = build_tokenizer(words, specials=QWEN_SPECIALS[:2], named=QWEN3_OMNI_TOKENS)
+    tid = {name: getattr(tokenizer, name + "_id") for name in QWEN3_OMNI_TOKENS}
+    token_ids = dict(
+        image_token_id=tid["image_token"],
+        video_token_id=tid["video_token"],
+        audio_token_id=tid["audio_token"],
+        vision_start_token_id=tid["vision_bos_token"],
+        vision_end_token_id=tid["vision_eos_token"],
+        audio_start_token_id=tid["audio_bos_token"],
+        audio_end_token_id=tid["audio_eos_token"],
+        user_token_id=tokenizer.convert_tokens_to_ids("user"),
+    )
+    model = tiny_qwen3_omni(len(tokenizer), token_ids, patch_size=QWEN3_OMNI_PATCH_SIZE, seed=seed)
+    image_size = max(image_size, 2 * QWEN3_OMNI_PATCH_SIZE)
+    processor = _processor(
+        transformers.Qwen3OmniMoeProcessor,
+        _qwen_image_processor(image_size, QWEN3_OMNI_PATCH_SIZE),
+        tokenizer,
+        feature_extractor=transformers.WhisperFeatureExtractor(feature_size=8, chunk_length=AUDIO_SECONDS),
+        template=QWEN3_OMNI_TEMPLATE,
+        patch_size=QWEN3_OMNI_PATCH_SIZE,
+    )
+    return model, processor
+
+
 def _processor(cls, image_processor, tokenizer, template=QWEN_TEMPLATE, patch_size: int = 4, **others):
     """``cls`` with ``image_processor``, ``tokenizer`` (+ ``others``), the Qwen chat template and a
     video processor: transformers' (with torchvision), else a :class:`FramesVideoProcessor` in
@@ -294,4 +343,5 @@ _BUILDERS = {
     "qwen2_vl": _tiny_qwen_vl("qwen2_vl"),
     "qwen2_5_vl": _tiny_qwen_vl("qwen2_5_vl"),
     "qwen2_5_omni": _tiny_omni,
+    "qwen3_omni": _tiny_qwen3_omni,
 }

@@ -23,6 +23,11 @@ from modkern.objective.model_hooks import infer_token_ids
 
 # --- models: what they take and how to feed them ---------------------------------------------------
 
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+# model_type of an Omni thinker -> its family (Qwen3-Omni's audio encoder places 13 tokens a second:
+# its items come from data files, through its processor, never from the built-in Collator).
+OMNI_TYPES = {"qwen2_5_omni_thinker": "qwen2_5_omni", "qwen3_omni_moe_thinker": "qwen3_omni"}
+
 
 def config_value(config, name, default=None):
     value = getattr(config, name, None)
@@ -33,7 +38,7 @@ def config_value(config, name, default=None):
 class ModelSpec:
     """What a multimodal checkpoint takes, read from its config."""
 
-    family: str  # "llava", "qwen_vl" or "qwen2_5_omni"
+    family: str  # "llava", "qwen_vl", "qwen2_5_omni" or "qwen3_omni"
     modalities: tuple  # of "image", "video", "audio"
     token_ids: dict  # modality -> placeholder id
     markers: dict  # "vision_start" / "vision_end" / "audio_start" / "audio_end" -> id
@@ -56,14 +61,14 @@ class ModelSpec:
             params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
             params = {}
-        if mt == "llava" or (mt not in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker") and "image" in tid):
+        if mt == "llava" or (mt not in (*QWEN_VL_TYPES, *OMNI_TYPES) and "image" in tid):
             vision = config.vision_config
             if "image" not in tid or not hasattr(vision, "image_size"):
                 raise DiagnoseError(f"{type(model).__name__}: not a LLaVA-style model (image_token_id, vision_config)")
             n = (vision.image_size // vision.patch_size) ** 2
             n += 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
             return cls("llava", ("image",), {"image": tid["image"]}, {}, vision.image_size, n)
-        if mt in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker"):
+        if mt in (*QWEN_VL_TYPES, *OMNI_TYPES):
             vision = config.vision_config
             ps, ms, tp = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
             size = 2 * ps * ms
@@ -79,7 +84,7 @@ class ModelSpec:
                 spatial_merge_size=ms,
                 needs_mm_token_type_ids="mm_token_type_ids" in params,
             )
-            if mt != "qwen2_5_omni_thinker":
+            if mt not in OMNI_TYPES:
                 return cls("qwen_vl", ("image",), {"image": tid["image"]}, markers, **common)
             markers.update(
                 audio_start=config_value(config, "audio_start_token_id", 151647),
@@ -88,7 +93,7 @@ class ModelSpec:
             ids = {k: tid[k] for k in ("image", "video", "audio")}
             mel = config.audio_config.num_mel_bins
             return cls(
-                "qwen2_5_omni",
+                OMNI_TYPES[mt],
                 ("image", "video", "audio"),
                 ids,
                 markers,
@@ -98,7 +103,7 @@ class ModelSpec:
             )
         raise DiagnoseError(
             f"{type(model).__name__} (model_type {mt!r}): diagnose supports LLaVA, Qwen2-VL / Qwen2.5-VL and the "
-            "Qwen2.5-Omni thinker"
+            "Qwen2.5-Omni / Qwen3-Omni thinkers"
         )
 
     @property
@@ -129,6 +134,8 @@ class Collator:
     """
 
     def __init__(self, spec: ModelSpec, tokenizer, pad_token_id: Optional[int] = None):
+        if spec.family == "qwen3_omni":
+            raise DiagnoseError("the Qwen3-Omni thinker is diagnosed on a data file (--data), through its processor")
         self.spec = spec
         self.encode_text = text_encoder(tokenizer)
         self.bos = getattr(tokenizer, "bos_token_id", None)
