@@ -156,8 +156,8 @@ def test_single_row_all_masked_and_empty(backend):
 def test_same_as_recomputing_backward(backend):
     # Both modes compute the same quantities: the losses and gradients agree to fp32 rounding
     # (relative to the largest entry: entries where P - Q cancels differ in their last bits).
-    p = _logits((6, 1000), torch.float32)
-    q = _logits((6, 1000), torch.float32)
+    p = _logits((3, 333), torch.float32)
+    q = _logits((3, 333), torch.float32)
     out = {}
     for mode in ("backward", "forward"):
         p.grad = q.grad = None
