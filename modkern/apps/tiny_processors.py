@@ -275,15 +275,9 @@ def _tiny_omni(words, seed: int, image_size: int):
     )
     config.vision_start_token_id, config.vision_end_token_id = tid["vision_bos_token"], tid["vision_eos_token"]
     config.audio_start_token_id, config.audio_end_token_id = tid["audio_bos_token"], tid["audio_eos_token"]
-    processor = _processor(
-        transformers.Qwen2_5OmniProcessor,
-        _qwen_image_processor(image_size, OMNI_PATCH_SIZE),
-        tokenizer,
-        feature_extractor=transformers.WhisperFeatureExtractor(feature_size=8, chunk_length=AUDIO_SECONDS),
-        template=OMNI_TEMPLATE,
-        patch_size=OMNI_PATCH_SIZE,
+    return model, _omni_processor(
+        transformers.Qwen2_5OmniProcessor, tokenizer, image_size, OMNI_PATCH_SIZE, OMNI_TEMPLATE
     )
-    return model, processor
 
 
 def _tiny_qwen3_omni(words, seed: int, image_size: int):
@@ -303,15 +297,24 @@ def _tiny_qwen3_omni(words, seed: int, image_size: int):
     )
     model = tiny_qwen3_omni(len(tokenizer), token_ids, patch_size=QWEN3_OMNI_PATCH_SIZE, seed=seed)
     image_size = max(image_size, 2 * QWEN3_OMNI_PATCH_SIZE)
-    processor = _processor(
-        transformers.Qwen3OmniMoeProcessor,
-        _qwen_image_processor(image_size, QWEN3_OMNI_PATCH_SIZE),
-        tokenizer,
-        feature_extractor=transformers.WhisperFeatureExtractor(feature_size=8, chunk_length=AUDIO_SECONDS),
-        template=QWEN3_OMNI_TEMPLATE,
-        patch_size=QWEN3_OMNI_PATCH_SIZE,
+    processor = _omni_processor(
+        transformers.Qwen3OmniMoeProcessor, tokenizer, image_size, QWEN3_OMNI_PATCH_SIZE, QWEN3_OMNI_TEMPLATE
     )
     return model, processor
+
+
+def _omni_processor(cls, tokenizer, image_size: int, patch_size: int, template: str):
+    """An Omni processor ``cls``: Qwen image processor of ``patch_size`` patches, 8-bin Whisper features."""
+    import transformers
+
+    return _processor(
+        cls,
+        _qwen_image_processor(image_size, patch_size),
+        tokenizer,
+        feature_extractor=transformers.WhisperFeatureExtractor(feature_size=8, chunk_length=AUDIO_SECONDS),
+        template=template,
+        patch_size=patch_size,
+    )
 
 
 def _processor(cls, image_processor, tokenizer, template=QWEN_TEMPLATE, patch_size: int = 4, **others):
