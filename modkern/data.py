@@ -183,7 +183,7 @@ def check_sample(raw, base_dir: str, line: int = 0) -> Sample:
 
 
 def _av_sample(raw: dict, base_dir: str, line: int, question: str, answer: str, options: dict) -> Sample:
-    from modkern.media import VIDEO_FORMATS, check_video_format
+    from modkern.media import VIDEO_FORMATS, check_video, wav_layout
 
     modality = raw.get("modality")
     if modality not in AV_MODALITIES:
@@ -193,16 +193,37 @@ def _av_sample(raw: dict, base_dir: str, line: int, question: str, answer: str, 
     video = _media_path(raw.get("video"), base_dir, "video", allow_dir=True)
     if video is None:
         raise ValueError(f"an {AV_TYPE} sample needs a 'video' ({VIDEO_FORMATS})")
-    check_video_format(video, raw["video"])
+    check_video(video, raw["video"])
     audio = _media_path(raw.get("audio"), base_dir, "audio", allow_dir=False)
     if audio is not None:
-        _check_wav(raw["audio"], audio)
+        wav_layout(audio, raw["audio"])
     labels = {}
     for stream in ("audio", "visual"):
         value = raw.get(f"{stream}_label")
         if value is not None:
             labels[stream] = _text({f"{stream}_label": value}, f"{stream}_label")
-    return Sample(AV_MODALITIES[modality], question, answer, None, (), options, line, video, audio, labels)
+    kind = AV_MODALITIES[modality]
+    _check_av_answer(kind, answer, options, labels)
+    return Sample(kind, question, answer, None, (), options, line, video, audio, labels)
+
+
+def _check_av_answer(kind: str, answer: str, options: dict, labels: dict) -> None:
+    """The answer is one of the question's options (its letter or its text), and what the queried
+    stream shows, where given, is the answer: the copies derive their answers from the labels."""
+    answer_text = answer.strip()
+    if options:
+        texts = {t.strip().casefold() for t in options.values()}
+        if answer_text not in options and answer_text.casefold() not in texts:
+            listed = ", ".join(f"{k}: {t}" for k, t in options.items())
+            raise ValueError(f"'answer' {answer!r} is neither an option's letter nor its text ({listed})")
+        answer_text = options.get(answer_text, answer_text)
+    stream = {"av_audio": "audio", "av_visual": "visual"}.get(kind)
+    label = labels.get(stream)
+    if label is not None and label.strip().casefold() != answer_text.casefold():
+        raise ValueError(
+            f"'{stream}_label' {label!r} contradicts the answer {answer!r}: the question asks about the "
+            f"{stream} stream, so its answer is what that stream shows"
+        )
 
 
 def _media_path(value, base_dir: str, key: str, *, allow_dir: bool) -> Optional[str]:
@@ -214,17 +235,6 @@ def _media_path(value, base_dir: str, key: str, *, allow_dir: bool) -> Optional[
     if not (os.path.isfile(path) or (allow_dir and os.path.isdir(path))):
         raise ValueError(f"{key} {value!r} not found ({path})")
     return path
-
-
-def _check_wav(value: str, path: str) -> None:
-    import wave
-
-    try:
-        with wave.open(path, "rb") as f:
-            if f.getnframes() == 0:
-                raise ValueError(f"audio {value!r} has no samples")
-    except (wave.Error, EOFError) as exc:
-        raise ValueError(f"audio {value!r} is not a readable PCM WAV file ({exc})") from None
 
 
 def _text(raw: dict, key: str) -> str:

@@ -7,9 +7,10 @@
   ``[T, 3, H, W]`` float32 in [0, 1]; every frame must have the first frame's size. Compressed clips
   (MP4, AVI, MOV, MKV, WebM) need a video decoder (PyAV, decord, torchcodec) that modkern does not
   depend on: extract their frames first (e.g. ``ffmpeg -i clip.mp4 -vf fps=2 clip/%04d.png``).
-* Audio: **WAV** files of integer PCM (8, 16, 24 or 32 bits), any number of channels (averaged to
-  mono), any sampling rate (resampled linearly to the one asked for, the feature extractor's), as a
-  float32 waveform in [-1, 1] (Python's own ``wave`` module: nothing to install).
+* Audio: **WAV** files of integer PCM (8, 16, 24 or 32 bits) or 32-bit float, plain or extensible
+  headers, any number of channels (averaged to mono), any sampling rate (resampled linearly to the
+  one asked for, the feature extractor's), as a float32 waveform in [-1, 1] (the RIFF chunks read
+  here: nothing to install).
 
 Every reader raises a :class:`ValueError` naming the file and what is wrong with it.
 """
@@ -19,11 +20,13 @@ from __future__ import annotations
 import os
 import re
 import wave
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+WAV_FORMATS = "integer PCM of 8, 16, 24 or 32 bits or 32-bit float"
 VIDEO_FORMATS = "a folder of frame images, or an animated GIF / WebP / PNG or a multi-page TIFF"
 COMPRESSED_VIDEO = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -60,12 +63,45 @@ def _natural_key(name: str):
 
 
 def check_video_format(path: str, name: str = "") -> None:
-    """A ValueError for a compressed clip (``name``: how the data file writes ``path``)."""
-    if path.lower().endswith(COMPRESSED_VIDEO):
+    """A ValueError for a compressed clip file (``name``: how the data file writes ``path``)."""
+    if path.lower().endswith(COMPRESSED_VIDEO) and not os.path.isdir(path):
         raise ValueError(
             f"video {name or path!r}: compressed clips need a video decoder modkern does not install; give "
             f"{VIDEO_FORMATS} (e.g. ffmpeg -i clip.mp4 -vf fps=2 clip/%04d.png)"
         )
+
+
+def _frame_files(path: str) -> list:
+    names = sorted((n for n in os.listdir(path) if not n.startswith(".")), key=_natural_key)
+    return [os.path.join(path, n) for n in names]
+
+
+def check_video(path: str, name: str = "") -> int:
+    """The number of frames of the video at ``path``, from the image headers only (no pixel is
+    decoded): a ValueError naming ``name`` for a compressed clip, an unreadable file or frame, no
+    frames or frames of different sizes - what :func:`load_video` would find later."""
+    from PIL import Image, UnidentifiedImageError
+
+    check_video_format(path, name)
+    shown = repr(name or path)
+    try:
+        if os.path.isdir(path):
+            sizes = set()
+            files = _frame_files(path)
+            for file in files:
+                with Image.open(file) as img:
+                    sizes.add(img.size)
+            count = len(files)
+        else:
+            with Image.open(path) as img:
+                sizes, count = {img.size}, getattr(img, "n_frames", 1)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"video {shown}: not readable as {VIDEO_FORMATS} ({type(exc).__name__}: {exc})") from None
+    if count == 0:
+        raise ValueError(f"video {shown}: no frames")
+    if len(sizes) > 1:
+        raise ValueError(f"video {shown}: frames of different sizes {sorted(sizes)}")
+    return count
 
 
 def load_video(path: str) -> Tensor:
@@ -75,10 +111,9 @@ def load_video(path: str) -> Tensor:
     check_video_format(path)
     try:
         if os.path.isdir(path):
-            names = sorted((n for n in os.listdir(path) if not n.startswith(".")), key=_natural_key)
             frames = []
-            for name in names:
-                with Image.open(os.path.join(path, name)) as img:
+            for file in _frame_files(path):
+                with Image.open(file) as img:
                     frames.append(_rgb_tensor(img))
         else:
             with Image.open(path) as img:
@@ -93,31 +128,87 @@ def load_video(path: str) -> Tensor:
     return torch.stack(frames)
 
 
-def load_wav(path: str, sampling_rate: int) -> Tensor:
-    """The WAV file at ``path`` as a mono float32 waveform in [-1, 1] at ``sampling_rate`` Hz
-    (channels averaged; resampled linearly when the file has another rate)."""
+WAVE_PCM, WAVE_FLOAT, WAVE_EXTENSIBLE = 1, 3, 0xFFFE
+
+
+@dataclass(frozen=True)
+class WavLayout:
+    """Where a WAV file's samples are and what they are (``encoding``: :data:`WAVE_PCM` or
+    :data:`WAVE_FLOAT`, the sub-format of an extensible header already resolved)."""
+
+    encoding: int
+    channels: int
+    rate: int
+    width: int  # bytes a sample (of one channel)
+    offset: int
+    size: int
+
+
+def wav_layout(path: str, name: str = "") -> WavLayout:
+    """The layout of the WAV file at ``path`` from its RIFF chunks: integer PCM (8-32 bits) or 32-bit
+    float, plain or ``WAVE_FORMAT_EXTENSIBLE`` (the header ffmpeg / sox write for > 2 channels or 24
+    bits, which Python's ``wave`` module reads only from 3.12). A ValueError naming ``name`` (how the
+    data file writes ``path``) and what is wrong."""
+    shown = repr(name or path)
+    fmt, data = None, None
     try:
-        with wave.open(path, "rb") as f:
-            width, channels, rate, n = f.getsampwidth(), f.getnchannels(), f.getframerate(), f.getnframes()
-            raw = f.readframes(n)
-    except (wave.Error, EOFError, OSError) as exc:
-        raise ValueError(f"audio {path!r}: not a readable PCM WAV file ({exc})") from None
-    if n == 0:
-        raise ValueError(f"audio {path!r}: no samples")
-    if width == 1:  # 8-bit WAV is unsigned
-        samples = torch.frombuffer(bytearray(raw), dtype=torch.uint8).float().sub_(128.0).div_(128.0)
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                raise ValueError(f"audio {shown}: not a WAV file (no RIFF/WAVE header)")
+            while data is None:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    break
+                size = int.from_bytes(chunk[4:], "little")
+                if chunk[:4] == b"fmt ":
+                    fmt = f.read(size)
+                    f.seek(size & 1, os.SEEK_CUR)
+                elif chunk[:4] == b"data":
+                    start = f.tell()
+                    data = (start, min(size, f.seek(0, os.SEEK_END) - start))  # streamed files: size 2^32 - 1
+                else:
+                    f.seek(size + (size & 1), os.SEEK_CUR)
+    except OSError as exc:
+        raise ValueError(f"audio {shown}: cannot read ({exc.strerror or exc})") from None
+    if fmt is None or len(fmt) < 16 or data is None:
+        raise ValueError(f"audio {shown}: not a readable WAV file (no {'fmt' if fmt is None else 'data'} chunk)")
+    tag, channels = int.from_bytes(fmt[0:2], "little"), int.from_bytes(fmt[2:4], "little")
+    rate, block = int.from_bytes(fmt[4:8], "little"), int.from_bytes(fmt[12:14], "little")
+    if tag == WAVE_EXTENSIBLE and len(fmt) >= 26:
+        tag = int.from_bytes(fmt[24:26], "little")  # the sub-format GUID starts with the format tag
+    width = block // channels if channels else 0
+    if tag not in (WAVE_PCM, WAVE_FLOAT) or channels == 0 or rate == 0 or (tag == WAVE_FLOAT and width != 4):
+        raise ValueError(f"audio {shown}: format {tag} with {channels} channel(s) at {rate} Hz is not {WAV_FORMATS}")
+    if width not in (1, 2, 3, 4):
+        raise ValueError(f"audio {shown}: {8 * width}-bit samples are not {WAV_FORMATS}")
+    if data[1] < block:
+        raise ValueError(f"audio {shown}: no samples")
+    return WavLayout(tag, channels, rate, width, data[0], data[1] - data[1] % block)
+
+
+def load_wav(path: str, sampling_rate: int) -> Tensor:
+    """The WAV file at ``path`` (:func:`wav_layout`) as a mono float32 waveform in [-1, 1] at
+    ``sampling_rate`` Hz (channels averaged; resampled linearly when the file has another rate)."""
+    layout = wav_layout(path)
+    with open(path, "rb") as f:
+        f.seek(layout.offset)
+        raw = bytearray(f.read(layout.size))
+    width = layout.width
+    if layout.encoding == WAVE_FLOAT:
+        samples = torch.frombuffer(raw, dtype=torch.float32).clone()
+    elif width == 1:  # 8-bit WAV is unsigned
+        samples = torch.frombuffer(raw, dtype=torch.uint8).float().sub_(128.0).div_(128.0)
     elif width in (2, 4):
         dtype = torch.int16 if width == 2 else torch.int32
-        samples = torch.frombuffer(bytearray(raw), dtype=dtype).double().div_(2.0 ** (8 * width - 1)).float()
-    elif width == 3:  # 24-bit little-endian: sign-extend each 3-byte sample
-        b = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, 3).int()
+        samples = torch.frombuffer(raw, dtype=dtype).double().div_(2.0 ** (8 * width - 1)).float()
+    else:  # 24-bit little-endian: sign-extend each 3-byte sample
+        b = torch.frombuffer(raw, dtype=torch.uint8).view(-1, 3).int()
         value = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
         samples = torch.where(value >= 2**23, value - 2**24, value).float().div_(2.0**23)
-    else:
-        raise ValueError(f"audio {path!r}: {8 * width}-bit samples are not supported (8, 16, 24 or 32-bit PCM)")
-    wav = samples.view(-1, channels).mean(dim=1)
-    if rate != sampling_rate:
-        length = max(1, round(wav.numel() * sampling_rate / rate))
+    wav = samples.view(-1, layout.channels).mean(dim=1)
+    if layout.rate != sampling_rate:
+        length = max(1, round(wav.numel() * sampling_rate / layout.rate))
         wav = F.interpolate(wav.view(1, 1, -1), size=length, mode="linear", align_corners=False).view(-1)
     return wav.contiguous()
 

@@ -3,6 +3,7 @@ ref_index pairing only where the answer is unchanged, and the robust objective o
 perturbing the stream the question does not ask about."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -12,9 +13,11 @@ from modkern.apps.diagnose.models import ModelSpec
 from modkern.apps.tiny_models import tiny_qwen2_5_omni
 from modkern.objective.alignment import (
     ALIGNMENT_POLICY,
+    CAPTION_TEMPLATE,
     AlignmentAugmenter,
     AlignmentConfig,
     AVSample,
+    caption_label,
 )
 from modkern.objective.augment import RobustCollator
 from modkern.objective.robust import RobustConfig, robust_loss
@@ -112,3 +115,53 @@ def test_av_demo_cli_prints_its_table(tmp_path, capsys):
         assert set(method) == {"clean", "misaligned", "removed_audio", "zeroed_frames", "caption_held_out"}
         assert all(0 <= cell["mean"] <= 1 and cell["sd"] >= 0 for cell in method.values())
     assert main(["train", "--av", "--quick"]) == 2
+
+
+def _sample(kind, answer, visual, audio, options=None, **kw):
+    video = torch.rand(2, 3, 4, 4)
+    return AVSample("q", kind, video, torch.rand(8), answer, visual, audio, options or {}, **kw)
+
+
+OPTIONS = {"A": "red", "B": "green", "C": "blue"}
+
+
+def test_misleading_caption_names_the_other_streams_content():
+    rng = random.Random(0)
+    # a video question is told the sound's content, a sound question the frames', where they differ
+    assert caption_label("av_visual", "red", "red", "green", ["red", "green", "blue"], rng) == "green"
+    assert caption_label("av_audio", "green", "red", "green", ["red", "green", "blue"], rng) == "red"
+    # a question about both: the sound claimed to show what the frames show
+    assert caption_label("av_both", "no", "blue", "red", [], rng) == "blue"
+    # aligned streams (or unknown content): another candidate, never the true content
+    picks = {caption_label("av_visual", "red", "red", "red", ["red", "green", "blue"], rng) for _ in range(40)}
+    assert picks == {"green", "blue"}
+    assert caption_label("av_both", "yes", "red", "red", ["red"], rng) is None
+    assert caption_label("av_both", "yes", None, None, ["red", "green"], rng) is None
+    aug = AlignmentAugmenter(AlignmentConfig(copies=("misleading_caption",)), seed=0)
+    copy = aug.make("misleading_caption", [_sample("av_visual", "A", "red", "blue", OPTIONS)], 0)
+    assert copy.context == CAPTION_TEMPLATE.format(stream="video", label="blue") and copy.answer == "A"
+
+
+def test_answer_for_writes_the_answer_as_the_sample_does():
+    by_letter = _sample("av_audio", "B", "red", "green", OPTIONS)
+    by_text = _sample("av_audio", "green", "red", "green", OPTIONS)
+    assert by_letter.answer_for("Blue ") == "C" and by_text.answer_for("Blue ") == "blue"
+    assert by_letter.answer_for("purple") is None and by_letter.answer_for(None) is None
+    assert _sample("av_audio", "green", "red", "green").answer_for("blue") == "blue"  # a free answer
+
+
+def test_misaligned_donor_shows_known_other_content():
+    # the sound question of clip 0 (green sound): clip 1's sound is unknown, clip 2's green: no donor
+    clips = [
+        _sample("av_audio", "B", "red", "green", OPTIONS),
+        _sample("av_audio", "B", "red", None, OPTIONS),
+        _sample("av_audio", "B", "blue", "green", OPTIONS),
+    ]
+    aug = AlignmentAugmenter(AlignmentConfig(copies=("misaligned_audio",)), seed=0)
+    assert aug.make("misaligned_audio", clips, 0) is None
+    clips.append(_sample("av_visual", "A", "red", "blue", OPTIONS))
+    copy = aug.make("misaligned_audio", clips, 0)
+    assert copy.audio is clips[3].audio and copy.video is clips[0].video
+    assert copy.audio_label == "blue" and copy.answer == "C"  # the option naming the donor's sound
+    paired = aug.make("misaligned_audio", clips, 3)  # a video question keeps its answer, new sound
+    assert paired.answer == "A" and paired.audio_label == "green" and paired.video is clips[3].video

@@ -106,10 +106,11 @@ def test_data_file_conditions_change_only_what_they_say(av_file):
         assert it.kind == "av_audio" and not v.video.any() and v.audio is it.audio
     for it, v in variants("removed_audio"):
         assert it.kind == "av_visual" and v.audio is None and v.video is it.video
-    for it, v in variants("misleading_caption"):
-        wrong = next(text for _, text in it.options if v.context == CAPTION_TEMPLATE.format(
-            stream=CAPTION_STREAM[it.kind], label=text))  # fmt: skip
-        assert wrong != it.label and v.question == it.question and v.video is it.video
+    for it, v in variants("misleading_caption"):  # the other stream's content (both: the frames') as the queried's
+        other = it.stream_label("audio" if it.kind == "av_visual" else "video")
+        assert v.context == CAPTION_TEMPLATE.format(stream=CAPTION_STREAM[it.kind], label=other)
+        assert other != it.stream_label("video" if it.kind == "av_visual" else "audio")
+        assert v.question == it.question and v.video is it.video and v.answer == it.answer
 
 
 def test_a_diagnosis_variant_is_the_changed_sample_processed_directly(av_file, family):
@@ -144,3 +145,21 @@ def test_qwen3_omni_is_diagnosed_on_data_files(tmp_path, capsys):
     assert main(["diagnose", "--model", ckpt, "--out", str(tmp_path / "d"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "Qwen3-Omni thinker is diagnosed on a data file (--data)" in err and "\n" not in err
+
+
+def test_alignment_copies_from_the_command_line(omni_dir, av_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["train", "--model", omni_dir, "--out", str(out), "--max-steps", "1", "--batch-size", "7"]
+    copies = "misleading_caption,zeroed_frames"
+    assert main([*args, "--data", av_file, "--av-copies", copies, "--no-video-answer", "blue", "--no-progress"]) == 0
+    settings = json.loads((out / "finetune.json").read_text())["settings"]["alignment"]
+    assert settings["copies"] == ["misleading_caption", "zeroed_frames"] and settings["no_video_answer"] == "blue"
+    capsys.readouterr()
+    assert main([*args, "--data", av_file, "--av-copies", "swap_all"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--av-copies: copies: unknown alignment copies ['swap_all']" in err and "\n" not in err
+    images = write_data(tmp_path, n_per_kind=1)
+    assert main([*args, "--data", images, "--no-audio-answer", "none"]) == 2
+    assert "apply to audio-video data files" in capsys.readouterr().err
+    assert main(["train", "--av-copies", copies]) == 2
+    assert "--av-copies need --data FILE" in capsys.readouterr().err

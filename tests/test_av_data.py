@@ -5,16 +5,20 @@ the answer rule of each copy kind, each copy the changed sample processed on its
 
 import json
 import math
+import pathlib
+import re
+import struct
 
 import pytest
 import torch
-from tiny_models import write_clip
+from PIL import Image
+from tiny_models import AV_WORDS, write_av_data, write_clip
 
 from modkern.apps.frames_video import load_processor
 from modkern.apps.tiny_processors import save_tiny_checkpoint, tiny_model_and_processor
 from modkern.data import DataFileError, read_samples
-from modkern.media import load_video, load_wav
-from modkern.objective.alignment import AlignmentAugmenter, AlignmentConfig
+from modkern.media import load_video, load_wav, wav_layout
+from modkern.objective.alignment import ALIGNMENT_COPIES, AlignmentAugmenter, AlignmentConfig
 from modkern.processing import ChatProcessor, processor_collator, to_sample
 
 WORDS = ["What", "colour", "is", "the", "sound", "video", "red", "green", "caption"]
@@ -84,18 +88,68 @@ def _media_rows(batch, samples):
     return rows
 
 
+def _origins(config, samples, seed):
+    """The clean sample of each copy :class:`AlignmentAugmenter` makes (its order: samples x copies)."""
+    aug = AlignmentAugmenter(config, seed=seed)
+    return [i for i in range(len(samples)) for name in config.copies if aug.make(name, samples, i) is not None]
+
+
+def _changed_row(tag, row, rows, copy, samples, options):
+    """The data-file row of the changed sample, by the rule of ``tag`` (a test-only port of it)."""
+    row = dict(row)
+    stream = {"misaligned_audio": "audio", "misaligned_video": "video"}.get(tag)
+    if stream is not None:  # the donor: the clip whose stream the copy carries, showing something else
+        label = "audio_label" if stream == "audio" else "visual_label"
+        donor = next(j for j, s in enumerate(samples) if torch.equal(getattr(s, stream), getattr(copy, stream)))
+        assert rows[donor][label] != row[label]
+        row[stream], row[label] = rows[donor][stream], rows[donor][label]
+        if QUERIED_BY[row["modality"]] == stream:  # the answer follows the queried stream
+            row["answer"] = next(k for k, text in options.items() if text == rows[donor][label])
+    elif tag == "removed_audio":
+        assert row["modality"] == "visual"
+        del row["audio"]
+    elif tag == "zeroed_frames":
+        assert row["modality"] == "audio"
+        row["video"] = "black"
+    else:  # the caption names the other stream's content as the queried one's (for both: the frames')
+        named, what = ("audio_label", "video") if row["modality"] == "visual" else ("visual_label", "sound")
+        row["question"] = f"caption : the {what} is {row[named]} . {row['question']}"
+    return row
+
+
+QUERIED_BY = {"audio": "audio", "visual": "video", "both": None}
+
+
 @pytest.mark.parametrize("family", OMNI_FAMILIES)
-def test_copies_are_the_changed_samples_processed_alone(tmp_path, family):
-    samples = [to_sample(s) for s in read_samples(_data_file(tmp_path)).samples]
-    _, processor = tiny_model_and_processor(family, words=WORDS)
-    config = AlignmentConfig()
+def test_each_copy_is_its_changed_sample_written_as_a_data_file_row(tmp_path, family):
+    """Every alignment copy of clips whose sound and frames show different colours: its answer by the
+    rule of its kind, its pairing, and its processed row identical to the changed sample written as
+    a row of a data file (the donor's WAV / frames file, no audio, black frames, the caption) and
+    processed on its own."""
+    path = write_av_data(tmp_path)
+    rows = [json.loads(line) for line in open(path)]
+    data = read_samples(path).samples
+    samples = [to_sample(s) for s in data]
+    _, processor = tiny_model_and_processor(family, words=AV_WORDS)
+    config = AlignmentConfig(copies=ALIGNMENT_COPIES)
     batch = processor_collator(processor, augment=config, seed=3, return_tags=True)(samples)
-    copies, _ = AlignmentAugmenter(config, seed=3)(samples)  # the collator's copies: same seed, same draws
-    rows = samples + copies
-    assert batch["tags"] == ["clean"] * len(samples) + [c.tag for c in copies] and len(copies) >= 8
-    assert {c.tag for c in copies} == set(config.copies)
+    copies, sources = AlignmentAugmenter(config, seed=3)(samples)  # the collator's copies: same seed
+    assert batch["tags"] == ["clean"] * len(samples) + [c.tag for c in copies]
+    assert {c.tag for c in copies} == set(ALIGNMENT_COPIES)
+    (tmp_path / "black").mkdir()
+    for k in range(2):
+        Image.new("RGB", (20, 24), (0, 0, 0)).save(tmp_path / "black" / f"{k}.png")
+    changed = [
+        _changed_row(c.tag, rows[i], rows, c, samples, data[i].options)
+        for c, i in zip(copies, _origins(config, samples, 3))
+    ]
+    for c, src, row, i in zip(copies, sources, changed, _origins(config, samples, 3)):
+        assert c.answer == row["answer"] and src == (i if row["answer"] == rows[i]["answer"] else -1), c.tag
+    (tmp_path / "changed.jsonl").write_text("\n".join(json.dumps(r) for r in changed))
+    direct = [to_sample(s) for s in read_samples(tmp_path / "changed.jsonl").samples]
     chat = ChatProcessor(processor)
-    for r, (sample, (patches, feature)) in enumerate(zip(rows, _media_rows(batch, rows))):
+    all_rows = samples + direct
+    for r, (sample, (patches, feature)) in enumerate(zip(all_rows, _media_rows(batch, all_rows))):
         alone = chat([sample])
         keep = batch["attention_mask"][r].bool()
         assert torch.equal(batch["input_ids"][r][keep], alone["input_ids"][0]), (r, batch["tags"][r])
@@ -118,3 +172,63 @@ def test_av_checkpoint_round_trip_and_bad_lines(tmp_path, family):
     bad.write_text(json.dumps(dict(type="audio_video", modality="smell", video="x", question="q", answer="a")))
     with pytest.raises(DataFileError, match=r"bad.jsonl:1: 'modality'"):
         read_samples(bad)
+
+
+def _riff(fmt: bytes, data: bytes, extra: bytes = b"") -> bytes:
+    chunks = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + extra + b"data" + struct.pack("<I", len(data))
+    return b"RIFF" + struct.pack("<I", len(chunks) + len(data)) + chunks + data
+
+
+def test_wav_extensible_24_bit_stereo_and_float(tmp_path):
+    t = torch.arange(800) / 8000.0
+    left, right = 0.5 * torch.sin(2 * math.pi * 440 * t), torch.full((800,), -0.25)
+    ints = torch.stack([left, right], 1).mul(2**23).round().long().flatten().tolist()
+    pcm24 = b"".join(struct.pack("<i", v)[:3] for v in ints)
+    guid_pcm = struct.pack("<H", 1) + bytes.fromhex("000000001000800000aa00389b71")
+    fmt = struct.pack("<HHIIHHHHI", 0xFFFE, 2, 8000, 8000 * 6, 6, 24, 22, 24, 3) + guid_pcm
+    odd = b"LIST" + struct.pack("<I", 3) + b"abc\x00"  # a chunk of odd size before the samples (padded)
+    (tmp_path / "ext.wav").write_bytes(_riff(fmt, pcm24, odd))
+    wav = load_wav(str(tmp_path / "ext.wav"), 8000)
+    torch.testing.assert_close(wav, (left + right) / 2, rtol=0, atol=2.0**-22)
+    assert load_wav(str(tmp_path / "ext.wav"), 16000).shape == (1600,)  # resampled
+    fmt = struct.pack("<HHIIHH", 3, 1, 8000, 8000 * 4, 4, 32)
+    (tmp_path / "float.wav").write_bytes(_riff(fmt, left.numpy().tobytes()))
+    assert torch.equal(load_wav(str(tmp_path / "float.wav"), 8000), left)
+    (tmp_path / "alaw.wav").write_bytes(_riff(struct.pack("<HHIIHH", 6, 1, 8000, 8000, 1, 8), b"\x01" * 10))
+    with pytest.raises(ValueError, match="'alaw.wav': format 6"):
+        wav_layout(str(tmp_path / "alaw.wav"), "alaw.wav")
+    (tmp_path / "text.wav").write_text("not audio")
+    with pytest.raises(ValueError, match="not a WAV file"):
+        load_wav(str(tmp_path / "text.wav"), 8000)
+
+
+def _rows(path, **changes):
+    """A copy of the data file at ``path`` with the changes of its lines (``l1=dict(...)``)."""
+    rows = [json.loads(line) for line in open(path)]
+    for line, change in changes.items():
+        rows[int(line[1:]) - 1].update(change)
+    edited = path.parent / "edited.jsonl"
+    edited.write_text("\n".join(json.dumps(r) for r in rows))
+    return edited
+
+
+def test_data_file_checks_media_and_answers_up_front(tmp_path):
+    av = pathlib.Path(write_av_data(tmp_path))
+    (tmp_path / "bad.gif").write_bytes(b"GIF89a garbage")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "clip.mp4").mkdir()  # a folder of frames named like a clip is a folder of frames
+    Image.new("RGB", (20, 24)).save(tmp_path / "clip.mp4" / "0.png")
+    cases = {
+        "bad.gif": (dict(video="bad.gif"), "video 'bad.gif': not readable"),
+        "empty": (dict(video="empty"), "video 'empty': no frames"),
+        "answer": (dict(answer="Z"), "'answer' 'Z' is neither an option's letter nor its text (A: red"),
+        "label": (dict(visual_label="blue"), "'visual_label' 'blue' contradicts the answer 'A'"),
+    }
+    for name, (change, message) in cases.items():
+        path = _rows(av, l1=change)
+        with pytest.raises(DataFileError, match=re.escape(f"edited.jsonl:1: {message}")):
+            read_samples(path)
+        kept = read_samples(path, skip_bad=True)
+        assert [n for n, _ in kept.skipped] == [1] and len(kept.samples) == 6, name
+    ok = read_samples(_rows(av, l1=dict(video="clip.mp4", answer="red"))).samples[0]
+    assert ok.video.endswith("clip.mp4") and ok.answer == "red"  # an option's text is an answer too

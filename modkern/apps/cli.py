@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -27,6 +28,7 @@ from modkern.apps import av_demo, demo
 from modkern.apps.diagnose import DiagnoseError, diagnose, diagnose_compare
 from modkern.apps.finetune import FinetuneConfig, FinetuneError, run_finetune
 from modkern.data import DataFileError, parse_mix
+from modkern.objective.alignment import ALIGNMENT_COPIES, DEFAULT_COPIES, AlignmentConfig
 from modkern.objective.config import PRESETS, RobustConfig
 from modkern.ops import dispatch
 from modkern.processing import ProcessorError
@@ -215,6 +217,19 @@ def _add_finetune_options(g):
     g.add_argument("--lam", type=float, default=None, help="consistency weight (RobustConfig.lam)")
     g.add_argument("--divergence", default=None, choices=("kl", "js"), help="consistency divergence")
     g.add_argument("--eval", default=None, dest="eval_data", help="data file evaluated (clean CE) after each epoch")
+    g.add_argument(
+        "--av-copies",
+        default=None,
+        help="audio-video data: the alignment copies, comma-separated, from "
+        + ", ".join(ALIGNMENT_COPIES)
+        + " (default: the first four)",
+    )
+    g.add_argument(
+        "--no-audio-answer", default=None, help="audio-video data: the answer of a sound question without sound"
+    )
+    g.add_argument(
+        "--no-video-answer", default=None, help="audio-video data: the answer of a video question without frames"
+    )
     g.add_argument("--skip-bad", action="store_true", help="leave out bad samples of the data files (and say how many)")
     g.add_argument("--resume", default=None, help="resume from a Trainer checkpoint directory, or 'last'")
     g.add_argument("--save-steps", type=positive_int, default=500, help="a Trainer checkpoint every N steps")
@@ -223,7 +238,20 @@ def _add_finetune_options(g):
     g.add_argument("--deepspeed", default=None, help="a DeepSpeed config file (e.g. ZeRO-3)")
 
 
-FINETUNE_ONLY = ("max_steps", "mix", "preset", "epsilon", "alpha", "lam", "divergence", "eval_data", "resume")
+FINETUNE_ONLY = (
+    "max_steps",
+    "mix",
+    "preset",
+    "epsilon",
+    "alpha",
+    "lam",
+    "divergence",
+    "eval_data",
+    "resume",
+    "av_copies",
+    "no_audio_answer",
+    "no_video_answer",
+)
 DEMO_ONLY = ("seeds", "threads")
 
 
@@ -278,6 +306,19 @@ def _robust_config(args) -> RobustConfig:
         raise CliError(f"robust objective: {exc}") from None
 
 
+def _alignment_config(args) -> Optional[AlignmentConfig]:
+    """The alignment copies the options ask for (None: none given, the default copies)."""
+    if args.av_copies is None and args.no_audio_answer is None and args.no_video_answer is None:
+        return None
+    copies = (
+        DEFAULT_COPIES if args.av_copies is None else tuple(c.strip() for c in args.av_copies.split(",") if c.strip())
+    )
+    try:
+        return AlignmentConfig(copies, no_audio_answer=args.no_audio_answer, no_video_answer=args.no_video_answer)
+    except ValueError as exc:
+        raise CliError(f"--av-copies: {exc}") from None
+
+
 def _finetune(args) -> int:
     if args.model is None:
         raise CliError("--data needs --model DIR: the checkpoint to fine-tune (with its processor)")
@@ -315,6 +356,9 @@ def _finetune(args) -> int:
         deepspeed=args.deepspeed,
         progress=not args.no_progress,
     )
+    alignment = _alignment_config(args)
+    if alignment is not None:
+        cfg.alignment = alignment
     try:
         run_finetune(cfg)
     except (FinetuneError, DataFileError, ProcessorError) as exc:

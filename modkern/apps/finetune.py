@@ -246,6 +246,8 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     av = is_av_data(samples + (eval_samples or []), "--data" + (" with --eval" if eval_samples else ""))
     if av and cfg.mix is not None:
         raise FinetuneError("--mix applies to image data; audio-video batches are a shuffle of the data")
+    if not av and cfg.alignment != AlignmentConfig():
+        raise FinetuneError("--av-copies, --no-audio-answer and --no-video-answer apply to audio-video data files")
     mix = None if av else cfg.mix if cfg.mix is not None else default_mix(samples, cfg.batch_size, log)
     batches = shuffled_batches(len(samples), cfg.batch_size, cfg.seed) if av else mix_batches(samples, mix, cfg.seed)
     robust = dataclasses.replace(cfg.robust, policy={**ALIGNMENT_POLICY, **cfg.robust.policy}) if av else cfg.robust

@@ -15,12 +15,13 @@ copies (:data:`ALIGNMENT_COPIES`, made on the sample, before any processing) are
 * ``zeroed_frames``: every frame zero. A sound question keeps its answer; a visual one only with
   ``no_video_answer``.
 * ``misleading_caption``: a caption before the question naming, as the queried stream's content,
-  a label other than the answer; the answer is unchanged (the text must be ignored).
+  the *other* stream's content (MMA-Bench's misleading text; :func:`caption_label`) or, where that
+  is unknown or the same, another option; the answer is unchanged (the text must be ignored).
 
-A question about both streams (``"av_both"``) gets only the caption copy: a change of either stream
-may change its answer. Where a sample names what each stream shows (``visual_label`` /
-``audio_label``) and its options, a copy whose queried stream changed gets the option that names
-the new content (no such option: no copy).
+A question about both streams (``"av_both"``) gets only the caption copy (claiming the sound shows
+what the frames show, where they differ): a change of either stream may change its answer. Where
+a sample names what each stream shows (``visual_label`` / ``audio_label``) and its options, a copy
+whose queried stream changed gets the option that names the new content (no such option: no copy).
 
 A copy whose answer is its clean sample's pairs with it in ``ref_index`` (the consistency term
 compares their answer distributions); a copy whose answer changed is a sample of its own
@@ -47,7 +48,8 @@ ALIGNMENT_POLICY = {"av_visual": "audio", "av_audio": "video", "av_both": "none"
 ALIGNMENT_COPIES = ("misaligned_audio", "misaligned_video", "removed_audio", "zeroed_frames", "misleading_caption")
 DEFAULT_COPIES = ALIGNMENT_COPIES[:4]
 CAPTION_TEMPLATE = "caption : the {stream} is {label} ."
-CAPTION_STREAM = {"av_visual": "video", "av_audio": "sound", "av_both": "clip"}
+# What a misleading caption claims to describe: the queried stream; for a question about both, the sound.
+CAPTION_STREAM = {"av_visual": "video", "av_audio": "sound", "av_both": "sound"}
 # The copy -> the stream it changes (the answer follows it where the question asks about it: QUERIED).
 STREAM_COPIES = {
     "misaligned_audio": "audio",
@@ -86,12 +88,16 @@ class AVSample:
         return f"{self.context} {self.question}" if self.context else self.question
 
     def answer_for(self, label: Optional[str]) -> Optional[str]:
-        """The answer when the queried stream shows ``label``: the letter of the option whose text it
-        is (None when no option is), or ``label`` itself for a free answer; None for no label."""
+        """The answer when the queried stream shows ``label``: the option whose text it is, written as
+        :attr:`answer` is (its letter, or its text; None when no option is), or ``label`` itself for
+        a free answer; None for no label."""
         if label is None or not self.options:
             return label
         key = label.strip().casefold()
-        return next((letter for letter, text in self.options.items() if text.strip().casefold() == key), None)
+        letter = next((k for k, text in self.options.items() if text.strip().casefold() == key), None)
+        if letter is None or self.answer.strip() in self.options:
+            return letter
+        return self.options[letter]
 
     @property
     def answer_text(self) -> str:
@@ -158,8 +164,9 @@ class AlignmentAugmenter:
         label = LABEL_OF[stream]
         if name in ("misaligned_audio", "misaligned_video"):
             donors = [o for j, o in enumerate(samples) if j != i and getattr(o, stream) is not None]
-            if getattr(s, label) is not None:
-                donors = [o for o in donors if getattr(o, label) != getattr(s, label)]
+            mine = getattr(s, label)
+            if mine is not None:  # a donor whose content is unknown may show the same: not misaligned
+                donors = [o for o in donors if getattr(o, label) not in (None, mine)]
             if asked:
                 donors = [o for o in donors if s.answer_for(getattr(o, label)) is not None]
             if not donors:
@@ -179,8 +186,37 @@ class AlignmentAugmenter:
         return dataclasses.replace(s, **{stream: value, label: new_label}, answer=answer, tag=name)
 
     def _caption(self, s: AVSample) -> Optional[AVSample]:
-        wrong = [t for t in (s.options.values() if s.options else self.config.classes) if t != s.answer_text]
-        if not wrong:
+        candidates = () if s.kind == "av_both" else tuple(s.options.values())
+        label = caption_label(
+            s.kind, s.answer_text, s.visual_label, s.audio_label, candidates or self.config.classes, self.rng
+        )
+        if label is None:
             return None
-        caption = self.config.caption_template.format(stream=CAPTION_STREAM[s.kind], label=self.rng.choice(wrong))
+        caption = self.config.caption_template.format(stream=CAPTION_STREAM[s.kind], label=label)
         return dataclasses.replace(s, context=f"{s.context} {caption}".strip(), tag="misleading_caption")
+
+
+def caption_label(
+    kind: str,
+    answer_text: str,
+    visual_label: Optional[str],
+    audio_label: Optional[str],
+    candidates: Sequence[str],
+    rng: random.Random,
+) -> Optional[str]:
+    """What MMA-Bench's misleading caption names as the content of :data:`CAPTION_STREAM` ``[kind]``:
+    the *other* stream's content where the sample gives it and it is not the answer (a question about
+    the video is told the sound's label, and the reverse; a question about both, that the sound is
+    what the video shows); otherwise a random one of ``candidates`` (the question's options, or
+    the task's classes) that is not the true content. None: nothing wrong to name."""
+    key = str.casefold
+    if kind == "av_both":
+        other, truth = visual_label, audio_label
+    else:
+        other, truth = (audio_label, answer_text) if kind == "av_visual" else (visual_label, answer_text)
+    if other is not None and (truth is None or key(other.strip()) != key(truth.strip())):
+        return other
+    if truth is None:
+        return None
+    wrong = [c for c in candidates if key(c.strip()) != key(truth.strip())]
+    return rng.choice(wrong) if wrong else None

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from modkern.apps.diagnose.items import VIDEO_CAPTION, DiagnoseError, donor, needs, other_class
+from modkern.apps.diagnose.items import VIDEO_CAPTION, DiagnoseError, NotBuilt, donor, needs, other_class
 from modkern.apps.diagnose.models import ModelSpec
 from modkern.apps.synthetic_task import CAPTION, EVAL_OBJECTS, FACT, MISLEADING_NOTE, WORD_LIST
-from modkern.objective.alignment import CAPTION_STREAM, CAPTION_TEMPLATE
+from modkern.objective.alignment import CAPTION_STREAM, CAPTION_TEMPLATE, caption_label
 from modkern.objective.augment import RELATED_TEMPLATES
 from modkern.objective.distractors import IRRELEVANT_SENTENCES
 
@@ -97,12 +97,19 @@ def _unrelated_paragraph(items, i, ctx, sentences: int = 10):
 
 
 def _misleading_caption(items, i, ctx):
-    """MMA-Bench's misleading text on a data-file item: the alignment copies' caption naming another
-    option (or class) as the queried stream's content."""
+    """MMA-Bench's misleading text on a data-file item: the alignment copies' caption, naming the other
+    stream's content (or another option / class) as the queried stream's (:func:`caption_label`)."""
     it = items[i]
-    classes = [text for _, text in it.options] or ctx.classes
-    wrong = other_class(it.target_class, classes, ctx.rng)
-    return dataclasses.replace(it, context=CAPTION_TEMPLATE.format(stream=CAPTION_STREAM[it.kind], label=wrong))
+    if it.kind == "av_both":  # its options (yes / no) are no content: the contents the file names
+        candidates = sorted({o.stream_label(s) for o in items for s in ("audio", "video")} - {None})
+    else:
+        candidates = [text for _, text in it.options] or ctx.classes
+    label = caption_label(
+        it.kind, it.target_class, it.stream_label("video"), it.stream_label("audio"), candidates, ctx.rng
+    )
+    if label is None:
+        raise NotBuilt("no content other than the item's own to name")
+    return dataclasses.replace(it, context=CAPTION_TEMPLATE.format(stream=CAPTION_STREAM[it.kind], label=label))
 
 
 def _swap_image(items, i, ctx):
