@@ -31,6 +31,7 @@ An **audio-video** sample (MMA-Bench's alignment tuning, :mod:`modkern.objective
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -66,7 +67,7 @@ class Sample:
     audio-video sample, one of :data:`AV_SAMPLE_KINDS`; ``image`` / ``video`` / ``audio``: absolute
     paths or None; ``options``: letter -> text, parsed from the question; ``labels``: ``"audio"`` /
     ``"visual"`` -> what that stream shows (audio-video samples); ``line``: where the sample starts
-    in its file."""
+    in its file (``source``)."""
 
     kind: str
     question: str
@@ -78,6 +79,7 @@ class Sample:
     video: Optional[str] = None
     audio: Optional[str] = None
     labels: dict = field(default_factory=dict)
+    source: str = ""  # the data file
 
     @property
     def is_av(self) -> bool:
@@ -114,7 +116,7 @@ def read_samples(path, *, skip_bad: bool = False) -> DataFile:
         try:
             if isinstance(raw, Exception):
                 raise raw
-            samples.append(check_sample(raw, base, line))
+            samples.append(dataclasses.replace(check_sample(raw, base, line), source=path))
         except (DataFileError, ValueError, TypeError) as exc:
             if not skip_bad:
                 raise DataFileError(f"{path}:{line}: {exc}") from None

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from modkern.constants import IGNORE_INDEX
+from modkern.data import DataFileError
 from modkern.data import Sample as DataSample
 from modkern.media import load_image, load_video, load_wav, to_pil, to_uint8
 from modkern.objective.alignment import AlignmentAugmenter, AlignmentConfig, AVSample
@@ -109,8 +110,8 @@ def _to_av_sample(sample: DataSample, sampling_rate: int) -> AVSample:
     try:
         video = load_video(sample.video)
         audio = load_wav(sample.audio, sampling_rate) if sample.audio is not None else None
-    except ValueError as exc:
-        raise ValueError(f"line {sample.line}: {exc}") from None
+    except ValueError as exc:  # a file that changed, or broke past its headers, since the data file was read
+        raise DataFileError(f"{sample.source or 'data file'}:{sample.line}: {exc}") from None
     return AVSample(
         sample.question,
         sample.kind,

@@ -232,3 +232,11 @@ def test_data_file_checks_media_and_answers_up_front(tmp_path):
         assert [n for n, _ in kept.skipped] == [1] and len(kept.samples) == 6, name
     ok = read_samples(_rows(av, l1=dict(video="clip.mp4", answer="red"))).samples[0]
     assert ok.video.endswith("clip.mp4") and ok.answer == "red"  # an option's text is an answer too
+
+
+def test_media_broken_after_the_check_names_file_and_line(tmp_path):
+    path = write_av_data(tmp_path)
+    sample = read_samples(path).samples[2]  # line 3: clip1, a folder of PNG frames
+    (pathlib.Path(sample.video) / "frame_1.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(DataFileError, match=re.escape(f"{path}:3: video ")):
+        to_sample(sample)
