@@ -9,13 +9,14 @@ initial weights and batches per seed:
 
 * ``sft``: the clean clips only (plain CE);
 * ``align``: + the alignment copies (:mod:`modkern.objective.alignment`: the other clip's audio or
-  frames, the audio removed, the frames zeroed; the target follows the queried stream);
+  frames, the audio removed, the frames zeroed, a misleading caption "caption : the video is
+  {another colour} ."; the target follows the queried stream);
 * ``align_robust``: + the robust objective (PGD on the stream the question does not ask about,
   KL consistency of the copies that keep their answer; :data:`ALIGNMENT_POLICY`).
 
 Evaluated on fresh clips: clean, misaligned (the other stream from another colour), removed audio
-(video questions), zeroed frames (sound questions), and a held-out interference no training copy
-has: a caption naming a wrong colour for the queried stream. Mean ± sd over the seeds.
+(video questions), zeroed frames (sound questions), and a held-out interference: misleading text in
+a template no training copy has ("note : this video is {another colour} ."). Mean ± sd over the seeds.
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ from modkern.apps.diagnose.models import Collator, ModelSpec
 from modkern.apps.synthetic_task import InterferenceTask, TaskConfig, WordTokenizer
 from modkern.apps.tiny_models import tiny_qwen2_5_omni
 from modkern.apps.train_loop import TrainConfig, answer_correct, resolve_device, train
-from modkern.objective.alignment import ALIGNMENT_POLICY, AlignmentAugmenter, AlignmentConfig, AVSample
+from modkern.objective.alignment import (
+    ALIGNMENT_COPIES,
+    ALIGNMENT_POLICY,
+    AlignmentAugmenter,
+    AlignmentConfig,
+    AVSample,
+)
 from modkern.objective.augment import RobustCollator
 from modkern.objective.config import RobustConfig
 
@@ -154,7 +161,8 @@ def run_seed(cfg: AVDemoConfig, seed: int, log=print) -> dict:
     results = {}
     for method, label in METHODS:
         model.load_state_dict(initial)
-        augmenter = None if method == "sft" else AlignmentAugmenter(AlignmentConfig(), seed=seed)
+        alignment = AlignmentConfig(copies=ALIGNMENT_COPIES, classes=tuple(task.colours))
+        augmenter = None if method == "sft" else AlignmentAugmenter(alignment, seed=seed)
         loader = DataLoader(
             train_set,
             batch_size=cfg.batch_size,
