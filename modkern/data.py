@@ -212,16 +212,17 @@ def _av_sample(raw: dict, base_dir: str, line: int, question: str, answer: str, 
 def _check_av_answer(kind: str, answer: str, options: dict, labels: dict) -> None:
     """The answer is one of the question's options (its letter or its text), and what the queried
     stream shows, where given, is the answer: the copies derive their answers from the labels."""
+    from modkern.objective.alignment import content_key
+
     answer_text = answer.strip()
     if options:
-        texts = {t.strip().casefold() for t in options.values()}
-        if answer_text not in options and answer_text.casefold() not in texts:
+        if answer_text not in options and content_key(answer_text) not in map(content_key, options.values()):
             listed = ", ".join(f"{k}: {t}" for k, t in options.items())
             raise ValueError(f"'answer' {answer!r} is neither an option's letter nor its text ({listed})")
         answer_text = options.get(answer_text, answer_text)
     stream = {"av_audio": "audio", "av_visual": "visual"}.get(kind)
     label = labels.get(stream)
-    if label is not None and label.strip().casefold() != answer_text.casefold():
+    if label is not None and content_key(label) != content_key(answer_text):
         raise ValueError(
             f"'{stream}_label' {label!r} contradicts the answer {answer!r}: the question asks about the "
             f"{stream} stream, so its answer is what that stream shows"

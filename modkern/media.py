@@ -76,56 +76,42 @@ def _frame_files(path: str) -> list:
     return [os.path.join(path, n) for n in names]
 
 
-def check_video(path: str, name: str = "") -> int:
-    """The number of frames of the video at ``path``, from the image headers only (no pixel is
-    decoded): a ValueError naming ``name`` for a compressed clip, an unreadable file or frame, no
-    frames or frames of different sizes - what :func:`load_video` would find later."""
-    from PIL import Image, UnidentifiedImageError
+def _video_frames(path: str, name: str, read, size) -> list:
+    """``read(frame)`` of each frame of the video at ``path`` (a PIL image, open during the call);
+    ``size(read(frame))``: the frame's size. A ValueError naming ``name`` for a compressed clip, an
+    unreadable file or frame, no frames, or frames of different sizes."""
+    from PIL import Image, ImageSequence, UnidentifiedImageError
 
     check_video_format(path, name)
     shown = repr(name or path)
     try:
         if os.path.isdir(path):
-            sizes = set()
-            files = _frame_files(path)
-            for file in files:
+            frames = []
+            for file in _frame_files(path):
                 with Image.open(file) as img:
-                    sizes.add(img.size)
-            count = len(files)
+                    frames.append(read(img))
         else:
             with Image.open(path) as img:
-                sizes, count = {img.size}, getattr(img, "n_frames", 1)
+                frames = [read(frame) for frame in ImageSequence.Iterator(img)]
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"video {shown}: not readable as {VIDEO_FORMATS} ({type(exc).__name__}: {exc})") from None
-    if count == 0:
+    if not frames:
         raise ValueError(f"video {shown}: no frames")
+    sizes = {size(f) for f in frames}
     if len(sizes) > 1:
         raise ValueError(f"video {shown}: frames of different sizes {sorted(sizes)}")
-    return count
+    return frames
+
+
+def check_video(path: str, name: str = "") -> int:
+    """The number of frames of the video at ``path``, from the image headers (no frame converted):
+    the errors :func:`load_video` would raise later, naming ``name`` (how the data file writes it)."""
+    return len(_video_frames(path, name, lambda img: img.size, lambda wh: wh))
 
 
 def load_video(path: str) -> Tensor:
     """The video at ``path`` (:data:`VIDEO_FORMATS`) as ``[T, 3, H, W]`` float32 in [0, 1]."""
-    from PIL import Image, ImageSequence, UnidentifiedImageError
-
-    check_video_format(path)
-    try:
-        if os.path.isdir(path):
-            frames = []
-            for file in _frame_files(path):
-                with Image.open(file) as img:
-                    frames.append(_rgb_tensor(img))
-        else:
-            with Image.open(path) as img:
-                frames = [_rgb_tensor(frame) for frame in ImageSequence.Iterator(img)]
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"video {path!r}: not readable as {VIDEO_FORMATS} ({type(exc).__name__}: {exc})") from None
-    if not frames:
-        raise ValueError(f"video {path!r}: no frames")
-    sizes = {tuple(f.shape[1:]) for f in frames}
-    if len(sizes) > 1:
-        raise ValueError(f"video {path!r}: frames of different sizes {sorted(sizes)}")
-    return torch.stack(frames)
+    return torch.stack(_video_frames(path, "", _rgb_tensor, lambda frame: tuple(frame.shape[1:])))
 
 
 WAVE_PCM, WAVE_FLOAT, WAVE_EXTENSIBLE = 1, 3, 0xFFFE

@@ -139,11 +139,9 @@ def test_each_copy_is_its_changed_sample_written_as_a_data_file_row(tmp_path, fa
     (tmp_path / "black").mkdir()
     for k in range(2):
         Image.new("RGB", (20, 24), (0, 0, 0)).save(tmp_path / "black" / f"{k}.png")
-    changed = [
-        _changed_row(c.tag, rows[i], rows, c, samples, data[i].options)
-        for c, i in zip(copies, _origins(config, samples, 3))
-    ]
-    for c, src, row, i in zip(copies, sources, changed, _origins(config, samples, 3)):
+    origins = _origins(config, samples, 3)
+    changed = [_changed_row(c.tag, rows[i], rows, c, samples, data[i].options) for c, i in zip(copies, origins)]
+    for c, src, row, i in zip(copies, sources, changed, origins):
         assert c.answer == row["answer"] and src == (i if row["answer"] == rows[i]["answer"] else -1), c.tag
     (tmp_path / "changed.jsonl").write_text("\n".join(json.dumps(r) for r in changed))
     direct = [to_sample(s) for s in read_samples(tmp_path / "changed.jsonl").samples]

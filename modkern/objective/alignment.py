@@ -60,6 +60,12 @@ STREAM_COPIES = {
 LABEL_OF = {"audio": "audio_label", "video": "visual_label"}
 
 
+def content_key(text: str) -> str:
+    """What compares two namings of a stream's content (an option's text, a label, an answer):
+    case and surrounding spaces ignored."""
+    return text.strip().casefold()
+
+
 @dataclass(frozen=True)
 class AVSample:
     """An audio-video sample: ``video`` ``[T, 3, H, W]`` in [0, 1] (None: no frames), ``audio`` what
@@ -93,8 +99,8 @@ class AVSample:
         a free answer; None for no label."""
         if label is None or not self.options:
             return label
-        key = label.strip().casefold()
-        letter = next((k for k, text in self.options.items() if text.strip().casefold() == key), None)
+        key = content_key(label)
+        letter = next((k for k, text in self.options.items() if content_key(text) == key), None)
         if letter is None or self.answer.strip() in self.options:
             return letter
         return self.options[letter]
@@ -209,14 +215,13 @@ def caption_label(
     the video is told the sound's label, and the reverse; a question about both, that the sound is
     what the video shows); otherwise a random one of ``candidates`` (the question's options, or
     the task's classes) that is not the true content. None: nothing wrong to name."""
-    key = str.casefold
     if kind == "av_both":
         other, truth = visual_label, audio_label
     else:
         other, truth = (audio_label, answer_text) if kind == "av_visual" else (visual_label, answer_text)
-    if other is not None and (truth is None or key(other.strip()) != key(truth.strip())):
+    if other is not None and (truth is None or content_key(other) != content_key(truth)):
         return other
     if truth is None:
         return None
-    wrong = [c for c in candidates if key(c.strip()) != key(truth.strip())]
+    wrong = [c for c in candidates if content_key(c) != content_key(truth)]
     return rng.choice(wrong) if wrong else None
